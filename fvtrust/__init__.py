@@ -1,0 +1,14 @@
+"""fvtrust: can I trust this feature visualization?
+
+Implements Geirhos et al., "Don't trust your eyes: on the (un)reliability of
+feature visualizations" (ICML 2024): visualize, fool, sanity-check, theory,
+linearity, and a one-command reproduction with an HTML report.
+"""
+from .errors import FvtrustError
+from .evaluate import evaluate, predict
+from .models import list_layers, list_specs, load_model, save_model
+from .visualize import visualize
+
+__version__ = "0.1.0"
+__all__ = ["load_model", "list_layers", "list_specs", "save_model", "visualize", "evaluate", "predict",
+           "FvtrustError", "__version__"]

@@ -1,0 +1,184 @@
+"""The `fvtrust` command: a thin layer over the Python API.
+
+Every command parses its options, calls the API, and prints or writes the
+result. Any FvtrustError becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import FvtrustError
+
+
+class _Group(click.Group):
+    """Turn FvtrustError into one clean line (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FvtrustError as e:
+            click.echo(f"fvtrust: error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("fvtrust: interrupted (completed work is kept; rerun to resume)", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fvtrust")
+def main():
+    """Can I trust this feature visualization? (Geirhos et al., ICML 2024)"""
+
+
+def _echo_json(obj):
+    from .io import to_json
+
+    click.echo(to_json(obj))
+
+
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FvtrustError(f"bad {what} {text!r}: use comma-separated integers") from None
+
+
+weights_option = click.option("--weights", default=None,
+                              help="Weights: default, random, a torchvision enum name (IMAGENET1K_V1) or a file.")
+device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+
+
+def _device(device):
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(as_json):
+    """List the model specs fvtrust can load."""
+    from .models import list_specs
+
+    specs = list_specs()
+    if as_json:
+        _echo_json(specs)
+        return
+    for s in specs:
+        flag = "" if s["available"] else "  (not available here)"
+        click.echo(f"{s['spec']:<40} {s['description']}{flag}")
+
+
+@main.command("layers")
+@click.argument("spec")
+@click.option("--weights", default="random", show_default=True, help="Shapes do not depend on weights.")
+@click.option("--json", "as_json", is_flag=True)
+def layers_cmd(spec, weights, as_json):
+    """List every hookable layer of SPEC: name, output shape, units."""
+    from .models import list_layers, load_model
+
+    layers = list_layers(load_model(spec, weights=weights))
+    if as_json:
+        _echo_json([info.to_dict() for info in layers])
+        return
+    width = max(len(i.name) for i in layers)
+    for i in layers:
+        click.echo(f"{i.name:<{width}}  {i.type:<20} {str(tuple(i.shape)):<20} units={i.units}")
+
+
+@main.command("evaluate")
+@click.argument("spec")
+@click.option("--data", default=None, help="fashion-mnist[:train|test] (default for fashion-cnn) or an ImageNet-style folder.")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N images.")
+@click.option("--batch-size", default=256, show_default=True)
+@weights_option
+@device_option
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_cmd(spec, data, data_dir, limit, batch_size, weights, device, as_json):
+    """Top-1 / top-5 accuracy of SPEC on natural data."""
+    from .data import load_data
+    from .evaluate import evaluate
+    from .models import load_model
+
+    model = load_model(spec, weights=weights, device=_device(device))
+    if data is None and tuple(model.input_shape) != (1, 28, 28):
+        raise FvtrustError(f"{spec} needs --data (an ImageNet-style folder)")
+    ds = load_data(data, input_shape=model.input_shape, data_dir=data_dir)
+    res = evaluate(model, ds, batch_size=batch_size, limit=limit)
+    out = {"spec": spec, "data": data or "fashion-mnist:test", "n": res["n"], "top1": res["top1"], "top5": res["top5"]}
+    if as_json:
+        _echo_json(out)
+    else:
+        click.echo(f"{spec} on {out['data']}: top-1 {out['top1']:.4f}, top-5 {out['top5']:.4f} (n={out['n']})")
+
+
+@main.command("train-default")
+@click.option("--out", default=None, type=click.Path(), help="Write weights here instead of the package.")
+@click.option("--data-dir", default=None, type=click.Path())
+@click.option("--epochs", default=None, type=int, help="Override the recipe's epochs.")
+@click.option("--seed", default=None, type=int)
+def train_default_cmd(out, data_dir, epochs, seed):
+    """Re-create the embedded fashion-cnn weights from the recipe."""
+    from .models.train import train_default
+
+    info = train_default(out, data_dir=data_dir, epochs=epochs, seed=seed)
+    click.echo(f"wrote {info['weights']}: test top-1 {info['test_top1']:.4f}, top-5 {info['test_top5']:.4f}")
+
+
+@main.command("visualize")
+@click.argument("spec")
+@click.argument("layer")
+@click.option("--units", default="all", show_default=True, help="0,1,2 or 0-9 or all.")
+@click.option("--steps", default=512, show_default=True)
+@click.option("--thresholds", default=None, help="Snapshot steps, e.g. 1,8,32,128,512 (default: steps).")
+@click.option("--objective", default="neuron", show_default=True, help="neuron, channel, diversity; prefix - to minimize.")
+@click.option("--param", default="fft", show_default=True, type=click.Choice(["fft", "pixel", "raw"]))
+@click.option("--no-decorrelate", is_flag=True, help="Skip colour decorrelation.")
+@click.option("--transforms", default="standard", show_default=True, type=click.Choice(["standard", "none"]))
+@click.option("--lr", default=0.05, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chunk-size", default=None, type=int, help="Images per optimization batch (default: automatic).")
+@weights_option
+@device_option
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
+def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_decorrelate, transforms, lr, seed,
+                  chunk_size, weights, device, out):
+    """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
+    from .models import load_model
+    from .visualize import visualize
+    from .visualize.output import save_visualization
+
+    model = load_model(spec, weights=weights, device=_device(device))
+    th = _parse_ints(thresholds, "thresholds") if thresholds else None
+    res = visualize(model, layer, units, steps=steps, thresholds=th, objective=objective, param=param,
+                    decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size)
+    meta = save_visualization(res, out, spec=spec)
+    click.echo(f"wrote {len(meta['files'])} images, {meta['grid']} and visualization.json to {out}")
+
+
+def _register_optional():
+    """Commands that live in their capability's subpackage (each owns its CLI)."""
+    import importlib
+
+    for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
+                      ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
+                      ("fvtrust.report.cli", "reproduce_command")]:
+        try:
+            cmd = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+        main.add_command(cmd)
+
+
+_register_optional()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

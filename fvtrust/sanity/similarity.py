@@ -1,0 +1,621 @@
+"""Similarity engine of the sanity check: Spearman, Pearson and cosine between rows.
+
+The paper compares flattened layer activations of image pairs (up to 802,816
+values per image); one ``scipy.stats.spearmanr`` call there costs ~0.2-0.3 s,
+mostly re-ranking both rows. Here every row is prepared **once** -- ranked
+(Spearman), centred (Spearman, Pearson) and scaled to unit length -- so that the
+similarity of any two rows is the dot product of their prepared vectors, and a
+block of pairs is one matrix product.
+
+Conventions (all entry points):
+
+* Rows are samples; inputs with more than two dims are flattened after the
+  first, a 1-D input is one row. Tensors, numpy arrays (memmaps are read one
+  row block at a time) or :class:`Prepared` rows are accepted.
+* Results are **float64 CPU tensors**, clipped to [-1, 1] like scipy.
+* Spearman uses average ranks for ties and equals
+  ``scipy.stats.spearmanr(a, b).statistic``; Pearson equals
+  ``scipy.stats.pearsonr`` on float64 data (scipy computes in the input's float
+  dtype; we always centre and normalise in float64); cosine is the float64
+  ``a.b / (|a| |b|)``.
+* Undefined values are NaN, never an exception: constant rows (Spearman,
+  Pearson; this includes all-zero post-ReLU rows) and all-zero rows (cosine).
+  scipy returns NaN there too (with a ``ConstantInputWarning``).
+* ``nan_policy="propagate"`` (default, scipy's default): a row containing NaN
+  gives NaN against every row. ``"raise"``: :class:`FvtrustError` naming the
+  row. scipy's ``"omit"`` drops the NaN positions of *each pair*, which breaks
+  rank-once, so it is refused. Infinite values rank like scipy (Spearman) and
+  give NaN rows for Pearson and cosine.
+* Precision: ``dtype=torch.float64`` (default) keeps prepared vectors and the
+  matrix product in float64: error vs scipy ~1e-15. ``dtype=torch.float32``
+  halves memory and is 2x faster on CPU (more on consumer GPUs); products of
+  ``chunk_features`` columns are summed in float64 so the error stays ~1e-7
+  (see ``benchmarks/bench_similarity.py --precision``); TF32 is switched off
+  for these products.
+* Memory: rows are prepared ``block_rows`` at a time (default sized from a
+  512 MiB budget for temporaries), so the peak is the prepared matrix plus one
+  block. :func:`similarity_blocks` and :class:`SimilarityAccumulator` go
+  further: rows arrive block by block, and with a callable second source nothing
+  but two blocks is ever held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fvtrust.errors import FvtrustError, nearest
+from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, group_ranks, tie_groups, _sortable
+
+METRICS = ("spearman", "pearson", "cosine")
+NAN_POLICIES = ("propagate", "raise")
+
+# Budget for the temporaries of one row block (sort, ranks, float64 copies).
+BLOCK_BYTES = 512 * 2**20
+# Rows per matrix-product block when filling a symmetric matrix: only blocks on
+# or below the diagonal are multiplied, which halves the work for large n.
+GRAM_ROWS = 512
+# Columns per float32 product whose partial sums are accumulated in float64.
+CHUNK_FEATURES = 16384
+# A gathered per-pair dot product costs about this many entries of a matrix
+# product (it is memory-bound, the product is compute-bound); similarity_at
+# multiplies whole sub-blocks when the requested pairs are denser than 1/this.
+DOT_COST = 32
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Rows turned into unit vectors whose dot products are the metric.
+
+    ``vectors`` is (n, d) float32/float64 on the compute device; a row whose
+    similarity is undefined (constant, zero, NaN) is all-NaN, so NaN flows
+    through matrix products to exactly the pairs that involve it.
+    """
+
+    vectors: torch.Tensor
+    metric: str
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Boolean mask of rows with a defined similarity."""
+        return ~torch.isnan(self.vectors[:, 0])
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise FvtrustError(f"unknown similarity metric {metric!r}; did you mean {nearest(metric, METRICS)}?")
+    return metric
+
+
+def _check_nan_policy(nan_policy: str) -> str:
+    if nan_policy == "omit":
+        raise FvtrustError(
+            "nan_policy='omit' is not supported: it drops NaN positions per pair, which rules out "
+            "ranking each row once; clean the rows or use 'propagate' (NaN results) or 'raise'"
+        )
+    if nan_policy not in NAN_POLICIES:
+        raise FvtrustError(f"unknown nan_policy {nan_policy!r}; choose one of {', '.join(NAN_POLICIES)}")
+    return nan_policy
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise FvtrustError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+class _Rows:
+    """An (n, d) row view of a tensor, array or Prepared that yields blocks on a device.
+
+    Nothing is copied up front: numpy arrays (and memmaps) are converted one
+    block at a time, so a huge input never has to exist twice in memory.
+    """
+
+    def __init__(self, X, name: str, device=None):
+        self.name = name
+        self.prepared = X if isinstance(X, Prepared) else None
+        data = X.vectors if self.prepared is not None else X
+        if isinstance(data, torch.Tensor):
+            data = data.detach()
+            if data.is_complex():
+                raise FvtrustError(f"{name} must be real-valued, got {data.dtype}")
+        else:
+            data = data if isinstance(data, np.ndarray) else np.asarray(data)
+            if data.dtype.kind not in "biuf":
+                raise FvtrustError(f"{name} must be numeric, got dtype {data.dtype}")
+        shape = tuple(data.shape)
+        if data.ndim == 0:
+            raise FvtrustError(f"{name} must hold rows of features, got a scalar")
+        data = data.reshape(1, -1) if data.ndim == 1 else data.reshape(shape[0], -1)
+        self.n, self.d = data.shape
+        if self.n == 0 or self.d == 0:
+            raise FvtrustError(f"{name} is empty (shape {shape}); need at least one row and one feature")
+        self.data = data
+        if device is None:
+            device = data.device if isinstance(data, torch.Tensor) else "cpu"
+        self.device = torch.device(device)
+
+    def auto_block_rows(self) -> int:
+        return max(1, min(self.n, BLOCK_BYTES // (BYTES_PER_RANKED_VALUE * self.d)))
+
+    def _to_torch(self, a) -> torch.Tensor:
+        if isinstance(a, np.ndarray):
+            if a.dtype.kind == "u" and a.dtype.itemsize > 1:
+                a = a.astype(np.int64)  # torch sorts few unsigned types
+            a = torch.from_numpy(np.ascontiguousarray(a))
+        return a.to(self.device)
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        return self._to_torch(self.data[i:j])
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.data, torch.Tensor):
+            return self._to_torch(self.data.index_select(0, idx.to(self.data.device)))
+        return self._to_torch(self.data[idx.cpu().numpy()])
+
+
+def _n_rows(X) -> int:
+    if isinstance(X, Prepared):
+        return len(X)
+    shape = getattr(X, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) else len(X)
+
+
+# ----------------------------------------------------------------- preparation
+
+
+def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids) -> torch.Tensor:
+    """Unit vectors for one block of raw rows; ``row_ids(k)`` names row k in errors."""
+    nan_rows = torch.isnan(x).any(dim=1) if x.is_floating_point() else None
+    if nan_rows is not None and nan_policy == "raise" and bool(nan_rows.any()):
+        bad = row_ids(int(nan_rows.nonzero()[0, 0]))
+        raise FvtrustError(f"row {bad} contains NaN (nan_policy='raise'); 'propagate' gives NaN similarities instead")
+    b, d = x.shape
+    if metric == "spearman":
+        order, gid, start, end, row = tie_groups(_sortable(x))
+        # Centre and normalise per tie group (fewer values than positions); the
+        # mean rank is exactly (d + 1) / 2, so a constant row is exactly zero
+        # here and 0 / 0 makes it NaN, as scipy does.
+        centred = group_ranks(start, end, row, d) - (d + 1) / 2
+        norm2 = torch.zeros(b, dtype=torch.float64, device=x.device)
+        norm2.index_add_(0, row, (end - start).to(torch.float64) * centred.square())
+        centred /= norm2.sqrt().index_select(0, row)
+        del start, end, row
+        out = torch.empty((b, d), dtype=dtype, device=x.device)
+        out.scatter_(1, order, centred.index_select(0, gid).view(b, d).to(dtype))
+    else:
+        v = x.to(torch.float64)
+        if metric == "pearson":
+            constant = (x == x[:, :1]).all(dim=1)  # exact test, as scipy; centring may leave dust
+            v = v - v.mean(dim=1, keepdim=True)
+        # Scale by the largest magnitude first so the sum of squares cannot
+        # overflow (scipy does the same); zero rows become 0 / 0 = NaN.
+        v = v / v.abs().amax(dim=1, keepdim=True)
+        v /= torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        if metric == "pearson":
+            v[constant] = float("nan")
+        out = v.to(dtype)
+    if nan_rows is not None:
+        out[nan_rows] = float("nan")
+    return out
+
+
+def prepare(
+    X,
+    metric: str = "spearman",
+    *,
+    block_rows: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    nan_policy: str = "propagate",
+) -> Prepared:
+    """Turn rows into unit vectors (ranked and centred for Spearman, centred for Pearson).
+
+    This is the expensive, once-per-row step; any number of similarities
+    against the result is then a matrix product. Rows are processed
+    ``block_rows`` at a time so temporaries stay bounded. An already
+    :class:`Prepared` input is returned as is (its metric must match).
+    """
+    _check_metric(metric)
+    _check_nan_policy(nan_policy)
+    dtype = _check_dtype(dtype)
+    if isinstance(X, Prepared):
+        _check_same_metric(X, metric)
+        return X if device is None else Prepared(X.vectors.to(device), metric)
+    rows = _Rows(X, "X", device)
+    return _prepare_rows(rows, metric, dtype, nan_policy, block_rows)
+
+
+def _check_same_metric(p: Prepared, metric: str) -> None:
+    if p.metric != metric:
+        raise FvtrustError(f"rows were prepared for {p.metric!r}, not {metric!r}")
+
+
+def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
+    if rows.prepared is not None:
+        _check_same_metric(rows.prepared, metric)
+        return Prepared(rows.data.to(rows.device), metric)
+    out = torch.empty((rows.n, rows.d), dtype=dtype, device=rows.device)
+    step = block_rows or rows.auto_block_rows()
+    for i in range(0, rows.n, step):
+        out[i : i + step] = _prepare_block(rows.block(i, i + step), metric, dtype, nan_policy, lambda k, i=i: offset + i + k)
+    return Prepared(out, metric)
+
+
+def _prepare_index(rows: _Rows, idx: torch.Tensor, metric, dtype, nan_policy, block_rows) -> torch.Tensor:
+    """Prepared vectors of the rows ``idx`` only (sorted indices read memmaps in order)."""
+    if rows.prepared is not None:
+        _check_same_metric(rows.prepared, metric)
+        return rows.take(idx)
+    out = torch.empty((len(idx), rows.d), dtype=dtype, device=rows.device)
+    step = block_rows or rows.auto_block_rows()
+    for i in range(0, len(idx), step):
+        ids = idx[i : i + step]
+        out[i : i + step] = _prepare_block(rows.take(ids), metric, dtype, nan_policy, lambda k, ids=ids: int(ids[k]))
+    return out
+
+
+# --------------------------------------------------------------- dot products
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """Keep cuBLAS float32 products in true float32: TF32 (10-bit mantissa) would
+    cost ~1e-3 of accuracy, far from scipy."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
+
+def _gram(pa: torch.Tensor, pb: torch.Tensor, chunk_features: int | None = None) -> torch.Tensor:
+    """pa @ pb.T in float64, clipped to [-1, 1]; float32 inputs are multiplied in
+    column chunks whose partial sums are added in float64, so rounding grows
+    with the chunk, not with all 802,816 features."""
+    if pa.dtype != pb.dtype:
+        pa, pb = pa.to(torch.float64), pb.to(torch.float64)
+    if pa.dtype == torch.float64:
+        return (pa @ pb.T).clamp_(-1.0, 1.0)
+    step = chunk_features or CHUNK_FEATURES
+    out = torch.zeros((pa.shape[0], pb.shape[0]), dtype=torch.float64, device=pa.device)
+    with _ieee_fp32(pa.device):
+        for c in range(0, pa.shape[1], step):
+            out += pa[:, c : c + step] @ pb[:, c : c + step].T
+    return out.clamp_(-1.0, 1.0)
+
+
+def _rowwise_dot(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
+    """Row i of pa . row i of pb, in float64."""
+    return torch.linalg.vecdot(pa.to(torch.float64), pb.to(torch.float64)).clamp_(-1.0, 1.0)
+
+
+def _symmetrize(s: torch.Tensor) -> torch.Tensor:
+    """Copy the lower triangle up, so s[i, j] == s[j, i] bit for bit (BLAS may
+    round the two orders differently)."""
+    return torch.tril(s) + torch.tril(s, -1).T
+
+
+def _gram_symmetric(p: torch.Tensor, chunk_features: int | None) -> torch.Tensor:
+    n = p.shape[0]
+    s = torch.empty((n, n), dtype=torch.float64, device=p.device)
+    for i in range(0, n, GRAM_ROWS):
+        for j in range(0, i + 1, GRAM_ROWS):
+            blk = _gram(p[i : i + GRAM_ROWS], p[j : j + GRAM_ROWS], chunk_features)
+            s[i : i + GRAM_ROWS, j : j + GRAM_ROWS] = blk
+    return _symmetrize(s)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def similarity(
+    A,
+    B=None,
+    metric: str = "spearman",
+    *,
+    block_rows: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    nan_policy: str = "propagate",
+    chunk_features: int | None = None,
+) -> torch.Tensor:
+    """All-pairs similarity between the rows of ``A`` and of ``B`` (``A`` itself if None).
+
+    Returns an (n_a, n_b) float64 CPU tensor. Work happens on ``device``
+    (default: ``A``'s device; CPU for numpy). Without ``B`` only the lower
+    triangle is multiplied and the result is exactly symmetric. See the
+    module docstring for the NaN, precision and memory conventions.
+    """
+    _check_metric(metric)
+    _check_nan_policy(nan_policy)
+    dtype = _check_dtype(dtype)
+    ra = _Rows(A, "A", device)
+    rb = None if B is None else _Rows(B, "B", ra.device)
+    if rb is not None and rb.d != ra.d:
+        raise FvtrustError(f"A has {ra.d} features per row but B has {rb.d}")
+    pa = _prepare_rows(ra, metric, dtype, nan_policy, block_rows).vectors
+    if rb is None:
+        return _gram_symmetric(pa, chunk_features).cpu()
+    pb = _prepare_rows(rb, metric, dtype, nan_policy, block_rows).vectors
+    return _gram(pa, pb, chunk_features).cpu()
+
+
+def paired_similarity(
+    A,
+    B,
+    metric: str = "spearman",
+    *,
+    block_rows: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    nan_policy: str = "propagate",
+) -> torch.Tensor:
+    """Similarity of row i of ``A`` with row i of ``B`` only: an (n,) float64 CPU tensor.
+
+    Streams both inputs block by block, so memory does not grow with n.
+    """
+    _check_metric(metric)
+    _check_nan_policy(nan_policy)
+    dtype = _check_dtype(dtype)
+    ra = _Rows(A, "A", device)
+    rb = _Rows(B, "B", ra.device)
+    if (ra.n, ra.d) != (rb.n, rb.d):
+        raise FvtrustError(f"paired rows need equal shapes, got A {ra.n}x{ra.d} and B {rb.n}x{rb.d}")
+    for r in (ra, rb):
+        if r.prepared is not None:
+            _check_same_metric(r.prepared, metric)
+
+    def block(r: _Rows, i: int, j: int) -> torch.Tensor:
+        if r.prepared is not None:
+            return r.block(i, j)
+        return _prepare_block(r.block(i, j), metric, dtype, nan_policy, lambda k: i + k)
+
+    step = block_rows or ra.auto_block_rows()
+    out = torch.empty(ra.n, dtype=torch.float64, device=ra.device)
+    for i in range(0, ra.n, step):
+        j = min(i + step, ra.n)
+        out[i:j] = _rowwise_dot(block(ra, i, j), block(rb, i, j))
+    return out.cpu()
+
+
+def similarity_at(
+    A,
+    pairs,
+    B=None,
+    metric: str = "spearman",
+    *,
+    block_rows: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    nan_policy: str = "propagate",
+    chunk_features: int | None = None,
+) -> torch.Tensor:
+    """Similarity for the given (i, j) index pairs only: row i of ``A`` vs row j of ``B`` (or ``A``).
+
+    This is the paper's sub-sampled comparison (every 10th / 100th / 5th pair).
+    Only rows that occur in ``pairs`` are prepared, each once. Pairs are grouped
+    by blocks of ``GRAM_ROWS`` first rows; a block whose requested pairs are
+    dense enough is one matrix product of the rows involved, a sparse one uses
+    per-pair dot products (cheaper when most of the product would be thrown
+    away). Returns a (k,) float64 CPU tensor in the order of ``pairs``.
+    """
+    _check_metric(metric)
+    _check_nan_policy(nan_policy)
+    dtype = _check_dtype(dtype)
+    ra = _Rows(A, "A", device)
+    rb = ra if B is None else _Rows(B, "B", ra.device)
+    if rb.d != ra.d:
+        raise FvtrustError(f"A has {ra.d} features per row but B has {rb.d}")
+    pairs = _check_pairs(pairs, ra.n, rb.n)
+    k = pairs.shape[0]
+    if k == 0:
+        return torch.empty(0, dtype=torch.float64)
+    if B is None:
+        ua, inv = torch.unique(pairs.reshape(-1), return_inverse=True)
+        pa = pb = _prepare_index(ra, ua, metric, dtype, nan_policy, block_rows)
+        ia, ib = inv.view(-1, 2).unbind(1)
+    else:
+        ua, ia = torch.unique(pairs[:, 0], return_inverse=True)
+        ub, ib = torch.unique(pairs[:, 1], return_inverse=True)
+        pa = _prepare_index(ra, ua, metric, dtype, nan_policy, block_rows)
+        pb = _prepare_index(rb, ub, metric, dtype, nan_policy, block_rows)
+    order = torch.argsort(ia, stable=True)
+    ia, ib = ia[order], ib[order]
+    bounds = torch.searchsorted(ia, torch.arange(0, len(pa) + GRAM_ROWS, GRAM_ROWS)).tolist()
+    out = torch.empty(k, dtype=torch.float64)
+    dot_step = max(1, BLOCK_BYTES // (16 * ra.d))
+    dev = pa.device
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if lo == hi:
+            continue
+        rows_u, rows_inv = torch.unique(ia[lo:hi], return_inverse=True)
+        cols_u, cols_inv = torch.unique(ib[lo:hi], return_inverse=True)
+        if (hi - lo) * DOT_COST >= len(rows_u) * len(cols_u):
+            sub = _gram(pa[rows_u.to(dev)], pb[cols_u.to(dev)], chunk_features)
+            vals = sub[rows_inv.to(dev), cols_inv.to(dev)]
+        else:
+            vals = torch.cat(
+                [
+                    _rowwise_dot(pa[ia[c : c + dot_step].to(dev)], pb[ib[c : c + dot_step].to(dev)])
+                    for c in range(lo, hi, dot_step)
+                ]
+            )
+        out[order[lo:hi]] = vals.cpu()
+    return out
+
+
+def _check_pairs(pairs, n_a: int, n_b: int) -> torch.Tensor:
+    p = torch.as_tensor(np.asarray(pairs) if not isinstance(pairs, torch.Tensor) else pairs).cpu()
+    if p.numel() == 0:
+        return torch.empty((0, 2), dtype=torch.long)
+    if p.ndim != 2 or p.shape[1] != 2 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+        raise FvtrustError(f"pairs must be integer (i, j) pairs of shape (k, 2), got {tuple(p.shape)} {p.dtype}")
+    p = p.long()
+    for col, n, name in ((0, n_a, "A"), (1, n_b, "B")):
+        bad = (p[:, col] < 0) | (p[:, col] >= n)
+        if bool(bad.any()):
+            raise FvtrustError(f"pair {p[bad.nonzero()[0, 0]].tolist()} is out of range: {name} has {n} rows")
+    return p
+
+
+class SimilarityAccumulator:
+    """All-pairs similarity filled block by block as rows arrive (e.g. one model batch at a time).
+
+    Without ``reference`` each :meth:`add` compares the new rows with
+    themselves and every row added before (only the lower triangle is
+    multiplied) and keeps their prepared vectors; :meth:`result` is the
+    symmetric (n, n) matrix. With ``reference`` (rows, or :class:`Prepared`)
+    that is prepared once and kept instead, and :meth:`result` is
+    (n, n_reference). Each :meth:`add` also returns its new result rows, so a
+    caller can consume them and drop the accumulator's copy by not calling
+    :meth:`result`.
+    """
+
+    def __init__(
+        self,
+        metric: str = "spearman",
+        reference=None,
+        *,
+        block_rows: int | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float64,
+        nan_policy: str = "propagate",
+        chunk_features: int | None = None,
+    ):
+        self.metric = _check_metric(metric)
+        self.nan_policy = _check_nan_policy(nan_policy)
+        self.dtype = _check_dtype(dtype)
+        self.block_rows, self.chunk_features = block_rows, chunk_features
+        self.device = None if device is None else torch.device(device)
+        self.reference = None
+        if reference is not None:
+            ref = _Rows(reference, "reference", self.device)
+            self.device = ref.device
+            self.reference = _prepare_rows(ref, metric, self.dtype, nan_policy, block_rows).vectors
+        self._kept: list[torch.Tensor] = []  # prepared blocks (no reference)
+        self._strips: list[torch.Tensor] = []  # result rows per add()
+        self.n = 0
+
+    @property
+    def d(self) -> int | None:
+        src = self.reference if self.reference is not None else (self._kept[0] if self._kept else None)
+        return None if src is None else src.shape[1]
+
+    def add(self, rows) -> torch.Tensor:
+        """Prepare ``rows`` and return their similarities (float64 CPU) with the
+        reference, or with all rows so far including themselves."""
+        r = _Rows(rows, "rows", self.device)
+        self.device = r.device
+        if self.d is not None and r.d != self.d:
+            raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
+        base = self.n
+        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base).vectors
+        if self.reference is not None:
+            strip = _gram(p, self.reference, self.chunk_features)
+        else:
+            own = _symmetrize(_gram(p, p, self.chunk_features))
+            strip = torch.cat([_gram(p, q, self.chunk_features) for q in self._kept] + [own], dim=1)
+            self._kept.append(p)
+        strip = strip.cpu()
+        self._strips.append(strip)
+        self.n += r.n
+        return strip
+
+    def result(self) -> torch.Tensor:
+        """The (n, n) or (n, n_reference) float64 CPU matrix of everything added."""
+        if self.n == 0:
+            raise FvtrustError("no rows were added")
+        if self.reference is not None:
+            return torch.cat(self._strips)
+        s = torch.zeros((self.n, self.n), dtype=torch.float64)
+        i = 0
+        for strip in self._strips:
+            m = strip.shape[0]
+            s[i : i + m, : i + m] = strip
+            i += m
+        return _symmetrize(s)
+
+
+def similarity_blocks(
+    blocks_a: Iterable | Callable[[], Iterable],
+    blocks_b: Iterable | Callable[[], Iterable] | None = None,
+    metric: str = "spearman",
+    **options,
+) -> torch.Tensor:
+    """All-pairs similarity of rows that arrive as blocks (arrays or tensors).
+
+    * ``blocks_b is None``: rows of A against each other (symmetric, prepared A
+      rows are kept: n_a x d values).
+    * ``blocks_b`` an iterable: it is prepared once and kept (n_b x d values),
+      A streams past it.
+    * ``blocks_b`` a callable returning a fresh iterable: B is re-read and
+      re-prepared for every A block and nothing but one A and one B block is
+      ever held -- for inputs too large to keep prepared. Bigger A blocks mean
+      fewer passes over B.
+
+    ``options`` are those of :func:`similarity`. Returns a float64 CPU tensor.
+    """
+    if callable(blocks_a):
+        blocks_a = blocks_a()
+    if blocks_b is not None and callable(blocks_b):
+        return _similarity_restream(blocks_a, blocks_b, metric, **options)
+    reference = None
+    if blocks_b is not None:
+        prepared = [prepare(b, metric, **_prep_options(options)) for b in blocks_b if _n_rows(b)]
+        if not prepared:
+            raise FvtrustError("blocks_b yielded no rows")
+        reference = Prepared(torch.cat([p.vectors for p in prepared]), metric)
+    acc = SimilarityAccumulator(metric, reference, **options)
+    for blk in blocks_a:
+        if _n_rows(blk):
+            acc.add(blk)
+    if acc.n == 0:
+        raise FvtrustError("blocks_a yielded no rows")
+    return acc.result()
+
+
+def _prep_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k != "chunk_features"}
+
+
+def _similarity_restream(blocks_a, make_b, metric, **options) -> torch.Tensor:
+    chunk = options.get("chunk_features")
+    strips, width = [], None
+    for blk in blocks_a:
+        if not _n_rows(blk):
+            continue
+        pa = prepare(blk, metric, **_prep_options(options)).vectors
+        parts = []
+        for bb in make_b():
+            if _n_rows(bb):
+                pb = prepare(bb, metric, **{**_prep_options(options), "device": pa.device}).vectors
+                if pb.shape[1] != pa.shape[1]:
+                    raise FvtrustError(f"A rows have {pa.shape[1]} features but B rows have {pb.shape[1]}")
+                parts.append(_gram(pa, pb, chunk).cpu())
+        strip = torch.cat(parts, dim=1) if parts else torch.empty((pa.shape[0], 0), dtype=torch.float64)
+        if width is not None and strip.shape[1] != width:
+            raise FvtrustError("blocks_b() yielded a different number of rows on a later pass")
+        width = strip.shape[1]
+        strips.append(strip)
+    if not strips:
+        raise FvtrustError("blocks_a yielded no rows")
+    if width == 0:
+        raise FvtrustError("blocks_b yielded no rows")
+    return torch.cat(strips)

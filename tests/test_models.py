@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+import fvtrust
+from fvtrust.errors import FvtrustError
+from fvtrust.models import layer_units, parse_units, save_model
+from fvtrust.models.hooks import forward_to
+
+
+def test_fashion_contract(random_fashion):
+    m = random_fashion
+    assert not m.training and m.input_shape == (1, 28, 28)
+    out = m(torch.rand(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+    # normalization happens inside: the wrapper equals net(normalize(x))
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(m(x), m.net((x - 0.2860) / 0.3530), atol=1e-6)
+
+
+def test_layers_and_units(random_fashion):
+    names = {i.name: i for i in fvtrust.list_layers(random_fashion)}
+    assert names["fc"].units == 10 and names["block2.conv"].shape == (64, 14, 14)
+    assert layer_units(random_fashion, "block4") == 128
+    with pytest.raises(FvtrustError, match="unknown layer 'blok4'.*block4"):
+        layer_units(random_fashion, "blok4")
+
+
+def test_parse_units():
+    assert parse_units("all", 3) == [0, 1, 2]
+    assert parse_units("0-2,5", 6) == [0, 1, 2, 5]
+    assert parse_units(4, 5) == [4]
+    with pytest.raises(FvtrustError, match="out of range.*0..9"):
+        parse_units("10", 10, "fc")
+    with pytest.raises(FvtrustError, match="bad unit list"):
+        parse_units("a,b", 10)
+
+
+def test_forward_to_stops_early(random_fashion):
+    called = []
+    h = random_fashion.get_layer("fc").register_forward_hook(lambda *a: called.append(1))
+    try:
+        acts = forward_to(random_fashion, torch.rand(1, 1, 28, 28), ["block2"])
+    finally:
+        h.remove()
+    assert acts["block2"].shape == (1, 64, 14, 14) and not called
+    assert not random_fashion.get_layer("block2")._forward_hooks  # hooks removed
+
+
+@pytest.mark.parametrize("name,layer,units", [("googlenet", "inception4a", 512), ("resnet50", "layer4.1.conv2", 512)])
+def test_torchvision_random_init(name, layer, units):
+    m = fvtrust.load_model(f"torchvision:{name}", weights="random")
+    assert m.input_shape == (3, 224, 224) and not m.training
+    info = {i.name: i for i in fvtrust.list_layers(m)}
+    assert info[layer].units == units
+
+
+def test_torchvision_errors(tmp_path):
+    with pytest.raises(FvtrustError, match="unknown torchvision model"):
+        fvtrust.load_model("torchvision:resnet5000", weights="random")
+    with pytest.raises(FvtrustError, match="unknown weights"):
+        fvtrust.load_model("torchvision:resnet18", weights="IMAGENET9K_V9")
+    bad = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(FvtrustError, match="do not fit"):
+        fvtrust.load_model("torchvision:resnet18", weights=str(bad))
+
+
+def test_unknown_spec(tmp_path):
+    with pytest.raises(FvtrustError, match="unknown model spec 'fashion_cnn'.*fashion-cnn"):
+        fvtrust.load_model("fashion_cnn")
+    with pytest.raises(FvtrustError, match="without fvtrust-model.json"):
+        fvtrust.load_model(str(tmp_path))
+
+
+def test_weights_file_wrong_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: torch.zeros(1) for k in fvtrust.load_model("fashion-cnn", weights="random").net.state_dict()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(FvtrustError, match="wrong shape"):
+        fvtrust.load_model("fashion-cnn", weights=str(tmp_path / "w.safetensors"))
+
+
+def test_saved_roundtrip(tmp_path, random_fashion):
+    save_model(random_fashion, tmp_path / "m")
+    again = fvtrust.load_model(str(tmp_path / "m"))
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(again(x), random_fashion(x))
+    recipe = json.loads((tmp_path / "m" / "fvtrust-model.json").read_text())
+    assert recipe["base_spec"] == "fashion-cnn"
+    (tmp_path / "m" / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FvtrustError, match="cannot read weights"):
+        fvtrust.load_model(str(tmp_path / "m"))
+
+
+def test_lucent_spec_error_or_load():
+    try:
+        import lucent.modelzoo  # noqa: F401
+    except ImportError:
+        with pytest.raises(FvtrustError, match="torch-lucent"):
+            fvtrust.load_model("lucent:inceptionv1", weights="random")
+        return
+    m = fvtrust.load_model("lucent:inceptionv1", weights="random")
+    assert m.input_shape == (3, 224, 224)
+    assert any(i.name == "mixed4a" for i in fvtrust.list_layers(m))
+
+
+def test_evaluate_tiny(random_fashion):
+    x = torch.rand(30, 1, 28, 28)
+    y = random_fashion(x).argmax(1)
+    res = fvtrust.evaluate(random_fashion, (x, y), batch_size=7)
+    assert res["n"] == 30 and res["top1"] == 1.0 and res["top5"] == 1.0
+    res = fvtrust.evaluate(random_fashion, (x, (y + 1) % 10))
+    assert res["top1"] == 0.0
+    with pytest.raises(FvtrustError, match="do not fit"):
+        fvtrust.evaluate(random_fashion, (torch.rand(2, 3, 28, 28), torch.zeros(2, dtype=torch.long)))
