@@ -173,12 +173,12 @@ def _run_chunk(model, obj, units, keys, groups, sl, steps, thresholds, chw, para
         value = obj(acts, u_t, groups)
         inputs = [prm.tensor, img] if want_img_grad else [prm.tensor]
         grads = torch.autograd.grad(-value.sum(), inputs)
+        if traj_all is not None:
+            traj_all[step - 1, sl] = img.detach().cpu()
         if want_img_grad:
             g_img = -grads[1].detach()  # d objective / d image
             if grads_all is not None:
                 grads_all[step - 1, sl] = g_img.cpu()
-            if traj_all is not None:
-                traj_all[step - 1, sl] = img.detach().cpu()
             if on_step is not None:
                 on_step(step, img.detach(), g_img, sl)
         prm.tensor.grad = grads[0]

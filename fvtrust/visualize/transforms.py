@@ -112,7 +112,7 @@ def sampling_grid(spec: TransformSpec, d: Draw, in_hw, out_hw, device, dtype=tor
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     # inverse rotation about the centre of the nh x nw image
     zy, zx = (nh - 1) / 2.0, (nw - 1) / 2.0
-    a = math.radians(d.angle)
+    a = -math.radians(d.angle)  # kornia: positive angle = counter-clockwise on screen
     ca, sa = math.cos(a), math.sin(a)
     ry, rx = yy - zy, xx - zx
     y2 = ca * ry - sa * rx + zy
