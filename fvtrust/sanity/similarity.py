@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from fvtrust.errors import FvtrustError, nearest
-from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, group_ranks, tie_groups, _sortable
+from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, centred_ranks
 
 METRICS = ("spearman", "pearson", "cosine")
 NAN_POLICIES = ("propagate", "raise")
@@ -60,11 +60,11 @@ BLOCK_BYTES = 512 * 2**20
 # or below the diagonal are multiplied, which halves the work for large n.
 GRAM_ROWS = 512
 # Columns per float32 product whose partial sums are accumulated in float64.
-CHUNK_FEATURES = 16384
+CHUNK_FEATURES = 4096
 # A gathered per-pair dot product costs about this many entries of a matrix
 # product (it is memory-bound, the product is compute-bound); similarity_at
 # multiplies whole sub-blocks when the requested pairs are denser than 1/this.
-DOT_COST = 32
+DOT_COST = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +137,7 @@ class _Rows:
         shape = tuple(data.shape)
         if data.ndim == 0:
             raise FvtrustError(f"{name} must hold rows of features, got a scalar")
-        data = data.reshape(1, -1) if data.ndim == 1 else data.reshape(shape[0], -1)
+        data = data.reshape(1, -1) if data.ndim == 1 else data.reshape(shape[0], int(np.prod(shape[1:])))
         self.n, self.d = data.shape
         if self.n == 0 or self.d == 0:
             raise FvtrustError(f"{name} is empty (shape {shape}); need at least one row and one feature")
@@ -175,25 +175,20 @@ def _n_rows(X) -> int:
 # ----------------------------------------------------------------- preparation
 
 
-def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids) -> torch.Tensor:
-    """Unit vectors for one block of raw rows; ``row_ids(k)`` names row k in errors."""
+def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids, out=None) -> torch.Tensor:
+    """Unit vectors for one block of raw rows, written into ``out`` if given
+    (saves a copy and fresh pages); ``row_ids(k)`` names row k in errors."""
     nan_rows = torch.isnan(x).any(dim=1) if x.is_floating_point() else None
     if nan_rows is not None and nan_policy == "raise" and bool(nan_rows.any()):
         bad = row_ids(int(nan_rows.nonzero()[0, 0]))
         raise FvtrustError(f"row {bad} contains NaN (nan_policy='raise'); 'propagate' gives NaN similarities instead")
     b, d = x.shape
     if metric == "spearman":
-        order, gid, start, end, row = tie_groups(_sortable(x))
-        # Centre and normalise per tie group (fewer values than positions); the
-        # mean rank is exactly (d + 1) / 2, so a constant row is exactly zero
-        # here and 0 / 0 makes it NaN, as scipy does.
-        centred = group_ranks(start, end, row, d) - (d + 1) / 2
-        norm2 = torch.zeros(b, dtype=torch.float64, device=x.device)
-        norm2.index_add_(0, row, (end - start).to(torch.float64) * centred.square())
-        centred /= norm2.sqrt().index_select(0, row)
-        del start, end, row
-        out = torch.empty((b, d), dtype=dtype, device=x.device)
-        out.scatter_(1, order, centred.index_select(0, gid).view(b, d).to(dtype))
+        # Constant rows have norm 0 and centred ranks 0: 0 / 0 = NaN, as scipy.
+        centred, norm = centred_ranks(x)
+        if out is None:
+            out = torch.empty((b, d), dtype=dtype, device=x.device)
+        torch.div(centred, norm.unsqueeze(1), out=out)  # float64 division, one rounding
     else:
         v = x.to(torch.float64)
         if metric == "pearson":
@@ -205,7 +200,7 @@ def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy:
         v /= torch.linalg.vector_norm(v, dim=1, keepdim=True)
         if metric == "pearson":
             v[constant] = float("nan")
-        out = v.to(dtype)
+        out = v.to(dtype) if out is None else out.copy_(v)
     if nan_rows is not None:
         out[nan_rows] = float("nan")
     return out
@@ -249,7 +244,7 @@ def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: in
     out = torch.empty((rows.n, rows.d), dtype=dtype, device=rows.device)
     step = block_rows or rows.auto_block_rows()
     for i in range(0, rows.n, step):
-        out[i : i + step] = _prepare_block(rows.block(i, i + step), metric, dtype, nan_policy, lambda k, i=i: offset + i + k)
+        _prepare_block(rows.block(i, i + step), metric, dtype, nan_policy, lambda k, i=i: offset + i + k, out[i : i + step])
     return Prepared(out, metric)
 
 
@@ -262,7 +257,7 @@ def _prepare_index(rows: _Rows, idx: torch.Tensor, metric, dtype, nan_policy, bl
     step = block_rows or rows.auto_block_rows()
     for i in range(0, len(idx), step):
         ids = idx[i : i + step]
-        out[i : i + step] = _prepare_block(rows.take(ids), metric, dtype, nan_policy, lambda k, ids=ids: int(ids[k]))
+        _prepare_block(rows.take(ids), metric, dtype, nan_policy, lambda k, ids=ids: int(ids[k]), out[i : i + step])
     return out
 
 
@@ -303,7 +298,9 @@ def _gram(pa: torch.Tensor, pb: torch.Tensor, chunk_features: int | None = None)
 
 def _rowwise_dot(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
     """Row i of pa . row i of pb, in float64."""
-    return torch.linalg.vecdot(pa.to(torch.float64), pb.to(torch.float64)).clamp_(-1.0, 1.0)
+    pa, pb = pa.to(torch.float64), pb.to(torch.float64)
+    # bmm of (k,1,d) x (k,d,1): a BLAS kernel, ~4x faster than vecdot or mul+sum on CPU.
+    return torch.bmm(pa.unsqueeze(1), pb.unsqueeze(2)).view(-1).clamp_(-1.0, 1.0)
 
 
 def _symmetrize(s: torch.Tensor) -> torch.Tensor:
