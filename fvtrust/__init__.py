@@ -4,6 +4,7 @@ Implements Geirhos et al., "Don't trust your eyes: on the (un)reliability of
 feature visualizations" (ICML 2024): visualize, fool, sanity-check, theory,
 linearity, and a one-command reproduction with an HTML report.
 """
+from . import data
 from .errors import FvtrustError
 from .evaluate import evaluate, predict
 from .models import list_layers, list_specs, load_model, save_model
