@@ -29,8 +29,9 @@ def _atomic_write(path: Path, write) -> None:
 
 def run_theory(out, samples: int = 40, seed: int = 0) -> dict:
     """Derive the tables, write the three files into `out`; return {name: path}."""
+    from . import table as table_module
     from .figures import plot_counterexamples
-    from .table import table1
+    from .lemma1 import check_lemma1
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -41,8 +42,9 @@ def run_theory(out, samples: int = 40, seed: int = 0) -> dict:
         raise FvtrustError(f"cannot create output directory {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise FvtrustError(f"output directory {out} is not writable")
-    table = table1(samples=samples, seed=seed)
+    table = table_module.table1(samples=samples, seed=seed)
     data = table.to_dict()
+    data["lemma1"] = {k: (float(v) if isinstance(v, float) else v) for k, v in check_lemma1(seed=seed).items()}
     data["command"] = f"fvtrust theory --out {out} --samples {samples} --seed {seed}"
     paths = {"json": out / "table1.json", "markdown": out / "table1.md", "figure": out / "counterexamples.png"}
 

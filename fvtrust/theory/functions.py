@@ -133,7 +133,8 @@ class Affine2D:
         return cls(a, b, c, label=label)
 
     def __repr__(self) -> str:
-        return f"Affine2D(a={self.a:.6g}, b={self.b:.6g}, c={self.c:.6g}{', ' + repr(self.label) if self.label else ''})"
+        label = f", {self.label!r}" if self.label else ""
+        return f"Affine2D(a={self.a:.6g}, b={self.b:.6g}, c={self.c:.6g}{label})"
 
 
 def constant_function(value: float, d: int = 1, *, label: str = ""):

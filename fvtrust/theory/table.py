@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from .classes import CLASS_INFO, CLASSES, COLUMN_TITLES, COLUMNS, membership
-from .counterexamples import (Bound, affine_compatible_range, counterexamples, lipschitz_envelopes,
-                              proven_bound)
+from .counterexamples import affine_compatible_range, counterexamples, lipschitz_envelopes, proven_bound
 from .decoders import affine_decoder, indicator_error, midpoint_decoder, sup_error
 from .functions import candidate_points
 from .phi import Phi, evaluation_points, phi_minmax, phi_mismatch
@@ -264,6 +263,8 @@ def decide(cls: str, records: list) -> tuple[dict, dict, dict]:
         "proven_bound_ratio": _ratio_range(r["bound"].decoder / r["delta"] for r in pos),
         "certified_lower_bound_ratio": _ratio_range(r["dist"] / 2 / r["delta"] for r in pos),
         "bound_met": f"{sum(met)}/{len(met)}",
+        "tightest_phi": None if not pos else _phi_jsonable(
+            min(pos, key=lambda r: r["dist"] / 2 / r["delta"] - r["bound"].decoder / r["delta"])["phi"]),
         "worst_error": worst("errors"),
         "worst_error_ratio": worst("errors", ratio=True),
         "explanation": "ratios are divided by f_max - f_min; certified = ||f1 - f2|| / 2 (Lemma 3), "
