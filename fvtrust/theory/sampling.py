@@ -54,7 +54,7 @@ def _fit_range(values, rng):
     span = values.max() - values.min()
     if span == 0:
         return np.full_like(values, lo)
-    return lo + (values - values.min()) * (hi - lo) / span
+    return np.clip(lo + (values - values.min()) * (hi - lo) / span, 0.0, 1.0)
 
 
 def _random_relu_net_pwa(rng):
@@ -78,7 +78,8 @@ def _random_lipschitz(rng, L):
             values = values / span
             span = 1.0
         values = values - values.min() + rng.uniform(0, 1 - span)
-        return PiecewiseAffine1D(knots, values, label="random Lipschitz function")
+        # Clipping removes rounding overshoot (1 + 2e-16) and cannot raise any slope.
+        return PiecewiseAffine1D(knots, np.clip(values, 0.0, 1.0), label="random Lipschitz function")
     # Steep ramp between the extremes (exercises the regime 2 Delta > L |x_max - x_min|).
     u, eps = rng.uniform(0.55, 1.0), 0.05
     width = rng.uniform(0.05, 1.0) * min(1.0, 1.0 / (u * L))
@@ -87,7 +88,7 @@ def _random_lipschitz(rng, L):
     rise = u * L * width
     base = rng.uniform(0, 1 - rise)
     knots = [0.0, a, b, 1.0]
-    values = [base + eps * rise * a, base, base + rise, base + rise - eps * rise * (1 - b)]
+    values = np.clip([base + eps * rise * a, base, base + rise, base + rise - eps * rise * (1 - b)], 0.0, 1.0)
     f = PiecewiseAffine1D(knots, values, label="random steep Lipschitz ramp")
     return f.mirrored() if rng.random() < 0.5 else f
 
