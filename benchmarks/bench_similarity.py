@@ -19,6 +19,7 @@ Peak memory is the growth of the process's peak RSS during the fvtrust call
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
 import sys
@@ -46,7 +47,14 @@ def make_rows(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 def reset_peak() -> int | None:
-    """Reset the process's peak-RSS counter; return current RSS in bytes (None if unsupported)."""
+    """Reset the process's peak-RSS counter; return current RSS in bytes (None if unsupported).
+
+    Freed heap is handed back to the OS first, so memory freed by an earlier
+    run cannot hide this run's growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -57,14 +57,15 @@ def tie_groups(x: torch.Tensor):
     return order, gid, start, count, row
 
 
-def centred_ranks(x: torch.Tensor):
+def centred_ranks(x: torch.Tensor, with_mode: bool = False):
     """Average ranks minus their mean (d + 1) / 2, per row of ``x`` (b, d), and the row norms.
 
     Returns ``(centred, norm)``: ``centred`` (b, d) in float32 when that is
     exact (d < 2**23), else float64; ``norm`` (b,) float64 Euclidean norm of
     each centred row, from the closed form sum = (d**3 - d - sum(t**3 - t)) / 12
     over tie groups of size t (exact integers), 0 for constant rows. Rows with
-    NaN are not treated specially here.
+    NaN are not treated specially here. ``with_mode`` adds a third result: the
+    centred rank (b,) of each row's largest tie group (its first, if several).
     """
     b, d = x.shape
     order, gid, start, count, row = tie_groups(_sortable(x))
@@ -74,6 +75,12 @@ def centred_ranks(x: torch.Tensor):
     dtype = torch.float32 if d < _FLOAT32_EXACT_D else torch.float64
     per_group = num.to(dtype).mul_(0.5)
     del num
+    if with_mode:
+        biggest = torch.zeros(b, dtype=count.dtype, device=x.device).scatter_reduce_(0, row, count, "amax")
+        group = torch.arange(len(count), device=x.device)
+        group[count != biggest.index_select(0, row)] = len(count)
+        first = torch.full((b,), len(count), device=x.device).scatter_reduce_(0, row, group, "amin")
+        mode = per_group.index_select(0, first)
     centred = torch.empty((b, d), dtype=dtype, device=x.device)
     centred.scatter_(1, order, per_group.index_select(0, gid).view(b, d))
     del order, gid, per_group
@@ -83,7 +90,7 @@ def centred_ranks(x: torch.Tensor):
     total = d**3 - d if d <= _INT64_CUBE_D else float(d) ** 3 - d
     norm = (total - ties).to(torch.float64).div_(12).sqrt_()
     norm[row[count == d]] = 0.0  # constant rows: exactly zero even if the float path rounded
-    return centred, norm
+    return (centred, norm, mode) if with_mode else (centred, norm)
 
 
 def rank_block(x: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,18 @@ Conventions (all entry points):
   rank-once, so it is refused. Infinite values rank like scipy (Spearman) and
   give NaN rows for Pearson and cosine.
 * Precision: ``dtype=torch.float64`` (default) keeps prepared vectors and the
-  matrix product in float64: error vs scipy ~1e-15. ``dtype=torch.float32``
-  halves memory and is 2x faster on CPU (more on consumer GPUs); products of
-  ``chunk_features`` columns are summed in float64 so the error stays ~1e-7
-  (see ``benchmarks/bench_similarity.py --precision``); TF32 is switched off
-  for these products.
+  matrix product in float64: ~1e-14 from scipy at 802,816 features. Average
+  ranks are exact (half-integers), the centring is exact, so nothing but the
+  final dot products rounds. ``dtype=torch.float32`` halves the memory of the
+  prepared rows (and is the fast path on GPUs with slow float64). A plain
+  float32 product is off by ~1.5e-6 there: its accumulator adds ~400,000
+  identical zero-group terms and their rounding errors all point the same way.
+  So each row's largest tie group (Spearman) or its zeros (Pearson, cosine) is
+  shifted to exactly 0 before rounding to float32 (a float64 correction from
+  row sums restores the dot product), and column chunks of
+  ``chunk_features`` are accumulated in float64: ~3e-8 on activations.
+  Rows with further huge tie groups away from zero (binary, quantized data)
+  stay at ~1e-6 in float32: use float64 there. TF32 is off for these products.
 * Memory: rows are prepared ``block_rows`` at a time (default sized from a
   512 MiB budget for temporaries), so the peak is the prepared matrix plus one
   block. :func:`similarity_blocks` and :class:`SimilarityAccumulator` go
@@ -71,21 +78,49 @@ DOT_COST = 64
 class Prepared:
     """Rows turned into unit vectors whose dot products are the metric.
 
-    ``vectors`` is (n, d) float32/float64 on the compute device; a row whose
-    similarity is undefined (constant, zero, NaN) is all-NaN, so NaN flows
-    through matrix products to exactly the pairs that involve it.
+    Row i's unit vector is ``vectors[i] + shift[i]`` (``shift`` is None, i.e.
+    0, in float64). A row whose similarity is undefined (constant, zero, NaN)
+    is all-NaN, so NaN flows through matrix products to exactly the pairs that
+    involve it.
+
+    Why the shift (float32 only): a row's largest tie group (post-ReLU zeros)
+    shares one prepared value, so a float32 dot product would add ~400,000
+    identical terms whose rounding errors pile up in one direction. Shifting
+    that value to exactly 0 removes them; ``_gram`` adds the shift back in
+    float64.
     """
 
     vectors: torch.Tensor
     metric: str
+    shift: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
+
+    def __getitem__(self, idx) -> Prepared:
+        shift = None if self.shift is None else self.shift[idx]
+        return Prepared(self.vectors[idx], self.metric, shift)
+
+    def to(self, device) -> Prepared:
+        shift = None if self.shift is None else self.shift.to(device)
+        return Prepared(self.vectors.to(device), self.metric, shift)
+
+    def unit_vectors(self) -> torch.Tensor:
+        """The float64 unit vectors (undoes the float32 shift)."""
+        v = self.vectors.to(torch.float64)
+        return v if self.shift is None else v + self.shift.unsqueeze(1)
 
     @property
     def valid(self) -> torch.Tensor:
         """Boolean mask of rows with a defined similarity."""
         return ~torch.isnan(self.vectors[:, 0])
+
+    @staticmethod
+    def cat(parts: list[Prepared]) -> Prepared:
+        if len({p.vectors.dtype for p in parts}) > 1:
+            parts = [Prepared(p.unit_vectors(), p.metric) for p in parts]
+        shifts = None if parts[0].shift is None else torch.cat([p.shift for p in parts])
+        return Prepared(torch.cat([p.vectors for p in parts]), parts[0].metric, shifts)
 
 
 # ---------------------------------------------------------------- input checks
@@ -160,6 +195,8 @@ class _Rows:
         return self._to_torch(self.data[i:j])
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.prepared is not None:
+            return self.prepared[idx.to(self.data.device)].to(self.device)
         if isinstance(self.data, torch.Tensor):
             return self._to_torch(self.data.index_select(0, idx.to(self.data.device)))
         return self._to_torch(self.data[idx.cpu().numpy()])
@@ -175,19 +212,22 @@ def _n_rows(X) -> int:
 # ----------------------------------------------------------------- preparation
 
 
-def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids, out=None) -> torch.Tensor:
-    """Unit vectors for one block of raw rows, written into ``out`` if given
-    (saves a copy and fresh pages); ``row_ids(k)`` names row k in errors."""
+def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids, out, shift) -> None:
+    """Unit vectors for one block of raw rows, written into ``out`` (and, for
+    float32, minus the value of the row's zeros, written into ``shift``).
+    ``row_ids(k)`` names row k in errors."""
     nan_rows = torch.isnan(x).any(dim=1) if x.is_floating_point() else None
     if nan_rows is not None and nan_policy == "raise" and bool(nan_rows.any()):
         bad = row_ids(int(nan_rows.nonzero()[0, 0]))
         raise FvtrustError(f"row {bad} contains NaN (nan_policy='raise'); 'propagate' gives NaN similarities instead")
-    b, d = x.shape
     if metric == "spearman":
         # Constant rows have norm 0 and centred ranks 0: 0 / 0 = NaN, as scipy.
-        centred, norm = centred_ranks(x)
-        if out is None:
-            out = torch.empty((b, d), dtype=dtype, device=x.device)
+        if shift is None:
+            centred, norm = centred_ranks(x)
+        else:
+            centred, norm, c0 = centred_ranks(x, with_mode=True)  # shift out the largest tie group
+            centred -= c0.unsqueeze(1)  # exact: half-integers of magnitude < 2**23
+            torch.div(c0.to(torch.float64), norm, out=shift)
         torch.div(centred, norm.unsqueeze(1), out=out)  # float64 division, one rounding
     else:
         v = x.to(torch.float64)
@@ -200,10 +240,23 @@ def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy:
         v /= torch.linalg.vector_norm(v, dim=1, keepdim=True)
         if metric == "pearson":
             v[constant] = float("nan")
-        out = v.to(dtype) if out is None else out.copy_(v)
+        if shift is not None:  # post-ReLU zeros are the largest tie group
+            shift.copy_(_value_at_zeros(x, v))
+            v -= shift.unsqueeze(1)
+        out.copy_(v)
     if nan_rows is not None:
         out[nan_rows] = float("nan")
-    return out
+    if shift is not None:
+        shift.nan_to_num_(0.0, 0.0, 0.0)  # undefined rows are NaN in ``out`` already
+
+
+def _value_at_zeros(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per row, ``v`` where ``x`` is 0 (all such entries share it); the row mean
+    of ``v`` for rows without zeros (zero for a constant row, small otherwise)."""
+    zero = x == 0
+    first = zero.to(torch.uint8).argmax(dim=1, keepdim=True)
+    val = v.gather(1, first).squeeze(1)
+    return torch.where(zero.gather(1, first).squeeze(1), val, v.mean(dim=1))
 
 
 def prepare(
@@ -227,7 +280,7 @@ def prepare(
     dtype = _check_dtype(dtype)
     if isinstance(X, Prepared):
         _check_same_metric(X, metric)
-        return X if device is None else Prepared(X.vectors.to(device), metric)
+        return X if device is None else X.to(device)
     rows = _Rows(X, "X", device)
     return _prepare_rows(rows, metric, dtype, nan_policy, block_rows)
 
@@ -240,25 +293,31 @@ def _check_same_metric(p: Prepared, metric: str) -> None:
 def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
     if rows.prepared is not None:
         _check_same_metric(rows.prepared, metric)
-        return Prepared(rows.data.to(rows.device), metric)
-    out = torch.empty((rows.n, rows.d), dtype=dtype, device=rows.device)
+        return rows.prepared.to(rows.device)
+    return _prepare_some(rows, None, metric, dtype, nan_policy, block_rows, offset)
+
+
+def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
+    """Prepare all rows (``idx`` None) or the rows ``idx`` (sorted: memmaps are read in order)."""
+    n = rows.n if idx is None else len(idx)
+    out = torch.empty((n, rows.d), dtype=dtype, device=rows.device)
+    shift = torch.empty(n, dtype=torch.float64, device=rows.device) if dtype == torch.float32 else None
     step = block_rows or rows.auto_block_rows()
-    for i in range(0, rows.n, step):
-        _prepare_block(rows.block(i, i + step), metric, dtype, nan_policy, lambda k, i=i: offset + i + k, out[i : i + step])
-    return Prepared(out, metric)
+    for i in range(0, n, step):
+        if idx is None:
+            x, name = rows.block(i, i + step), (lambda k, i=i: offset + i + k)
+        else:
+            ids = idx[i : i + step]
+            x, name = rows.take(ids), (lambda k, ids=ids: int(ids[k]))
+        _prepare_block(x, metric, dtype, nan_policy, name, out[i : i + step], None if shift is None else shift[i : i + step])
+    return Prepared(out, metric, shift)
 
 
-def _prepare_index(rows: _Rows, idx: torch.Tensor, metric, dtype, nan_policy, block_rows) -> torch.Tensor:
-    """Prepared vectors of the rows ``idx`` only (sorted indices read memmaps in order)."""
+def _prepare_index(rows: _Rows, idx: torch.Tensor, metric, dtype, nan_policy, block_rows) -> Prepared:
     if rows.prepared is not None:
         _check_same_metric(rows.prepared, metric)
         return rows.take(idx)
-    out = torch.empty((len(idx), rows.d), dtype=dtype, device=rows.device)
-    step = block_rows or rows.auto_block_rows()
-    for i in range(0, len(idx), step):
-        ids = idx[i : i + step]
-        _prepare_block(rows.take(ids), metric, dtype, nan_policy, lambda k, ids=ids: int(ids[k]), out[i : i + step])
-    return out
+    return _prepare_some(rows, idx, metric, dtype, nan_policy, block_rows)
 
 
 # --------------------------------------------------------------- dot products
@@ -280,27 +339,40 @@ def _ieee_fp32(device: torch.device):
         matmul.fp32_precision = old
 
 
-def _gram(pa: torch.Tensor, pb: torch.Tensor, chunk_features: int | None = None) -> torch.Tensor:
-    """pa @ pb.T in float64, clipped to [-1, 1]; float32 inputs are multiplied in
-    column chunks whose partial sums are added in float64, so rounding grows
-    with the chunk, not with all 802,816 features."""
-    if pa.dtype != pb.dtype:
-        pa, pb = pa.to(torch.float64), pb.to(torch.float64)
-    if pa.dtype == torch.float64:
-        return (pa @ pb.T).clamp_(-1.0, 1.0)
+def _gram(a: Prepared, b: Prepared, chunk_features: int | None = None) -> torch.Tensor:
+    """All dot products of a's and b's unit vectors, float64, clipped to [-1, 1].
+
+    float32 vectors are multiplied in column chunks whose partial sums are
+    added in float64, so rounding grows with the chunk, not with all 802,816
+    features; the shift correction is then added in float64.
+    """
+    if a.vectors.dtype != b.vectors.dtype:
+        a, b = Prepared(a.unit_vectors(), a.metric), Prepared(b.unit_vectors(), b.metric)
+    va, vb = a.vectors, b.vectors
+    if va.dtype == torch.float64 and a.shift is None and b.shift is None:
+        return (va @ vb.T).clamp_(-1.0, 1.0)
     step = chunk_features or CHUNK_FEATURES
-    out = torch.zeros((pa.shape[0], pb.shape[0]), dtype=torch.float64, device=pa.device)
-    with _ieee_fp32(pa.device):
-        for c in range(0, pa.shape[1], step):
-            out += pa[:, c : c + step] @ pb[:, c : c + step].T
+    f64 = dict(dtype=torch.float64, device=va.device)
+    out = torch.zeros((va.shape[0], vb.shape[0]), **f64)
+    ra, rb = torch.zeros(va.shape[0], **f64), torch.zeros(vb.shape[0], **f64)  # row sums
+    with _ieee_fp32(va.device):
+        for c in range(0, va.shape[1], step):
+            ca, cb = va[:, c : c + step], vb[:, c : c + step]
+            out += ca @ cb.T
+            ra += ca.sum(dim=1, dtype=torch.float64)
+            rb += cb.sum(dim=1, dtype=torch.float64)
+    # (va + sa)(vb + sb) = va.vb + sa sum(vb) + sum(va) sb + d sa sb
+    sa = torch.zeros(va.shape[0], **f64) if a.shift is None else a.shift
+    sb = torch.zeros(vb.shape[0], **f64) if b.shift is None else b.shift
+    out += torch.outer(sa, rb) + torch.outer(ra, sb) + va.shape[1] * torch.outer(sa, sb)
     return out.clamp_(-1.0, 1.0)
 
 
-def _rowwise_dot(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
-    """Row i of pa . row i of pb, in float64."""
-    pa, pb = pa.to(torch.float64), pb.to(torch.float64)
+def _rowwise_dot(a: Prepared, b: Prepared) -> torch.Tensor:
+    """Row i of a . row i of b, in float64."""
+    ua, ub = a.unit_vectors(), b.unit_vectors()
     # bmm of (k,1,d) x (k,d,1): a BLAS kernel, ~4x faster than vecdot or mul+sum on CPU.
-    return torch.bmm(pa.unsqueeze(1), pb.unsqueeze(2)).view(-1).clamp_(-1.0, 1.0)
+    return torch.bmm(ua.unsqueeze(1), ub.unsqueeze(2)).view(-1).clamp_(-1.0, 1.0)
 
 
 def _symmetrize(s: torch.Tensor) -> torch.Tensor:
@@ -309,9 +381,9 @@ def _symmetrize(s: torch.Tensor) -> torch.Tensor:
     return torch.tril(s) + torch.tril(s, -1).T
 
 
-def _gram_symmetric(p: torch.Tensor, chunk_features: int | None) -> torch.Tensor:
-    n = p.shape[0]
-    s = torch.empty((n, n), dtype=torch.float64, device=p.device)
+def _gram_symmetric(p: Prepared, chunk_features: int | None) -> torch.Tensor:
+    n = len(p)
+    s = torch.empty((n, n), dtype=torch.float64, device=p.vectors.device)
     for i in range(0, n, GRAM_ROWS):
         for j in range(0, i + 1, GRAM_ROWS):
             blk = _gram(p[i : i + GRAM_ROWS], p[j : j + GRAM_ROWS], chunk_features)
@@ -347,10 +419,10 @@ def similarity(
     rb = None if B is None else _Rows(B, "B", ra.device)
     if rb is not None and rb.d != ra.d:
         raise FvtrustError(f"A has {ra.d} features per row but B has {rb.d}")
-    pa = _prepare_rows(ra, metric, dtype, nan_policy, block_rows).vectors
+    pa = _prepare_rows(ra, metric, dtype, nan_policy, block_rows)
     if rb is None:
         return _gram_symmetric(pa, chunk_features).cpu()
-    pb = _prepare_rows(rb, metric, dtype, nan_policy, block_rows).vectors
+    pb = _prepare_rows(rb, metric, dtype, nan_policy, block_rows)
     return _gram(pa, pb, chunk_features).cpu()
 
 
@@ -379,10 +451,13 @@ def paired_similarity(
         if r.prepared is not None:
             _check_same_metric(r.prepared, metric)
 
-    def block(r: _Rows, i: int, j: int) -> torch.Tensor:
+    def block(r: _Rows, i: int, j: int) -> Prepared:
         if r.prepared is not None:
-            return r.block(i, j)
-        return _prepare_block(r.block(i, j), metric, dtype, nan_policy, lambda k: i + k)
+            return r.prepared[i:j].to(r.device)
+        out = torch.empty((j - i, r.d), dtype=dtype, device=r.device)
+        shift = torch.empty(j - i, dtype=torch.float64, device=r.device) if dtype == torch.float32 else None
+        _prepare_block(r.block(i, j), metric, dtype, nan_policy, lambda k: i + k, out, shift)
+        return Prepared(out, metric, shift)
 
     step = block_rows or ra.auto_block_rows()
     out = torch.empty(ra.n, dtype=torch.float64, device=ra.device)
@@ -438,7 +513,7 @@ def similarity_at(
     bounds = torch.searchsorted(ia, torch.arange(0, len(pa) + GRAM_ROWS, GRAM_ROWS)).tolist()
     out = torch.empty(k, dtype=torch.float64)
     dot_step = max(1, BLOCK_BYTES // (16 * ra.d))
-    dev = pa.device
+    dev = pa.vectors.device
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if lo == hi:
             continue
@@ -505,15 +580,15 @@ class SimilarityAccumulator:
         if reference is not None:
             ref = _Rows(reference, "reference", self.device)
             self.device = ref.device
-            self.reference = _prepare_rows(ref, metric, self.dtype, nan_policy, block_rows).vectors
-        self._kept: list[torch.Tensor] = []  # prepared blocks (no reference)
+            self.reference = _prepare_rows(ref, metric, self.dtype, nan_policy, block_rows)
+        self._kept: list[Prepared] = []  # prepared blocks (no reference)
         self._strips: list[torch.Tensor] = []  # result rows per add()
         self.n = 0
 
     @property
     def d(self) -> int | None:
         src = self.reference if self.reference is not None else (self._kept[0] if self._kept else None)
-        return None if src is None else src.shape[1]
+        return None if src is None else src.vectors.shape[1]
 
     def add(self, rows) -> torch.Tensor:
         """Prepare ``rows`` and return their similarities (float64 CPU) with the
@@ -523,7 +598,7 @@ class SimilarityAccumulator:
         if self.d is not None and r.d != self.d:
             raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
         base = self.n
-        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base).vectors
+        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base)
         if self.reference is not None:
             strip = _gram(p, self.reference, self.chunk_features)
         else:
@@ -578,7 +653,7 @@ def similarity_blocks(
         prepared = [prepare(b, metric, **_prep_options(options)) for b in blocks_b if _n_rows(b)]
         if not prepared:
             raise FvtrustError("blocks_b yielded no rows")
-        reference = Prepared(torch.cat([p.vectors for p in prepared]), metric)
+        reference = Prepared.cat(prepared)
     acc = SimilarityAccumulator(metric, reference, **options)
     for blk in blocks_a:
         if _n_rows(blk):
@@ -598,15 +673,15 @@ def _similarity_restream(blocks_a, make_b, metric, **options) -> torch.Tensor:
     for blk in blocks_a:
         if not _n_rows(blk):
             continue
-        pa = prepare(blk, metric, **_prep_options(options)).vectors
+        pa = prepare(blk, metric, **_prep_options(options))
         parts = []
         for bb in make_b():
             if _n_rows(bb):
-                pb = prepare(bb, metric, **{**_prep_options(options), "device": pa.device}).vectors
-                if pb.shape[1] != pa.shape[1]:
-                    raise FvtrustError(f"A rows have {pa.shape[1]} features but B rows have {pb.shape[1]}")
+                pb = prepare(bb, metric, **{**_prep_options(options), "device": pa.vectors.device})
+                if pb.vectors.shape[1] != pa.vectors.shape[1]:
+                    raise FvtrustError(f"A rows have {pa.vectors.shape[1]} features but B rows have {pb.vectors.shape[1]}")
                 parts.append(_gram(pa, pb, chunk).cpu())
-        strip = torch.cat(parts, dim=1) if parts else torch.empty((pa.shape[0], 0), dtype=torch.float64)
+        strip = torch.cat(parts, dim=1) if parts else torch.empty((len(pa), 0), dtype=torch.float64)
         if width is not None and strip.shape[1] != width:
             raise FvtrustError("blocks_b() yielded a different number of rows on a later pass")
         width = strip.shape[1]
