@@ -61,5 +61,41 @@ def forward_to(model: nn.Module, x: torch.Tensor, layers, *, stop: bool = True, 
     return store
 
 
+class LayerTap:
+    """Hooks registered once for many forward passes (an optimization loop).
+
+    `tap(x)` runs the model up to the deepest requested layer and returns
+    {layer: output}. Use as a context manager so the hooks are removed.
+    """
+
+    def __init__(self, model, layers, stop: bool = True):
+        self.model = model
+        self.names = [layers] if isinstance(layers, str) else list(layers)
+        self._cm = capture(model, self.names, stop=stop)
+        self.store = None
+
+    def __enter__(self):
+        self.store = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+    def __call__(self, x):
+        self.store.clear()
+        try:
+            self.model(x)
+        except _Reached:
+            pass
+        out = dict(self.store)
+        self.store.clear()
+        if len(out) != len(self.names):
+            from ..errors import FvtrustError
+
+            missing = [n for n in self.names if n not in out]
+            raise FvtrustError(f"layer(s) {', '.join(missing)} did not run in the forward pass")
+        return out
+
+
 def layer_output(model, x, layer, **kw) -> torch.Tensor:
     return forward_to(model, x, [layer], **kw)[layer]

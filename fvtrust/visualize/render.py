@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import FvtrustError
-from ..models.hooks import forward_to
+from ..models.hooks import LayerTap
 from ..models.layers import layer_units, parse_units
 from ..progress import progress
 from . import transforms as T
@@ -166,11 +166,17 @@ def _run_chunk(model, obj, units, keys, groups, sl, steps, thresholds, chw, para
     layers = list(obj.layers)
     want_img_grad = grads_all is not None or on_step is not None
     t_index = {t: i for i, t in enumerate(thresholds)}
+    with LayerTap(model, layers) as tap:
+        _loop(tap, prm, opt, rng, obj, u_t, groups, sl, steps, tspec, crop, t_index, want_img_grad, images,
+              values, grads_all, traj_all, on_step, bar)
+
+
+def _loop(tap, prm, opt, rng, obj, u_t, groups, sl, steps, tspec, crop, t_index, want_img_grad, images, values,
+          grads_all, traj_all, on_step, bar):
     for step in range(1, steps + 1):
         img = prm.image()
         x = T.apply(img, tspec, T.draw(tspec, rng) if tspec else None, out_hw=crop)
-        acts = forward_to(model, x, layers)
-        value = obj(acts, u_t, groups)
+        value = obj(tap(x), u_t, groups)
         inputs = [prm.tensor, img] if want_img_grad else [prm.tensor]
         grads = torch.autograd.grad(-value.sum(), inputs)
         if traj_all is not None:
@@ -190,7 +196,7 @@ def _run_chunk(model, obj, units, keys, groups, sl, steps, thresholds, chw, para
                 i = t_index[step]
                 images[i, sl] = clean.detach().cpu()
                 clean_in = _fit(clean, crop)
-                values[i, sl] = obj(forward_to(model, clean_in, layers), u_t, groups).cpu()
+                values[i, sl] = obj(tap(clean_in), u_t, groups).cpu()
         bar.update(1)
     if traj_all is not None:
         with torch.no_grad():
