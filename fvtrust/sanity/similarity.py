@@ -188,7 +188,10 @@ class _Rows:
         if isinstance(a, np.ndarray):
             if a.dtype.kind == "u" and a.dtype.itemsize > 1:
                 a = a.astype(np.int64)  # torch sorts few unsigned types
-            a = torch.from_numpy(np.ascontiguousarray(a))
+            a = np.ascontiguousarray(a)
+            if not a.flags.writeable:  # read-only memmap: torch wants writable memory
+                a = a.copy()
+            a = torch.from_numpy(a)
         return a.to(self.device)
 
     def block(self, i: int, j: int) -> torch.Tensor:
@@ -202,19 +205,21 @@ class _Rows:
         return self._to_torch(self.data[idx.cpu().numpy()])
 
 
-def _n_rows(X) -> int:
+def _is_empty(X) -> bool:
+    """A block without rows: streams may yield one (e.g. a last, empty batch); it is skipped."""
     if isinstance(X, Prepared):
-        return len(X)
+        return len(X) == 0
     shape = getattr(X, "shape", None)
-    return int(shape[0]) if shape is not None and len(shape) else len(X)
+    shape = np.shape(X) if shape is None else shape
+    return len(shape) > 0 and shape[0] == 0
 
 
 # ----------------------------------------------------------------- preparation
 
 
 def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids, out, shift) -> None:
-    """Unit vectors for one block of raw rows, written into ``out`` (and, for
-    float32, minus the value of the row's zeros, written into ``shift``).
+    """Unit vectors for one block of raw rows, written into ``out``; for float32
+    minus a per-row ``shift`` (see :class:`Prepared`), written into ``shift``.
     ``row_ids(k)`` names row k in errors."""
     nan_rows = torch.isnan(x).any(dim=1) if x.is_floating_point() else None
     if nan_rows is not None and nan_policy == "raise" and bool(nan_rows.any()):
@@ -309,7 +314,8 @@ def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offse
         else:
             ids = idx[i : i + step]
             x, name = rows.take(ids), (lambda k, ids=ids: int(ids[k]))
-        _prepare_block(x, metric, dtype, nan_policy, name, out[i : i + step], None if shift is None else shift[i : i + step])
+        shift_i = None if shift is None else shift[i : i + step]
+        _prepare_block(x, metric, dtype, nan_policy, name, out[i : i + step], shift_i)
     return Prepared(out, metric, shift)
 
 
@@ -416,7 +422,7 @@ def similarity(
     _check_nan_policy(nan_policy)
     dtype = _check_dtype(dtype)
     ra = _Rows(A, "A", device)
-    rb = None if B is None else _Rows(B, "B", ra.device)
+    rb = None if B is None or B is A else _Rows(B, "B", ra.device)
     if rb is not None and rb.d != ra.d:
         raise FvtrustError(f"A has {ra.d} features per row but B has {rb.d}")
     pa = _prepare_rows(ra, metric, dtype, nan_policy, block_rows)
@@ -650,13 +656,13 @@ def similarity_blocks(
         return _similarity_restream(blocks_a, blocks_b, metric, **options)
     reference = None
     if blocks_b is not None:
-        prepared = [prepare(b, metric, **_prep_options(options)) for b in blocks_b if _n_rows(b)]
+        prepared = [prepare(b, metric, **_prep_options(options)) for b in blocks_b if not _is_empty(b)]
         if not prepared:
             raise FvtrustError("blocks_b yielded no rows")
         reference = Prepared.cat(prepared)
     acc = SimilarityAccumulator(metric, reference, **options)
     for blk in blocks_a:
-        if _n_rows(blk):
+        if not _is_empty(blk):
             acc.add(blk)
     if acc.n == 0:
         raise FvtrustError("blocks_a yielded no rows")
@@ -671,15 +677,16 @@ def _similarity_restream(blocks_a, make_b, metric, **options) -> torch.Tensor:
     chunk = options.get("chunk_features")
     strips, width = [], None
     for blk in blocks_a:
-        if not _n_rows(blk):
+        if _is_empty(blk):
             continue
         pa = prepare(blk, metric, **_prep_options(options))
         parts = []
         for bb in make_b():
-            if _n_rows(bb):
+            if not _is_empty(bb):
                 pb = prepare(bb, metric, **{**_prep_options(options), "device": pa.vectors.device})
-                if pb.vectors.shape[1] != pa.vectors.shape[1]:
-                    raise FvtrustError(f"A rows have {pa.vectors.shape[1]} features but B rows have {pb.vectors.shape[1]}")
+                da, db = pa.vectors.shape[1], pb.vectors.shape[1]
+                if da != db:
+                    raise FvtrustError(f"A rows have {da} features but B rows have {db}")
                 parts.append(_gram(pa, pb, chunk).cpu())
         strip = torch.cat(parts, dim=1) if parts else torch.empty((len(pa), 0), dtype=torch.float64)
         if width is not None and strip.shape[1] != width:

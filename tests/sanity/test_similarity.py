@@ -169,7 +169,8 @@ def test_streaming_equals_direct(metric):
     assert same(similarity(X, metric=metric, block_rows=1), want)
     blocks = [X[:3], X[3:4], X[4:]]
     assert same(similarity_blocks(blocks, metric=metric), want, 1e-15)
-    assert same(similarity_blocks(iter(blocks), blocks[::-1], metric), similarity(X, np.concatenate(blocks[::-1]), metric), 1e-15)
+    vs_b = similarity_blocks(iter(blocks), blocks[::-1], metric)
+    assert same(vs_b, similarity(X, np.concatenate(blocks[::-1]), metric), 1e-15)
     restream = similarity_blocks(lambda: iter(blocks), lambda: iter(blocks), metric)
     assert same(restream, want, 1e-15)
 
@@ -279,3 +280,18 @@ def test_gpu_matches_cpu(dtype):
     got = similarity(X.cuda(), dtype=dtype)
     assert got.device.type == "cpu"
     assert same(got, want, 1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_memmap_rows_are_read_in_blocks(tmp_path):
+    X = tricky_rows().astype(np.float32)
+    mm = np.lib.format.open_memmap(tmp_path / "acts.npy", mode="w+", dtype=np.float32, shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    ro = np.load(tmp_path / "acts.npy", mmap_mode="r")
+    want = similarity(X)
+    assert same(similarity(ro, block_rows=2), want)
+    assert same(similarity_at(ro, [(0, 1), (5, 8)]), want[[0, 5], [1, 8]], 1e-15)
+    Y = X.copy()
+    Y[9, 2] = np.nan
+    with pytest.raises(FvtrustError, match="row 9"):
+        similarity_at(Y, [(0, 1), (9, 8)], nan_policy="raise", block_rows=1)
