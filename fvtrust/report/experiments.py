@@ -1,0 +1,125 @@
+"""The paper's experiments on the embedded default, one function per step.
+
+Each returns a JSON-able dict: measured numbers, the paper's numbers for
+comparison, and figure paths relative to the report directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_save_figure
+from .pipeline import Context
+
+SPEC = "fashion-cnn"
+
+
+def _rel(ctx: Context, path: Path) -> str:
+    return str(Path(path).resolve().relative_to(ctx.out.resolve()))
+
+
+def model(ctx: Context):
+    if "model" not in ctx.cache:
+        from ..models import load_model
+
+        ctx.cache["model"] = load_model(SPEC)
+    return ctx.cache["model"]
+
+
+def test_data(ctx: Context):
+    if "test" not in ctx.cache:
+        from ..data import load_fashion_mnist
+
+        ctx.cache["test"] = load_fashion_mnist("test")
+    return ctx.cache["test"]
+
+
+def run_accuracy(ctx: Context, sdir: Path) -> dict:
+    """Natural accuracy of the unmodified default: the baseline every manipulation is compared to."""
+    from ..evaluate import evaluate
+
+    res = evaluate(model(ctx), test_data(ctx))
+    return {"spec": SPEC, "n": res["n"], "top1": res["top1"], "top5": res["top5"],
+            "sentence": "The embedded fashion-cnn (Conv-BN-ReLU blocks, trained by fvtrust's own recipe) is the "
+                        "model every experiment below manipulates or analyses; these are its natural accuracies.",
+            "summary": [{"quantity": "top-1 on the 10,000 Fashion-MNIST test images", "measured": res["top1"],
+                         "paper": "Inception-V1: 0.69146 (ImageNet val)"},
+                        {"quantity": "top-5", "measured": res["top5"], "paper": "Inception-V1: 0.88858"}],
+            "command": "fvtrust evaluate fashion-cnn --json"}
+
+
+def run_trajectories(ctx: Context, sdir: Path) -> dict:
+    """Figure 3: snapshots at 1, 8, 32, 128, 512 steps beside each class's most activating natural image."""
+    import matplotlib.pyplot as plt
+
+    from ..evaluate import predict
+    from ..visualize import visualize
+    from ..visualize.output import grid_figure
+
+    m = model(ctx)
+    x, y = test_data(ctx)
+    thresholds = (1, 8, 32, 128, 512)
+    res = visualize(m, "fc", "all", steps=512, thresholds=thresholds, seed=ctx.seed)
+    logits = predict(m, x, batch_size=1000)
+    natural_max, top_idx = logits.max(0)
+    with torch.no_grad():
+        pred = m(res.final).argmax(1)
+    rows = [list(res.images[i]) for i in range(len(thresholds))] + [[x[j] for j in top_idx.tolist()]]
+    labels = [f"step {t}" for t in thresholds] + ["top natural"]
+    names = m.class_names or [str(u) for u in res.units]
+    fig = grid_figure(rows, labels, [names[u] for u in res.units],
+                      title="fashion-cnn last layer: optimization snapshots vs most activating natural image")
+    path = atomic_save_figure(fig, sdir / "figure3.png", dpi=110)
+    plt.close(fig)
+    final = res.objective[-1]
+    ratio = (final / natural_max)
+    own = int((pred == torch.arange(len(res.units))).sum())
+    return {
+        "sentence": "Optimization moves each unit's visualization far beyond anything natural images reach: the "
+                    "final activation is a multiple of the unit's largest activation on all 10,000 test images, "
+                    "which is what lets a circuit tell visualizations from natural input.",
+        "figures": [{"path": _rel(ctx, path), "caption": "Rows: snapshots after 1, 8, 32, 128, 512 steps; last "
+                     "row: the test image with the highest logit for that class."}],
+        "summary": [{"quantity": "visualizations classified as their own class", "measured": f"{own}/10",
+                     "paper": None},
+                    {"quantity": "min / mean ratio of final activation to natural maximum",
+                     "measured": f"{ratio.min().item():.2f} / {ratio.mean().item():.2f}", "paper": None}],
+        "figure": _rel(ctx, path), "thresholds": list(thresholds), "units": res.units,
+        "objective": res.objective.tolist(), "natural_max": natural_max.tolist(),
+        "ratio_final_to_natural_max": (final / natural_max).tolist(),
+        "classified_as_own_class": own,
+        "all_exceed_natural_max": bool((final > natural_max).all()),
+        "command": "fvtrust visualize fashion-cnn fc --units all --thresholds 1,8,32,128,512 --out DIR",
+    }
+
+
+def run_theory(ctx: Context, sdir: Path) -> dict:
+    """Table 1/2 derived by running the constructions and decoders (nothing hard-coded)."""
+    from ..theory.cli import run_theory as theory
+
+    samples = ctx.budget(40, 200)
+    out = theory(sdir, samples=samples, seed=ctx.seed)
+    data = out["table"].to_dict()
+    t1 = data["table1"]
+    yes = sorted(c for c, row in t1.items() if all(row.values()))
+    rows = "".join(
+        f"<tr><td>{c}</td>" + "".join(
+            f"<td>{'Yes' if t1[c][q] else 'No'} ({data['table2'][c][q]})</td>" for q in ("exact", "approx", "closer"))
+        + "</tr>" for c in t1)
+    table_html = ("<table><tr><th>function class</th><th>predict f(x)</th><th>ε-approximate f(x)</th>"
+                  "<th>closer to f_max or f_min</th></tr>" + rows + "</table>")
+    return {"table": data, "markdown": Path(out["markdown"]).read_text(), "figure": _rel(ctx, out["figure"]),
+            "sentence": "Running the constructive proofs on random Φ_minmax per function class derives the paper's "
+                        "Table 1: only affine functions of one input and constants can be predicted from their "
+                        "feature visualization.",
+            "figures": [{"path": _rel(ctx, out["figure"]), "caption": "Pairs f1, f2 from the same class with "
+                         "identical argmin/argmax/min/max, yet far apart."}],
+            "summary": [{"quantity": "classes where visualization predicts f (Yes)", "measured": ", ".join(yes),
+                         "paper": "affine_1d, constant"},
+                        {"quantity": "derived Table 1 equals the paper's", "measured":
+                         data.get("agrees_with_paper_table1"), "paper": True},
+                        {"quantity": "derived Table 2 (theorem per cell) equals the paper's", "measured":
+                         data.get("agrees_with_paper_table2"), "paper": True}],
+            "html_tables": [table_html],
+            "samples": samples, "command": f"fvtrust theory --out DIR --samples {samples}"}

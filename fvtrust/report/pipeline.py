@@ -1,0 +1,88 @@
+"""A resumable pipeline of experiments.
+
+Each step writes its outputs under ``DIR/steps/NAME/`` and, last, a
+``result.json``. A rerun skips every step whose result.json exists, so an
+interrupted `fvtrust reproduce` resumes where it stopped and loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import FvtrustError
+from ..io import atomic_write_json
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    run: Callable  # run(ctx, step_dir: Path) -> dict of JSON-able results
+    needs: tuple = ()
+
+
+@dataclass
+class Context:
+    out: Path
+    quick: bool
+    seed: int = 0
+    cache: dict = field(default_factory=dict)  # objects shared between steps in one process
+    results: dict = field(default_factory=dict)  # results of finished steps, by name
+
+    def budget(self, quick, full):
+        return quick if self.quick else full
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False, keep_going: bool = True) -> dict:
+    """Run the steps in order (resuming finished ones); return {name: result}."""
+    names = [s.name for s in steps]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise FvtrustError(f"unknown step {unknown[0]!r}; steps are: {', '.join(names)}")
+    root = ctx.out / "steps"
+    root.mkdir(parents=True, exist_ok=True)
+    for i, step in enumerate(steps, 1):
+        sdir = root / step.name
+        done = sdir / "result.json"
+        selected = not only or step.name in only
+        if done.is_file() and not (force and selected):
+            ctx.results[step.name] = json.loads(done.read_text())
+            _log(f"[{i}/{len(steps)}] {step.title}: cached")
+            continue
+        if not selected:
+            continue
+        missing = [n for n in step.needs if ctx.results.get(n, {}).get("status") != "ok"]
+        if missing:
+            ctx.results[step.name] = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
+            _log(f"[{i}/{len(steps)}] {step.title}: skipped (needs {', '.join(missing)})")
+            continue
+        _log(f"[{i}/{len(steps)}] {step.title} ...")
+        sdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            res = step.run(ctx, sdir)
+            res = {"status": "ok", **res}
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failing experiment must not lose the others
+            if not keep_going:
+                raise
+            res = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc(limit=6)}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        ctx.results[step.name] = res
+        if res["status"] == "ok":
+            atomic_write_json(done, res)
+        _log(f"[{i}/{len(steps)}] {step.title}: {res['status']} in {res['seconds']} s"
+             + (f" ({res['error']})" if res["status"] == "failed" else ""))
+    return ctx.results
