@@ -94,9 +94,11 @@ def bench(spec, layer, n_units, steps, repeats):
 
     lucent_model, fv_model = copy.deepcopy(base), copy.deepcopy(base)
     units = list(range(n_units))
-    # warm-up (imports, first-call allocations) for every contender
-    run_fvtrust(fv_model, layer, units[:1], 2, True)
-    run_lucent(lucent_model, layer, units[:1], 2, True)
+    # warm-up for every contender at both batch sizes: oneDNN builds its kernels on the first call
+    # for each new input shape (seconds at 224 px), which is not what we want to time
+    for n in (1, n_units):
+        run_fvtrust(fv_model, layer, units[:n], 3, True)
+        run_lucent(lucent_model, layer, units[:n], 3, True)
     times = {k: [] for k in ("lucent-single", "lucent-batch", "fvtrust-single", "fvtrust-batch")}
     for _ in range(repeats):  # interleaved so drifting machine load hits all contenders alike
         times["lucent-single"].append(timed(run_lucent, lucent_model, layer, units, steps, False))
