@@ -13,6 +13,7 @@ Peak memory is the growth of the process's peak RSS during the fvtrust call
     python benchmarks/bench_similarity.py                 # full size, CPU
     python benchmarks/bench_similarity.py --quick         # 32 x 100,352
     python benchmarks/bench_similarity.py --float32       # also dtype=float32 and its error
+    python benchmarks/bench_similarity.py --stream 32     # also bounded-memory streaming
     python benchmarks/bench_similarity.py --device cuda
 """
 
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 import scipy.stats  # noqa: E402
 import torch  # noqa: E402
 
-from fvtrust.sanity.similarity import similarity  # noqa: E402
+from fvtrust.sanity.similarity import similarity, similarity_blocks  # noqa: E402
 
 
 def make_rows(n: int, d: int, seed: int) -> torch.Tensor:
@@ -71,8 +72,9 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def run_fvtrust(x: torch.Tensor, device: str, dtype: torch.dtype):
-    """Time similarity(x) and measure its extra peak memory (bytes)."""
+def run_fvtrust(x: torch.Tensor, device: str, dtype: torch.dtype, stream_rows: int = 0):
+    """Time similarity(x) (or its bounded-memory re-streaming form) and measure
+    its extra peak memory (bytes)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -80,7 +82,11 @@ def run_fvtrust(x: torch.Tensor, device: str, dtype: torch.dtype):
         base_gpu = torch.cuda.memory_allocated()
     base = reset_peak()
     t = time.perf_counter()
-    s = similarity(x, metric="spearman", device=device, dtype=dtype)  # returns on CPU: synchronised
+    if stream_rows:  # B re-read per A block: only two prepared blocks are ever held
+        blocks = lambda: (x[i : i + stream_rows] for i in range(0, len(x), stream_rows))  # noqa: E731
+        s = similarity_blocks(blocks, blocks, "spearman", device=device, dtype=dtype)
+    else:
+        s = similarity(x, metric="spearman", device=device, dtype=dtype)  # returns on CPU: synchronised
     elapsed = time.perf_counter() - t
     if base is not None:
         peak = _status_kb("VmHWM") * 1024 - base
@@ -100,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="smaller problem (a few seconds)")
     ap.add_argument("--float32", action="store_true", help="also run dtype=float32, report its error")
+    ap.add_argument("--stream", type=int, default=0, metavar="ROWS",
+                    help="also run similarity_blocks with ROWS-row blocks, B re-streamed (bounded memory)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     n = args.rows or (32 if args.quick else 128)
@@ -122,22 +130,25 @@ def main(argv=None) -> int:
     print(f"scipy.stats.spearmanr: {scipy_per_pair * 1e3:.1f} ms per comparison ({len(pairs)} pairs)")
 
     results = {}
-    for dtype in [torch.float64] + ([torch.float32] if args.float32 else []):
-        s, elapsed, peak, how, gpu = run_fvtrust(x, args.device, dtype)
-        results[dtype] = s
+    runs = [(torch.float64, 0)] + ([(torch.float32, 0)] if args.float32 else [])
+    runs += [(torch.float64, args.stream)] if args.stream else []
+    for dtype, stream in runs:
+        s, elapsed, peak, how, gpu = run_fvtrust(x, args.device, dtype, stream)
+        results.setdefault(dtype, s)
         unique = n * (n - 1) // 2
         per_pair = elapsed / unique
         err = max(abs(float(s[i, j]) - r) for (i, j), r in zip(pairs, ref))
         name = str(dtype).replace("torch.", "")
-        print(f"fvtrust similarity() {name}: {elapsed:.2f} s for {n}x{n} ({unique} unique pairs, {n * n} entries)")
+        name = f"similarity_blocks() {name}, {stream}-row blocks re-streamed" if stream else f"similarity() {name}"
+        print(f"fvtrust {name}: {elapsed:.2f} s for {n}x{n} ({unique} unique pairs, {n * n} entries)")
         print(f"  per unique pair {per_pair * 1e3:.3f} ms -> speed-up {scipy_per_pair / per_pair:.0f}x per comparison"
               f" ({scipy_per_pair / (elapsed / (n * n)):.0f}x counting all {n * n} entries)")
         print(f"  memory: {how} {peak / 2**20:.0f} MiB"
               + (f"; GPU max allocated {gpu / 2**20:.0f} MiB" if gpu is not None else ""))
         print(f"  max |fvtrust - scipy| over the {len(pairs)} timed pairs: {err:.2e}")
-        if dtype == torch.float32:
+        if results[torch.float64] is not s:
             dev = (s - results[torch.float64]).abs().max().item()
-            print(f"  max |float32 - float64| over all {n * n} entries: {dev:.2e}")
+            print(f"  max |this - similarity() float64| over all {n * n} entries: {dev:.2e}")
     return 0
 
 

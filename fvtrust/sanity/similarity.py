@@ -68,6 +68,8 @@ BLOCK_BYTES = 512 * 2**20
 GRAM_ROWS = 512
 # Columns per float32 product whose partial sums are accumulated in float64.
 CHUNK_FEATURES = 4096
+# Bound on the float32 partial products and float64 row sums held at once.
+GRAM_TEMP_BYTES = 64 * 2**20
 # A gathered per-pair dot product costs about this many entries of a matrix
 # product (it is memory-bound, the product is compute-bound); similarity_at
 # multiplies whole sub-blocks when the requested pairs are denser than 1/this.
@@ -358,13 +360,23 @@ def _gram(a: Prepared, b: Prepared, chunk_features: int | None = None) -> torch.
     if va.dtype == torch.float64 and a.shift is None and b.shift is None:
         return (va @ vb.T).clamp_(-1.0, 1.0)
     step = chunk_features or CHUNK_FEATURES
+    n_a, n_b, d = va.shape[0], vb.shape[0], va.shape[1]
     f64 = dict(dtype=torch.float64, device=va.device)
-    out = torch.zeros((va.shape[0], vb.shape[0]), **f64)
-    ra, rb = torch.zeros(va.shape[0], **f64), torch.zeros(vb.shape[0], **f64)  # row sums
+    out = torch.zeros((n_a, n_b), **f64)
+    ra, rb = torch.zeros(n_a, **f64), torch.zeros(n_b, **f64)  # row sums, for the shift correction
+    # One batched product per group of chunks (many small matmul calls are
+    # slow); the group's float32 products and float64 row sums stay bounded.
+    group = max(1, min(GRAM_TEMP_BYTES // (4 * n_a * n_b), GRAM_TEMP_BYTES // (8 * (n_a + n_b) * step)))
     with _ieee_fp32(va.device):
-        for c in range(0, va.shape[1], step):
-            ca, cb = va[:, c : c + step], vb[:, c : c + step]
-            out += ca @ cb.T
+        for c in range(0, d, group * step):
+            ca, cb = va[:, c : c + group * step], vb[:, c : c + group * step]
+            k, tail = divmod(ca.shape[1], step)
+            if k:
+                batch_a = ca[:, : k * step].unflatten(1, (k, step)).transpose(0, 1)  # (k, n_a, step) view
+                batch_b = cb[:, : k * step].unflatten(1, (k, step)).permute(1, 2, 0)  # (k, step, n_b) view
+                out += torch.bmm(batch_a, batch_b).sum(dim=0, dtype=torch.float64)
+            if tail:
+                out += ca[:, k * step :] @ cb[:, k * step :].T
             ra += ca.sum(dim=1, dtype=torch.float64)
             rb += cb.sum(dim=1, dtype=torch.float64)
     # (va + sa)(vb + sb) = va.vb + sa sum(vb) + sum(va) sb + d sa sb
