@@ -501,8 +501,8 @@ def similarity_at(
 
     This is the paper's sub-sampled comparison (every 10th / 100th / 5th pair).
     Only rows that occur in ``pairs`` are prepared, each once. Pairs are grouped
-    by blocks of ``GRAM_ROWS`` first rows; a block whose requested pairs are
-    dense enough is one matrix product of the rows involved, a sparse one uses
+    into tiles of ``GRAM_ROWS`` x ``GRAM_ROWS`` prepared rows: a tile holding at
+    least 1/``DOT_COST`` of its pairs is one matrix product, a sparser one uses
     per-pair dot products (cheaper when most of the product would be thrown
     away). Returns a (k,) float64 CPU tensor in the order of ``pairs``.
     """
@@ -526,28 +526,33 @@ def similarity_at(
         ub, ib = torch.unique(pairs[:, 1], return_inverse=True)
         pa = _prepare_index(ra, ua, metric, dtype, nan_policy, block_rows)
         pb = _prepare_index(rb, ub, metric, dtype, nan_policy, block_rows)
-    order = torch.argsort(ia, stable=True)
+    # Tiles of GRAM_ROWS x GRAM_ROWS prepared rows; slices of pa/pb are views,
+    # so a tile's product never copies rows.
+    g = GRAM_ROWS
+    n_tiles_b = (len(pb) + g - 1) // g
+    tile = torch.div(ia, g, rounding_mode="floor") * n_tiles_b + torch.div(ib, g, rounding_mode="floor")
+    order = torch.argsort(tile, stable=True)
     ia, ib = ia[order], ib[order]
-    bounds = torch.searchsorted(ia, torch.arange(0, len(pa) + GRAM_ROWS, GRAM_ROWS)).tolist()
+    tiles, counts = torch.unique_consecutive(tile[order], return_counts=True)
     out = torch.empty(k, dtype=torch.float64)
-    dot_step = max(1, BLOCK_BYTES // (16 * ra.d))
+    dot_step = max(1, BLOCK_BYTES // (16 * ra.d))  # pairs per gathered dot product
     dev = pa.vectors.device
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if lo == hi:
-            continue
-        rows_u, rows_inv = torch.unique(ia[lo:hi], return_inverse=True)
-        cols_u, cols_inv = torch.unique(ib[lo:hi], return_inverse=True)
-        if (hi - lo) * DOT_COST >= len(rows_u) * len(cols_u):
-            sub = _gram(pa[rows_u.to(dev)], pb[cols_u.to(dev)], chunk_features)
-            vals = sub[rows_inv.to(dev), cols_inv.to(dev)]
+    lo = 0
+    for t, count in zip(tiles.tolist(), counts.tolist()):
+        hi = lo + count
+        r0, c0 = (t // n_tiles_b) * g, (t % n_tiles_b) * g
+        area = min(g, len(pa) - r0) * min(g, len(pb) - c0)
+        if count * DOT_COST >= area:
+            sub = _gram(pa[r0 : r0 + g], pb[c0 : c0 + g], chunk_features)
+            vals = sub[(ia[lo:hi] - r0).to(dev), (ib[lo:hi] - c0).to(dev)]
         else:
-            vals = torch.cat(
-                [
-                    _rowwise_dot(pa[ia[c : c + dot_step].to(dev)], pb[ib[c : c + dot_step].to(dev)])
-                    for c in range(lo, hi, dot_step)
-                ]
-            )
+            dots = [
+                _rowwise_dot(pa[ia[c : c + dot_step].to(dev)], pb[ib[c : c + dot_step].to(dev)])
+                for c in range(lo, hi, dot_step)
+            ]
+            vals = torch.cat(dots)
         out[order[lo:hi]] = vals.cpu()
+        lo = hi
     return out
 
 

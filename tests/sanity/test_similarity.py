@@ -295,3 +295,17 @@ def test_memmap_rows_are_read_in_blocks(tmp_path):
     Y[9, 2] = np.nan
     with pytest.raises(FvtrustError, match="row 9"):
         similarity_at(Y, [(0, 1), (9, 8)], nan_policy="raise", block_rows=1)
+
+
+@pytest.mark.parametrize("dot_cost", [1, 64])  # 1: sparse tiles use per-pair dots
+def test_tiled_paths_match_scipy(monkeypatch, dot_cost):
+    import fvtrust.sanity.similarity as sim
+
+    monkeypatch.setattr(sim, "GRAM_ROWS", 3)  # many tiles on a small matrix
+    monkeypatch.setattr(sim, "DOT_COST", dot_cost)
+    X = tricky_rows()
+    want = reference(X, X, "spearman")
+    assert_matches(similarity(X), want)
+    pairs = np.random.default_rng(5).integers(0, len(X), (40, 2))
+    assert_matches(similarity_at(X, pairs), want[pairs[:, 0], pairs[:, 1]])
+    assert_matches(similarity_at(X, pairs, X[::-1].copy()), want[pairs[:, 0], len(X) - 1 - pairs[:, 1]])
