@@ -546,10 +546,8 @@ def similarity_at(
             sub = _gram(pa[r0 : r0 + g], pb[c0 : c0 + g], chunk_features)
             vals = sub[(ia[lo:hi] - r0).to(dev), (ib[lo:hi] - c0).to(dev)]
         else:
-            dots = [
-                _rowwise_dot(pa[ia[c : c + dot_step].to(dev)], pb[ib[c : c + dot_step].to(dev)])
-                for c in range(lo, hi, dot_step)
-            ]
+            spans = [(c, min(c + dot_step, hi)) for c in range(lo, hi, dot_step)]
+            dots = [_rowwise_dot(pa[ia[u:v].to(dev)], pb[ib[u:v].to(dev)]) for u, v in spans]
             vals = torch.cat(dots)
         out[order[lo:hi]] = vals.cpu()
         lo = hi
