@@ -426,8 +426,11 @@ def similarity(
     """All-pairs similarity between the rows of ``A`` and of ``B`` (``A`` itself if None).
 
     Returns an (n_a, n_b) float64 CPU tensor. Work happens on ``device``
-    (default: ``A``'s device; CPU for numpy). Without ``B`` only the lower
-    triangle is multiplied and the result is exactly symmetric. See the
+    (default: ``A``'s device; CPU for numpy). Without ``B`` (or with ``B is
+    A``) only the lower triangle is multiplied and the result is exactly
+    symmetric. ``block_rows`` rows are prepared at a time; ``dtype`` is that
+    of the prepared vectors, and with float32 ``chunk_features`` columns are
+    multiplied at a time with float64 accumulation across chunks. See the
     module docstring for the NaN, precision and memory conventions.
     """
     _check_metric(metric)
@@ -576,9 +579,8 @@ class SimilarityAccumulator:
     multiplied) and keeps their prepared vectors; :meth:`result` is the
     symmetric (n, n) matrix. With ``reference`` (rows, or :class:`Prepared`)
     that is prepared once and kept instead, and :meth:`result` is
-    (n, n_reference). Each :meth:`add` also returns its new result rows, so a
-    caller can consume them and drop the accumulator's copy by not calling
-    :meth:`result`.
+    (n, n_reference). Each :meth:`add` also returns its new result rows.
+    Memory: the kept prepared rows (n x d, or n_reference x d) plus one block.
     """
 
     def __init__(
