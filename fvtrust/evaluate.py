@@ -27,11 +27,16 @@ def evaluate(model, data: Dataset | tuple, *, batch_size: int = 256, limit: int 
         data = torch.utils.data.Subset(data, range(min(limit, len(data))))
     if len(data) == 0:
         raise FvtrustError("no images to evaluate")
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
+    if isinstance(data, TensorDataset):  # plain slicing: no DataLoader machinery (or RNG draws)
+        xs, ys = data.tensors
+        loader = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(xs), batch_size))
+        loader = progress(loader, total=(len(xs) + batch_size - 1) // batch_size, desc=desc, unit="batch")
+    else:
+        loader = progress(DataLoader(data, batch_size=batch_size, num_workers=num_workers), desc=desc, unit="batch")
     dev = model.device
     correct1 = correct5 = n = 0
     preds = []
-    for x, y in progress(loader, desc=desc, unit="batch"):
+    for x, y in loader:
         x, y = x.to(dev), y.to(dev)
         if x.shape[1:] != tuple(model.input_shape):
             raise FvtrustError(f"images of shape {tuple(x.shape[1:])} do not fit {model.spec}, which expects "
