@@ -5,9 +5,7 @@ result. Any FvtrustError becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
 

@@ -1,6 +1,5 @@
 """The embedded default meets its contract on the real Fashion-MNIST test set."""
 import gzip
-import os
 
 import numpy as np
 import pytest

@@ -75,9 +75,6 @@ def train_fashion_cnn(train, test=None, *, epochs=None, seed=None, limit=None, *
             total += loss.item() * len(idx)
         model.eval()
         entry = {"epoch": epoch + 1, "loss": total / len(x)}
-        # One 64-bit draw from the global generator per epoch: part of the recipe (the packaged weights
-        # were made with it; it was a DataLoader's base seed), kept so they can be re-created bit for bit.
-        torch.empty((), dtype=torch.int64).random_()
         if test is not None:
             with torch.random.fork_rng():  # evaluation must not shift the training RNG stream
                 entry["test_top1"] = evaluate(model, test, desc="test")["top1"]

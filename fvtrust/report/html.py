@@ -86,7 +86,7 @@ def render(out: Path, results: dict) -> str:
     meta = results.get("meta", {})
     steps = results.get("steps", {})
     nav = " · ".join(f'<a href="#{k}">{html.escape(t.split(" (")[0])}</a>' for k, t in SECTIONS)
-    body = [f"<h1>fvtrust report: can we trust these feature visualizations?</h1>",
+    body = ["<h1>fvtrust report: can we trust these feature visualizations?</h1>",
             f'<p class="note">Reproduction of Geirhos et al., “Don’t trust your eyes: on the (un)reliability of '
             f'feature visualizations” (ICML 2024) on fvtrust’s embedded default (a small CNN on Fashion-MNIST). '
             f'Mode: {_fmt(meta.get("mode"))}; seed {_fmt(meta.get("seed"))}; fvtrust {_fmt(meta.get("fvtrust"))}, '

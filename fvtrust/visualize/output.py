@@ -1,7 +1,6 @@
 """Write a VisualizationResult: one PNG per unit and threshold, a grid, JSON."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 

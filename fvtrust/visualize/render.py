@@ -8,7 +8,6 @@ optimized as one batch, chunked automatically to fit memory.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,10 +107,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
         raise FvtrustError(f"bad image size {size!r}")
     model_hw = tuple(model.input_shape[1:])
     tspec = T.resolve_transforms(transforms, hw[0])
-    if tspec is None and hw != model_hw and model_hw[0] >= 1:
-        # without transforms the image goes to the model as it is
-        pass
-    crop = model_hw if tspec is not None else None
+    crop = model_hw if tspec is not None else None  # without transforms the image goes in as it is
     obj = make_objective(objective, layer, directions=directions)
     if optimizer not in ("adam", "sgd"):
         raise FvtrustError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
@@ -129,78 +125,99 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
         seen[u] = seen.get(u, 0) + 1
     groups_t = torch.as_tensor(groups if groups is not None else units, device=device)
 
-    images = torch.empty(len(thresholds), n, c, *hw)
-    values = torch.empty(len(thresholds), n)
-    grads_all = torch.empty(steps, n, c, *hw) if record_gradients else None
-    traj_all = torch.empty(steps + 1, n, c, *hw) if record_images else None
-
+    run = _Run(model=model, obj=obj, steps=steps, thresholds=thresholds, chw=(c, *hw), param=param,
+               decorrelate=decorrelate, tspec=tspec, crop=crop, lr=lr, optimizer=optimizer, seed=seed,
+               images=torch.empty(len(thresholds), n, c, *hw), values=torch.empty(len(thresholds), n),
+               grads=torch.empty(steps, n, c, *hw) if record_gradients else None,
+               traj=torch.empty(steps + 1, n, c, *hw) if record_images else None, on_step=on_step)
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
-    bar = progress(total=steps * math.ceil(n / chunk), desc=progress_desc or f"visualize {layer}", unit="step")
+    run.bar = progress(total=steps * n, desc=progress_desc or f"visualize {layer}", unit="img-step")
     try:
-        for c0 in range(0, n, chunk):
+        c0 = 0
+        while c0 < n:
             sl = slice(c0, min(n, c0 + chunk))
-            _run_chunk(model, obj, units[sl], keys[sl], groups_t[sl], sl, steps, thresholds, (c, *hw), param,
-                       decorrelate, tspec, crop, lr, optimizer, seed, start[sl] if start is not None else None,
-                       images, values, grads_all, traj_all, on_step, bar, device)
+            try:
+                run.chunk(sl, units[sl], keys[sl], groups_t[sl], start[sl] if start is not None else None)
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 2)  # retry this chunk smaller; finished chunks are kept
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            c0 = sl.stop
     finally:
-        bar.close()
+        run.bar.close()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None}
-    return VisualizationResult(images, values, thresholds, list(units), layer, settings, grads_all, traj_all)
+    return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
-def _run_chunk(model, obj, units, keys, groups, sl, steps, thresholds, chw, param, decorrelate, tspec, crop, lr,
-               optimizer, seed, start, images, values, grads_all, traj_all, on_step, bar, device):
-    n = len(units)
-    gens = seed_generators(seed, keys)
-    prm = make_param(param, (n, *chw), decorrelate=decorrelate, generators=gens, start=start, device=device)
-    opt = (torch.optim.Adam([prm.tensor], lr=lr) if optimizer == "adam"
-           else torch.optim.SGD([prm.tensor], lr=lr))
-    rng = np.random.default_rng(seed)  # transform draws: shared by the batch and by every chunk
-    u_t = torch.as_tensor(units, device=device)
-    layers = list(obj.layers)
-    want_img_grad = grads_all is not None or on_step is not None
-    t_index = {t: i for i, t in enumerate(thresholds)}
-    with LayerTap(model, layers) as tap:
-        _loop(tap, prm, opt, rng, obj, u_t, groups, sl, steps, tspec, crop, t_index, want_img_grad, images,
-              values, grads_all, traj_all, on_step, bar)
+@dataclass
+class _Run:
+    """One visualization call's plan and output buffers; `chunk` optimizes a slice of the images."""
 
+    model: torch.nn.Module
+    obj: object
+    steps: int
+    thresholds: tuple
+    chw: tuple
+    param: str
+    decorrelate: bool
+    tspec: object
+    crop: tuple | None
+    lr: float
+    optimizer: str
+    seed: int
+    images: torch.Tensor
+    values: torch.Tensor
+    grads: torch.Tensor | None
+    traj: torch.Tensor | None
+    on_step: object
+    bar: object = None
 
-def _loop(tap, prm, opt, rng, obj, u_t, groups, sl, steps, tspec, crop, t_index, want_img_grad, images, values,
-          grads_all, traj_all, on_step, bar):
-    for step in range(1, steps + 1):
-        img = prm.image()
-        x = T.apply(img, tspec, T.draw(tspec, rng) if tspec else None, out_hw=crop)
-        value = obj(tap(x), u_t, groups)
-        inputs = [prm.tensor, img] if want_img_grad else [prm.tensor]
-        grads = torch.autograd.grad(-value.sum(), inputs)
-        if traj_all is not None:
-            traj_all[step - 1, sl] = img.detach().cpu()
-        if want_img_grad:
-            g_img = -grads[1].detach()  # d objective / d image
-            if grads_all is not None:
-                grads_all[step - 1, sl] = g_img.cpu()
-            if on_step is not None:
-                on_step(step, img.detach(), g_img, sl)
-        prm.tensor.grad = grads[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step in t_index:
+    def chunk(self, sl: slice, units, keys, groups, start):
+        n, device = len(units), self.model.device
+        prm = make_param(self.param, (n, *self.chw), decorrelate=self.decorrelate,
+                         generators=seed_generators(self.seed, keys), start=start, device=device)
+        opt = (torch.optim.Adam([prm.tensor], lr=self.lr) if self.optimizer == "adam"
+               else torch.optim.SGD([prm.tensor], lr=self.lr))
+        rng = np.random.default_rng(self.seed)  # transform draws: shared by the batch and by every chunk
+        u_t = torch.as_tensor(units, device=device)
+        want_img_grad = self.grads is not None or self.on_step is not None
+        t_index = {t: i for i, t in enumerate(self.thresholds)}
+        with LayerTap(self.model, list(self.obj.layers)) as tap:
+            for step in range(1, self.steps + 1):
+                img = prm.image()
+                x = T.apply(img, self.tspec, T.draw(self.tspec, rng) if self.tspec else None, out_hw=self.crop)
+                value = self.obj(tap(x), u_t, groups)
+                grads = torch.autograd.grad(-value.sum(), [prm.tensor, img] if want_img_grad else [prm.tensor])
+                if self.traj is not None:
+                    self.traj[step - 1, sl] = img.detach().cpu()
+                if want_img_grad:
+                    g_img = -grads[1].detach()  # d objective / d image
+                    if self.grads is not None:
+                        self.grads[step - 1, sl] = g_img.cpu()
+                    if self.on_step is not None:
+                        self.on_step(step, img.detach(), g_img, sl)
+                prm.tensor.grad = grads[0]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step in t_index:
+                    with torch.no_grad():
+                        clean = prm.image()
+                        i = t_index[step]
+                        self.images[i, sl] = clean.cpu()
+                        self.values[i, sl] = self.obj(tap(_fit(clean, self.crop)), u_t, groups).cpu()
+                self.bar.update(n)
+        if self.traj is not None:
             with torch.no_grad():
-                clean = prm.image()
-                i = t_index[step]
-                images[i, sl] = clean.detach().cpu()
-                clean_in = _fit(clean, crop)
-                values[i, sl] = obj(tap(clean_in), u_t, groups).cpu()
-        bar.update(1)
-    if traj_all is not None:
-        with torch.no_grad():
-            traj_all[steps, sl] = prm.image().cpu()
+                self.traj[self.steps, sl] = prm.image().cpu()
 
 
 def _fit(img: torch.Tensor, crop):

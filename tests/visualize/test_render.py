@@ -1,9 +1,7 @@
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import fvtrust
 from fvtrust.errors import FvtrustError
 from fvtrust.models.wrappers import FvModel
 from fvtrust.visualize import Channel, Neuron, visualize
