@@ -31,11 +31,14 @@ class Context:
     out: Path
     quick: bool
     seed: int = 0
+    smoke: bool = False  # tiny budgets, for tests of the pipeline itself (not a reproduction)
     cache: dict = field(default_factory=dict)  # objects shared between steps in one process
     results: dict = field(default_factory=dict)  # results of finished steps, by name
 
-    def budget(self, quick, full):
-        return quick if self.quick else full
+    def budget(self, quick, full, smoke=None):
+        if self.smoke and smoke is not None:
+            return smoke
+        return quick if self.quick or self.smoke else full
 
 
 def _log(msg: str):

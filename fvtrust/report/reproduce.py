@@ -25,16 +25,17 @@ def steps() -> list[Step]:
     return out
 
 
-def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=None, force: bool = False) -> dict:
+def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=None, force: bool = False,
+              smoke: bool = False) -> dict:
     """Run (or resume) all experiments; write DIR/results.json and DIR/index.html."""
     import fvtrust
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, quick=quick, seed=seed)
+    ctx = Context(out=out, quick=quick, seed=seed, smoke=smoke)
     t0 = time.perf_counter()
     results = run_pipeline(steps(), ctx, only=only, force=force)
-    doc = {"meta": {"mode": "quick" if quick else "full", "seed": seed, "fvtrust": fvtrust.__version__,
+    doc = {"meta": {"mode": "smoke" if smoke else ("quick" if quick else "full"), "seed": seed, "fvtrust": fvtrust.__version__,
                     "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
                     "command": f"fvtrust reproduce --out {out}" + (" --quick" if quick else "")},
            "steps": results}

@@ -87,11 +87,11 @@ def check_page_in_browser(index):
 
 @pytest.mark.slow
 def test_reproduce_quick_renders_in_chromium(tmp_path):
-    """The real pipeline (quick mode), then the page in headless Chromium."""
+    """The real pipeline (smoke budgets: every experiment, tiny sizes), then the page in headless Chromium."""
     from fvtrust.report import reproduce
 
     out = tmp_path / "rep"
-    doc = reproduce(out, quick=True)
+    doc = reproduce(out, quick=True, smoke=True)
     assert all(v["status"] == "ok" for v in doc["steps"].values()), {
         k: v.get("error") for k, v in doc["steps"].items() if v["status"] != "ok"}
     saved = json.loads((out / "results.json").read_text())
