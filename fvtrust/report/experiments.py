@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..io import atomic_save_figure
@@ -60,7 +61,9 @@ def run_trajectories(ctx: Context, sdir: Path) -> dict:
     m = model(ctx)
     x, y = test_data(ctx)
     thresholds = (1, 8, 32, 128, 512)
-    res = visualize(m, "fc", "all", steps=512, thresholds=thresholds, seed=ctx.seed)
+    steps = ctx.budget(512, 512, smoke=32)
+    thresholds = tuple(t for t in thresholds if t < steps) + (steps,)
+    res = visualize(m, "fc", "all", steps=steps, thresholds=thresholds, seed=ctx.seed)
     logits = predict(m, x, batch_size=1000)
     natural_max, top_idx = logits.max(0)
     with torch.no_grad():
@@ -98,7 +101,7 @@ def run_theory(ctx: Context, sdir: Path) -> dict:
     """Table 1/2 derived by running the constructions and decoders (nothing hard-coded)."""
     from ..theory.cli import run_theory as theory
 
-    samples = ctx.budget(40, 200)
+    samples = ctx.budget(40, 200, smoke=8)
     out = theory(sdir, samples=samples, seed=ctx.seed)
     data = out["table"].to_dict()
     t1 = data["table1"]
@@ -135,9 +138,9 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
     from ..visualize.output import grid_figure
 
     m = model(ctx)
-    natural = load_fashion_mnist("train")[0][:ctx.budget(10000, 60000)]
+    natural = load_fashion_mnist("train")[0][:ctx.budget(10000, 60000, smoke=2000)]
     fooled = silent_units(m, "block3", target="coffee", natural=natural, units="0-15")
-    rep, vis = silent_report(m, fooled, test_data(ctx), steps=256, seed=ctx.seed,
+    rep, vis = silent_report(m, fooled, test_data(ctx), steps=ctx.budget(256, 256, smoke=32), seed=ctx.seed,
                              margins=(0.0, 0.1, 0.5) if ctx.quick else (0.0, 0.05, 0.1, 0.25, 0.5))
     fig = grid_figure([list(vis["before"]), list(vis["after"])], ["original", "silent units"],
                       [f"unit {u}" for u in vis["units"]], title="fashion-cnn block3 (target: coffee)")
@@ -167,3 +170,61 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
                       "this 28-px network exceed natural activations only ~1.2x per position, too little for the "
                       "paper's per-position form (pool=local), but ~3x on the channel mean."],
             "command": "fvtrust fool silent fashion-cnn --layer block3 --units 0-15 --target coffee --out DIR"}
+
+
+def standin_scores(m, layer: str, units, top_images: torch.Tensor, steps: int, seed: int) -> dict:
+    """A labelled stand-in for human interpretability scores (none ship offline).
+
+    Per unit: the mean Spearman similarity, at `layer`, between the activations
+    of the unit's feature visualization and those of its most activating
+    natural images — how natural-like the network finds the visualization.
+    """
+    from ..models.hooks import LayerTap
+    from ..sanity.similarity import similarity
+    from ..visualize import visualize
+
+    vis = visualize(m, layer, list(units), steps=steps, objective="channel", seed=seed).final
+    scores = {}
+    with torch.no_grad(), LayerTap(m, [layer]) as tap:
+        for i, u in enumerate(units):
+            a = tap(vis[i:i + 1].to(m.device))[layer].flatten(1).cpu()
+            b = tap(top_images[i].to(m.device))[layer].flatten(1).cpu()
+            s = similarity(a, b, metric="spearman")
+            scores[int(u)] = float(s[~s.isnan()].mean()) if (~s.isnan()).any() else float("nan")
+    return scores
+
+
+def run_linearity(ctx: Context, sdir: Path) -> dict:
+    """Figure 12: gradient-angle and line-distance path measures vs (stand-in) interpretability scores."""
+    from ..linearity import correlate, path_metrics, top_activating_many
+    from ..linearity.plots import figure12
+
+    m = model(ctx)
+    x, _ = test_data(ctx)
+    layer, units = "block3", list(range(16))
+    mm, steps = ctx.budget(5, 20, smoke=2), ctx.budget(128, 512, smoke=16)
+    top = top_activating_many(m, layer, units, x, m=mm)
+    metrics = path_metrics(m, layer, units, top.images, steps=steps, seed=ctx.seed, cache_dir=sdir / "cache")
+    scores = standin_scores(m, layer, units, top.images, steps=ctx.budget(256, 256, smoke=16), seed=ctx.seed)
+    corr = correlate(metrics, scores)
+    fig = figure12(corr, "fashion-cnn block3: Spearman r of path measures with STAND-IN scores")
+    path = atomic_save_figure(fig, sdir / "figure12.png", dpi=110)
+    return {"metrics": metrics.to_dict(), "correlation": corr, "scores": scores, "m": mm, "steps": steps,
+            "sentence": "Along each unit's visualization path from its most activating natural images, we "
+                        "measure how much the gradient turns (AGPA/AGA) and how far the path strays from a line "
+                        "(ALDP/ALD), and correlate both with per-unit scores.",
+            "figures": [{"path": _rel(ctx, path), "caption": "Spearman r against the number of steps n considered. "
+                         "Scores are a STAND-IN (no human data offline): each unit's mean Spearman similarity "
+                         "between its visualization and its top natural images at block3."}],
+            "summary": [
+                {"quantity": "units / starts per unit / steps", "measured": f"{len(units)} / {mm} / {steps}",
+                 "paper": "84 / 20 / 512"},
+                {"quantity": "Spearman r (p) of AGA with scores", "measured":
+                 f"{corr['aga']['r']:.3f} ({corr['aga']['p']:.3g})", "paper": "AGPA at n=2: -0.36 (0.001)"},
+                {"quantity": "Spearman r (p) of ALD with scores", "measured":
+                 f"{corr['ald']['r']:.3f} ({corr['ald']['p']:.3g})", "paper": "0.02 (0.86)"},
+                {"quantity": "mean AGA (degrees) / mean ALD", "measured":
+                 f"{float(np.nanmean(metrics.aga)):.2f} / {float(np.nanmean(metrics.ald)):.4f}", "paper": None}],
+            "notes": ["The scores here are a clearly labelled stand-in, not human interpretability data; give real "
+                      "scores with `fvtrust linearity ... --scores scores.csv`."],
+            "command": f"fvtrust linearity fashion-cnn {layer} --units 0-15 --m {mm} --steps {steps} --out DIR"}
