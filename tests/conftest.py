@@ -26,15 +26,3 @@ def trained_fashion():
     if not packaged_weights_path().is_file():
         pytest.fail("packaged fashion-cnn weights are missing")
     return fvtrust.load_model("fashion-cnn")
-
-
-def write_idx(path, arr, gz=False):
-    import gzip
-
-    import numpy as np
-
-    arr = np.asarray(arr)
-    code = {np.dtype("uint8"): 0x08}[arr.dtype]
-    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    data = header + arr.tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)

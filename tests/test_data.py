@@ -6,7 +6,18 @@ from fvtrust.data import load_data, load_fashion_mnist, load_picture, read_idx
 from fvtrust.data.pictures import natural_pictures
 from fvtrust.errors import FvtrustError
 
-from conftest import write_idx
+
+
+def write_idx(path, arr, gz=False):
+    import gzip
+
+    import numpy as np
+
+    arr = np.asarray(arr)
+    code = {np.dtype("uint8"): 0x08}[arr.dtype]
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    data = header + arr.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
 
 
 def _fake_fashion(tmp_path, n=20, gz=False):
