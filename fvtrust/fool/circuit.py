@@ -316,6 +316,9 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
 
     if (mapping is None) == (picture is None):
         raise FvtrustError("give exactly one of mapping (a permutation / offset) or picture")
+    if isinstance(model, CircuitModel):
+        raise FvtrustError(f"{model.spec} already contains a fooling circuit (on {model.circuit_layer}); "
+                           "start from the original model")
     if mode not in ("split", "shift"):
         raise FvtrustError(f"unknown circuit mode {mode!r}; choose split or shift")
     if gate not in ("hard", "soft"):

@@ -1,16 +1,23 @@
 """Measure what a fooling circuit did: natural accuracy before/after, and what its units now visualize.
 
-`circuit_report` answers the paper's two claims with numbers:
-natural behaviour is unchanged except where the detector errs (top-1/top-5
-before and after, which predictions changed, and whether every change is
-one of E's errors), and the manipulated units visualize as their targets
-(per unit: pixel Pearson/Spearman of the new visualization with the target
-and with the unit's own original visualization; for a permutation also the
-original model's response of the target and the own unit to the new image).
+`circuit_report` answers the paper's two claims with numbers.
+Natural behaviour: top-1/top-5 before and after, which predictions
+changed, and whether every change is one of E's errors (outputs where E is
+right are compared bit for bit). Visualizations (standard settings, fresh
+seeds): per manipulated unit, the new visualization against its target —
+for a permutation the original visualization of unit mapping[i], for a
+picture the picture — and against the unit's own original visualization:
+pixel Pearson and Spearman; for a permutation also the shift-invariant
+correlation (best circular shift: visualizations are textures at a random
+phase), the same metrics for a re-seeded visualization of the target (the
+ceiling a perfect copy would reach), and the original model's response of
+the target and of the unit itself to the new image. `gate_open_fraction`
+is how often E let the optimizer see F during the run.
 
 `circuit_experiment` is the whole §2.1 experiment (detector, circuit,
-report, optional directory with the model, the detector, report.json and a
-Figure 1/2-style grid): the CLI and `fvtrust reproduce` call it.
+hardening, report, optional directory with the model, the detector,
+report.json and a Figure 1/2-style grid): the CLI and `fvtrust reproduce`
+call it.
 """
 from __future__ import annotations
 

@@ -214,6 +214,8 @@ def test_bad_input(random_fashion):
     fooled = fooling_circuit(random_fashion, "fc", det, mapping=1, k=1.0)
     with pytest.raises(FvtrustError, match="gate"):
         fooled.net(torch.rand(1, 1, 28, 28))
+    with pytest.raises(FvtrustError, match="already contains"):
+        fooling_circuit(fooled, "fc", det, mapping=2, k=1.0)
 
 
 def test_cli_bad_input(tmp_path):
