@@ -1,0 +1,142 @@
+"""The sanity check end to end: pick classes, get natural images and visualizations, run, write.
+
+Output folder::
+
+    similarity.json               the result of fvtrust.sanity.run plus command and inputs
+    absolute_<metric>.png         Figures 7, 9, 11
+    normalized_<metric>.png       Figures 6, 8, 10
+    visualizations.png            the compared visualizations, one row per class
+    visualizations/               generated visualizations (the `fvtrust visualize` format;
+                                  reused on rerun if model and settings match)
+    .cache/                       finished layers (a rerun skips them)
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import FvtrustError
+from ..io import atomic_write_json, staged_dir
+from .analysis import random_classes, resolve_classes, run, weights_digest
+from .inputs import (
+    final_layer,
+    generate_visualizations,
+    load_visualizations,
+    select_natural_dataset,
+)
+from .plots import save_plots
+from .similarity import METRICS
+
+
+def _natural(model, data, data_dir, classes, per_class_natural):
+    from ..data import load_data
+
+    if data is None and tuple(model.input_shape) != (1, 28, 28):
+        raise FvtrustError(f"{model.spec} needs natural images: give data (an ImageNet-style folder)")
+    ds = load_data(data, input_shape=model.input_shape, split="test", data_dir=data_dir)
+    x, y = select_natural_dataset(ds, classes, per_class_natural)
+    if bool((torch.as_tensor(y) < 0).all()):
+        raise FvtrustError(f"data {data!r} has no class labels; the sanity check needs labelled natural images")
+    return x, y
+
+
+def _visualizations(model, out: Path | None, classes, per_class, steps, vis_seed, unit_layer, spec, visualize_options):
+    """Generate (or reuse from out/visualizations) per_class visualizations per class."""
+    key = {"weights": weights_digest(model)[:20], "layer": unit_layer, "classes": classes, "per_class": per_class,
+           "steps": steps, "seed": vis_seed, "options": {k: repr(v) for k, v in sorted(visualize_options.items())}}
+    vdir = None if out is None else out / "visualizations"
+    if vdir is not None and (vdir / "sanity-key.json").is_file():
+        try:
+            same = json.loads((vdir / "sanity-key.json").read_text()) == key
+        except ValueError:
+            same = False
+        if same:
+            images, _ = load_visualizations(vdir, classes, per_class, input_shape=model.input_shape, layer=unit_layer)
+            return images, {"source": "cached", "dir": str(vdir), **key}
+    images, res = generate_visualizations(model, classes, per_class, layer=unit_layer, steps=steps, seed=vis_seed,
+                                          **visualize_options)
+    if vdir is not None:
+        from ..visualize.output import save_visualization
+
+        res.images = images.view(len(classes) * per_class, *images.shape[2:]).unsqueeze(0)
+        save_visualization(res, vdir, spec=spec)
+        atomic_write_json(vdir / "sanity-key.json", key)
+    return images, {"source": "generated", "dir": None if vdir is None else str(vdir), **key,
+                    "objective_mean": float(res.objective[-1].mean())}
+
+
+def sanity_check(model, *, out=None, natural=None, data=None, data_dir=None, classes=None,
+                 n_random_classes: int | None = None, class_seed: int = 42, per_class: int = 10,
+                 per_class_natural: int | None = 50, visualizations=None, unit_layer: str | None = None,
+                 steps: int = 512, vis_seed: int = 0, visualize_options: dict | None = None, metrics=METRICS,
+                 all_pairs: bool = False, pair_stride=None, layers="all", batch_size: int = 128, dtype="float32",
+                 command: str | None = None, **run_options) -> dict:
+    """Run the sanity check on a loaded model and (with ``out``) write similarity.json and the figures.
+
+    ``classes`` (indices or names) or ``n_random_classes`` drawn like the
+    paper with ``class_seed``; default all classes. ``natural`` = (images,
+    labels) or ``data``/``data_dir`` for :func:`fvtrust.data.load_data`
+    (Fashion-MNIST test split for 28-px models). ``visualizations``: a
+    folder written by ``fvtrust visualize`` or a tensor (classes x k x C x H
+    x W); default: generated with ``steps`` steps. ``all_pairs`` disables the
+    paper's sub-sampling. Returns the result dict.
+    """
+    t0 = time.time()
+    if classes is not None and n_random_classes is not None:
+        raise FvtrustError("give either classes or n_random_classes, not both")
+    if not model.num_classes:
+        raise FvtrustError(f"{model.spec} does not say how many classes it has; the sanity check needs class units")
+    if n_random_classes is not None:
+        classes = random_classes(model.num_classes, n_random_classes, class_seed)
+    classes = resolve_classes(classes, model.num_classes, model.class_names)
+    unit_layer = unit_layer or final_layer(model)
+    from ..models.layers import layer_units
+
+    if layer_units(model, unit_layer) != model.num_classes:
+        raise FvtrustError(f"layer {unit_layer!r} has {layer_units(model, unit_layer)} units, not one per class "
+                           f"({model.num_classes}); pick the logits layer")
+    out = None if out is None else Path(out)
+    if natural is None:
+        natural = _natural(model, data, data_dir, classes, per_class_natural)
+    if visualizations is None:
+        vis, vis_info = _visualizations(model, out, classes, per_class, steps, vis_seed, unit_layer, model.spec,
+                                        visualize_options or {})
+    elif isinstance(visualizations, (str, Path)):
+        vis, meta = load_visualizations(visualizations, classes, per_class, input_shape=model.input_shape,
+                                        layer=unit_layer)
+        vis_info = {"source": "dir", "dir": str(visualizations), "layer": meta.get("layer"),
+                    "spec": meta.get("spec"), "thresholds": meta.get("thresholds"), "settings": meta.get("settings")}
+    else:
+        vis, vis_info = visualizations, {"source": "given"}
+    stride = pair_stride if pair_stride is not None else ("all" if all_pairs else "paper")
+    result = run(model, natural, vis, classes, per_class, per_class_natural=per_class_natural, layers=layers,
+                 metrics=metrics, pair_stride=stride, dtype=dtype, batch_size=batch_size,
+                 cache_dir=None if out is None else out / ".cache", **run_options)
+    result["visualizations"].update(unit_layer=unit_layer, **vis_info)
+    result["command"] = command
+    result["total_runtime_s"] = time.time() - t0
+    if out is not None:
+        with staged_dir(out) as stage:
+            result["figures"] = save_plots(result, stage)
+            if isinstance(vis, torch.Tensor) and vis.ndim == 5:  # (a dict of per-class tensors is not drawn)
+                result["figures"].append(_save_visualization_grid(vis[:, :per_class], result, stage))
+            atomic_write_json(stage / "similarity.json", result)
+    return result
+
+
+def _save_visualization_grid(vis, result: dict, stage: Path) -> str:
+    """classes x replicates grid of the visualizations that were compared."""
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_save_figure
+    from ..visualize.output import grid_figure
+
+    fig = grid_figure(vis, result["class_names"], [f"#{i}" for i in range(vis.shape[1])],
+                      title=f"{result.get('spec') or ''}: visualizations of {result['visualizations']['unit_layer']} "
+                            "units, one row per class")
+    atomic_save_figure(fig, stage / "visualizations.png", dpi=90)
+    plt.close(fig)
+    return "visualizations.png"
