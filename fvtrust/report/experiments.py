@@ -278,3 +278,34 @@ def run_circuit(ctx: Context, sdir: Path) -> dict:
                  "measured": f"{qs.get('pearson_picture', float('nan')):.3f} / "
                              f"{qs.get('min_pearson_picture', float('nan')):.3f}", "paper": "visually identical"}],
             "command": "fvtrust fool circuit fashion-cnn --layer fc (--offset 5 | --picture camera) --out DIR"}
+
+
+def run_sanity(ctx: Context, sdir: Path) -> dict:
+    """Figures 6-11: are visualizations processed like natural images of their class, layer by layer?"""
+    from ..sanity import sanity_check
+
+    m = model(ctx)
+    per_class = ctx.budget(10, 10, smoke=2)
+    res = sanity_check(m, out=sdir / "sanity", natural=test_data(ctx), per_class=per_class,
+                       per_class_natural=ctx.budget(50, 50, smoke=6), steps=ctx.budget(512, 512, smoke=16),
+                       all_pairs=True, command="fvtrust sanity-check fashion-cnn --all-pairs --out DIR")
+    figures, rows = [], []
+    for metric, block in res["metrics"].items():
+        curve = block["normalized"]
+        vals = [v for v in curve["values"] if v is not None]
+        below = sum(1 for v in vals if v < 0)
+        rows.append({"quantity": f"{metric}: layers where visualizations are processed less like their class than "
+                                 f"natural images of other classes are (normalized < 0)",
+                     "measured": f"{below}/{len(vals)}", "paper": "Inception-V1: around 0 for most of the network"})
+        rows.append({"quantity": f"{metric}: normalized natural-vs-visualization at the last layer",
+                     "measured": vals[-1] if vals else None, "paper": "rises only in the last layers"})
+        for kind in ("normalized", "absolute"):
+            figures.append({"path": _rel(ctx, sdir / "sanity" / f"{kind}_{metric}.png"),
+                            "caption": f"{kind.capitalize()} {metric} similarity per layer (all pairs)."})
+    return {"result_file": _rel(ctx, sdir / "sanity" / "similarity.json"), "per_class": per_class,
+            "sentence": "Layer by layer, natural images of a class resemble each other (normalized 1) more than "
+                        "images of different classes (0); a class's feature visualizations fall below even the "
+                        "different-class level in most layers, i.e. the network processes them unlike natural "
+                        "images of that class until its last layers.",
+            "figures": figures, "summary": rows,
+            "command": "fvtrust sanity-check fashion-cnn --all-pairs --out DIR"}
