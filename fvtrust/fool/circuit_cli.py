@@ -51,14 +51,18 @@ def circuit_command(spec, layer, offset, picture, units, detector_dir, budget, c
     report = circuit_experiment(
         model, layer, mapping=offset, picture=picture, units=units, detector=detector_dir, budget=budget,
         cache_dir=cache, steps=steps, seed=seed, mode=mode, gate=gate, margin=margin, k=k_value,
-        bound_steps=bound_steps, harden=harden_rounds, picture_center=not no_picture_center, out=out, spec=spec, command=" ".join(["fvtrust"] + sys.argv[1:]),
+        bound_steps=bound_steps, harden=harden_rounds, picture_center=not no_picture_center, out=out, spec=spec,
+        command=" ".join(["fvtrust"] + sys.argv[1:]),
         budget_overrides={"runs": runs, "steps": det_steps, "max_units": max_units, "epochs": epochs})
     d = report["detector"].get("heldout", {})
+    hard = (report["detector"].get("hardening") or {}).get("heldout_after")
+    after = (f" (after hardening: {hard['natural']:.4f}, {hard['visualization']:.4f})" if hard else "")
     nat = report["natural"]
     s = report["visualizations"]["summary"]
-    match = (f"{s['units_matching_target']}/{s['n_units']} units match their target"
-             if "units_matching_target" in s else f"mean Pearson with the picture {s['pearson_picture']:.2f}")
+    match = (f"{s['units_original_argmax_is_target']}/{s['n_units']} new visualizations classified as their target"
+             if "units_original_argmax_is_target" in s else f"mean Pearson with the picture {s['pearson_picture']:.2f}")
     click.echo(f"detector held-out: natural {d.get('natural', float('nan')):.4f}, visualization "
-               f"{d.get('visualization', float('nan')):.4f}; k = {report['k']:.3g}; top-1 {nat['top1_before']:.4f} -> "
-               f"{nat['top1_after']:.4f}, top-5 {nat['top5_before']:.4f} -> {nat['top5_after']:.4f}; {match}; "
+               f"{d.get('visualization', float('nan')):.4f}{after}; k = {report['k']:.3g}; "
+               f"top-1 {nat['top1_before']:.4f} -> {nat['top1_after']:.4f}, top-5 {nat['top5_before']:.4f} -> "
+               f"{nat['top5_after']:.4f} ({nat['detector_errors']} natural test images misjudged by E); {match}; "
                f"wrote {out}")
