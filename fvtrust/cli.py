@@ -142,12 +142,13 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @click.option("--transforms", default="standard", show_default=True, type=click.Choice(["standard", "none"]))
 @click.option("--lr", default=0.05, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--shared-start", is_flag=True, help="Start every unit from the same noise (compare units fairly).")
 @click.option("--chunk-size", default=None, type=int, help="Images per optimization batch (default: automatic).")
 @weights_option
 @device_option
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_decorrelate, transforms, lr, seed,
-                  chunk_size, weights, device, out):
+                  shared_start, chunk_size, weights, device, out):
     """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
     from .models import load_model
     from .visualize import visualize
@@ -156,7 +157,8 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_de
     model = load_model(spec, weights=weights, device=_device(device))
     th = _parse_ints(thresholds, "thresholds") if thresholds else None
     res = visualize(model, layer, units, steps=steps, thresholds=th, objective=objective, param=param,
-                    decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size)
+                    decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size,
+                    shared_start=shared_start)
     meta = save_visualization(res, out, spec=spec)
     click.echo(f"wrote {len(meta['files'])} images, {meta['grid']} and visualization.json to {out}")
 

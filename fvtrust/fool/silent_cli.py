@@ -23,9 +23,8 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natu
     from ..errors import FvtrustError
     from ..io import atomic_save_figure, atomic_write_json, staged_dir
     from ..models import load_model, save_model
-    from ..visualize.output import grid_figure
     from .silent import silent_units
-    from .silent_report import silent_report
+    from .silent_report import figure5, silent_report
 
     model = load_model(spec, weights=weights)
     if tuple(model.input_shape) == (1, 28, 28):
@@ -46,11 +45,14 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natu
         save_model(fooled, stage / "model", manipulation="silent_units",
                    args={"layer": layer, "units": fooled.silent_info["units"], "pool": pool,
                          "map_size": fooled.silent_info["map_size"]}, base_spec=spec, extra=fooled.silent_info)
-        fig = grid_figure([list(vis["before"]), list(vis["after"])], ["original", "silent units"],
-                          [f"unit {u}" for u in vis["units"]], title=f"{spec} {layer}: visualizations (Figure 5)")
+        fig = figure5(report, vis, title=f"{spec} {layer}: visualizations (Figure 5)")
         atomic_save_figure(fig, stage / "figure5.png", dpi=110)
         plt.close(fig)
         atomic_write_json(stage / "report.json", report)
+    ind = report["independent_starts"]
     click.echo(f"outputs identical on {report['fraction_outputs_bit_identical']:.2%} of held-out images; "
-               f"mean pairwise correlation {report['mean_pairwise_correlation_before']:.2f} -> "
-               f"{report['mean_pairwise_correlation_after']:.2f}; wrote {out}")
+               f"top-1 {report['top1_before']:.4f} -> {report['top1_after']:.4f}; mean pairwise correlation of "
+               f"visualizations {report['mean_pairwise_correlation_before']:.2f} -> "
+               f"{report['mean_pairwise_correlation_after']:.2f} (shared start), "
+               f"{ind['mean_pairwise_correlation_before']:.2f} -> {ind['mean_pairwise_correlation_after']:.2f} "
+               f"(own starts; one unit's own-start ceiling {ind['same_unit_ceiling']:.2f}); wrote {out}")

@@ -42,7 +42,15 @@ def leaks(manipulated, heldout: torch.Tensor, batch_size: int = 500) -> dict:
 
 def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int = 256, seed: int = 0,
                   margins=(0.0, 0.1, 0.25, 0.5)) -> tuple[dict, dict]:
-    """Numbers for report.json, and the before/after visualizations for the figure."""
+    """Numbers for report.json, and the before/after visualizations for the figure.
+
+    Visualization similarity is measured two ways. Shared start (the headline):
+    every unit starts from the same noise, so any difference between two units'
+    images is the units' doing. Independent starts: each unit its own noise; on
+    small grey images the phase of fine stripes then differs from start to start
+    even for one and the same unit, so we also report that ceiling (one unit,
+    as many starts as units) to show how close the manipulated units get to it.
+    """
     from ..visualize import visualize
 
     x, y = heldout
@@ -51,9 +59,13 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
     identical = (a == b).all(1)
     before, after = evaluate(original, (x, y)), evaluate(manipulated, (x, y))
     units = vis_units if vis_units is not None else info["units"][:16]
-    v0 = visualize(original, info["layer"], units, steps=steps, objective="channel", seed=seed)
-    v1 = visualize(manipulated, info["layer"], units, steps=steps, objective="channel", seed=seed)
-    corr0, corr1 = mean_pairwise_correlation(v0.final), mean_pairwise_correlation(v1.final)
+
+    def vis(m, us, shared):
+        return visualize(m, info["layer"], us, steps=steps, objective="channel", seed=seed, shared_start=shared)
+
+    v0, v1 = vis(original, units, True), vis(manipulated, units, True)
+    w0, w1 = vis(original, units, False), vis(manipulated, units, False)
+    ceiling = vis(manipulated, [units[0]] * len(units), False)
     sconv = manipulated.net.get_submodule(info["conv"])
     base_bias = sconv.bias_bar.clone()
     ymax = torch.tensor(info["natural_max"])
@@ -62,7 +74,7 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
         for m in margins:
             sconv.bias_bar.copy_(-(1.0 + m) * ymax)
             lk = leaks(manipulated, x)
-            vm = visualize(manipulated, info["layer"], units, steps=steps, objective="channel", seed=seed)
+            vm = vis(manipulated, units, True)
             tradeoff.append({"margin": m, **lk, "mean_pairwise_correlation": mean_pairwise_correlation(vm.final),
                              "mean_objective": float(vm.objective[-1].mean())})
     finally:
@@ -75,7 +87,26 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
         "top1_before": before["top1"], "top1_after": after["top1"],
         "top5_before": before["top5"], "top5_after": after["top5"],
         "visualized_units": list(units), "visualization_steps": steps,
-        "mean_pairwise_correlation_before": corr0, "mean_pairwise_correlation_after": corr1,
+        "mean_pairwise_correlation_before": mean_pairwise_correlation(v0.final),
+        "mean_pairwise_correlation_after": mean_pairwise_correlation(v1.final),
+        "independent_starts": {
+            "mean_pairwise_correlation_before": mean_pairwise_correlation(w0.final),
+            "mean_pairwise_correlation_after": mean_pairwise_correlation(w1.final),
+            "same_unit_ceiling": mean_pairwise_correlation(ceiling.final)},
+        "mean_objective_before": float(v0.objective[-1].mean()),
+        "mean_objective_after": float(v1.objective[-1].mean()),
         "margin_tradeoff": tradeoff,
     }
-    return report, {"before": v0.final, "after": v1.final, "units": list(units)}
+    return report, {"before": v0.final, "after": v1.final, "after_independent": w1.final, "units": list(units)}
+
+
+def figure5(report: dict, vis: dict, title: str):
+    """Before/after grid: original and silent units from a shared start, and silent units from their own starts."""
+    from ..visualize.output import grid_figure
+
+    ind = report["independent_starts"]
+    rows = [list(vis["before"]), list(vis["after"]), list(vis["after_independent"])]
+    labels = [f"original\n(r={report['mean_pairwise_correlation_before']:.2f})",
+              f"silent units\n(r={report['mean_pairwise_correlation_after']:.2f})",
+              f"silent, own starts\n(r={ind['mean_pairwise_correlation_after']:.2f})"]
+    return grid_figure(rows, labels, [f"unit {u}" for u in vis["units"]], title=title)

@@ -79,13 +79,17 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
               param: str = "fft", decorrelate: bool = True, transforms="standard", objective="neuron",
               lr: float = 0.05, optimizer: str = "adam", seed: int = 0, start: torch.Tensor | None = None,
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
-              directions=None, groups=None, on_step=None, progress_desc: str | None = None) -> VisualizationResult:
+              directions=None, groups=None, on_step=None, progress_desc: str | None = None,
+              shared_start: bool = False) -> VisualizationResult:
     """Feature visualization by activation maximization, batched over units.
 
     `units` may repeat a unit (e.g. several starts per unit); each entry gets its
     own image. `start` (units x C x H x W in [0, 1]) begins from given images
     instead of noise. `on_step(step, images, grads, chunk_slice)` lets callers
-    stream per-step data without storing it.
+    stream per-step data without storing it. `shared_start` gives every unit the
+    same starting noise (what lucent's one-unit-at-a-time `render_vis` under one
+    fixed seed does), so differences between units' images come from the units,
+    not from their starts — the controlled way to compare units' visualizations.
     """
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
@@ -121,7 +125,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     keys = []
     seen: dict[int, int] = {}
     for u in units:  # (unit, replicate): the same unit twice gets two different starts
-        keys.append((u, seen.get(u, 0)))
+        keys.append((-1 if shared_start else u, seen.get(u, 0)))  # ints only: str hashes vary per process
         seen[u] = seen.get(u, 0) + 1
     groups_t = torch.as_tensor(groups if groups is not None else units, device=device)
 
@@ -154,7 +158,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
             p.requires_grad_(r)
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
-                "transforms": tspec.to_dict() if tspec else None, "start": start is not None}
+                "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
+                "shared_start": shared_start}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 

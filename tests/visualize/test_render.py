@@ -45,6 +45,18 @@ def test_seed_determinism(random_fashion):
     assert not torch.allclose(a.images, c.images)
 
 
+def test_shared_start(random_fashion):
+    """Shared start: every unit begins from the same noise; the units alone make the images differ."""
+    still = visualize(random_fashion, "fc", [0, 1, 2], steps=1, lr=0.0, shared_start=True)
+    assert torch.equal(still.images[0, 0], still.images[0, 1]) and torch.equal(still.images[0, 0], still.images[0, 2])
+    own = visualize(random_fashion, "fc", [0, 1, 2], steps=1, lr=0.0)
+    assert not torch.allclose(own.images[0, 0], own.images[0, 1])
+    moved = visualize(random_fashion, "fc", [0, 1], steps=5, shared_start=True)
+    assert not torch.allclose(moved.images[0, 0], moved.images[0, 1])
+    alone = visualize(random_fashion, "fc", [1], steps=5, shared_start=True)
+    assert torch.allclose(alone.images[0, 0], moved.images[0, 1], atol=1e-5)  # still batch-invariant
+
+
 @pytest.mark.parametrize("param", ["fft", "pixel"])
 def test_batch_equals_single_runs(param):
     """One batched optimization gives each unit what a run of its own would."""
