@@ -157,7 +157,8 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
                          "Pearson correlation of the row's images)."}],
             "summary": [
                 {"quantity": "held-out test images with bit-identical outputs",
-                 "measured": rep["fraction_outputs_bit_identical"], "paper": "unchanged accuracy"},
+                 "measured": f"{rep['fraction_outputs_bit_identical']:.2%} of {rep['heldout_images']}",
+                 "paper": "unchanged accuracy"},
                 {"quantity": "top-1 before / after", "measured": f"{rep['top1_before']:.4f} / {rep['top1_after']:.4f}",
                  "paper": "no change"},
                 {"quantity": "top-5 before / after", "measured": f"{rep['top5_before']:.4f} / {rep['top5_after']:.4f}",
@@ -267,7 +268,9 @@ def run_circuit(ctx: Context, sdir: Path) -> dict:
                 {"quantity": "detector held-out accuracy, natural / visualizations (unseen units)",
                  "measured": f"{det.get('natural', float('nan')):.4f} / {det.get('visualization', float('nan')):.4f}",
                  "paper": "0.9966 / 0.9931"},
-                {"quantity": "k (permutation / picture)", "measured": f"{perm.get('k')} / {pic.get('k')}",
+                {"quantity": "k (permutation / picture)",
+                 "measured": " / ".join(f"{k:.2f}" if isinstance(k, float) else str(k)
+                                        for k in (perm.get("k"), pic.get("k"))),
                  "paper": "250 (Inception-V1, with +100 shift)"},
                 {"quantity": "top-1 before → after (permutation)",
                  "measured": f"{nat_p['top1_before']:.4f} → {nat_p['top1_after']:.4f}", "paper": "0.69146 → 0.68744"},
