@@ -12,10 +12,11 @@ import click
 @click.option("--margin", default=0.1, show_default=True, help="b this fraction below the natural maximum.")
 @click.option("--pool", default="map", show_default=True, type=click.Choice(["map", "local"]))
 @click.option("--natural", "n_natural", default=20000, show_default=True, help="Training images for the natural maximum.")
+@click.option("--vis-units", default=None, help="Units to visualize before/after (default: the first 16 manipulated).")
 @click.option("--steps", default=256, show_default=True, help="Visualization steps for the before/after check.")
 @click.option("--weights", default=None)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natural, steps, weights, out):
+def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natural, vis_units, steps, weights, out):
     """Make every chosen unit of LAYER visualize TARGET while natural outputs stay identical."""
     import matplotlib.pyplot as plt
 
@@ -37,10 +38,22 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natu
         heldout = (held, model(held).argmax(1).detach())  # labels: the original model's own predictions
     if len(natural) == 0:
         raise FvtrustError("no natural images available")
+    shown = None
+    if vis_units is not None:  # checked before the (slow) construction
+        from ..models.layers import layer_units, parse_units
+
+        n = layer_units(model, layer)
+        manipulated = parse_units(units, n, layer)
+        shown = manipulated if vis_units == "all" else parse_units(vis_units, n, layer)
+        missing = sorted(set(shown) - set(manipulated))
+        if missing:
+            raise FvtrustError(f"--vis-units {missing[:5]} are not manipulated units (--units {units})")
     fooled = silent_units(model, layer, target=target, natural=natural, alpha=alpha, beta=beta, units=units,
                           margin=margin, pool=pool)
-    report, vis = silent_report(model, fooled, heldout, steps=steps)
-    report["command"] = f"fvtrust fool silent {spec} --layer {layer} --target {target} --out {out}"
+    report, vis = silent_report(model, fooled, heldout, vis_units=shown, steps=steps)
+    report["command"] = (f"fvtrust fool silent {spec} --layer {layer} --target {target} --units {units} "
+                         f"--alpha {alpha} --beta {beta} --margin {margin} --pool {pool} --natural {n_natural} "
+                         f"--steps {steps} --out {out}")
     with staged_dir(out) as stage:
         save_model(fooled, stage / "model", manipulation="silent_units",
                    args={"layer": layer, "units": fooled.silent_info["units"], "pool": pool,

@@ -77,9 +77,17 @@ def _section(out: Path, key: str, title: str, res: dict | None) -> str:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     if res.get("command"):
         parts.append(f'<p class="note">Reproduce: <code>{html.escape(res["command"])}</code> '
-                     f'({_fmt(res.get("seconds"))} s in this run)</p>')
+                     f'({_fmt(res.get("seconds"))} s to compute'
+                     f'{", reused from the cache" if res.get("cached") else ""})</p>')
     parts.append("</section>")
     return "".join(parts)
+
+
+def _cached_note(meta: dict) -> str:
+    cached = meta.get("cached_steps") or []
+    if not cached:
+        return ""
+    return f" (this run {_fmt(meta.get('seconds'))} s; reused from the cache: {html.escape(', '.join(cached))})"
 
 
 def render(out: Path, results: dict) -> str:
@@ -90,7 +98,8 @@ def render(out: Path, results: dict) -> str:
             f'<p class="note">Reproduction of Geirhos et al., “Don’t trust your eyes: on the (un)reliability of '
             f'feature visualizations” (ICML 2024) on fvtrust’s embedded default (a small CNN on Fashion-MNIST). '
             f'Mode: {_fmt(meta.get("mode"))}; seed {_fmt(meta.get("seed"))}; fvtrust {_fmt(meta.get("fvtrust"))}, '
-            f'torch {_fmt(meta.get("torch"))}; total {_fmt(meta.get("seconds"))} s. '
+            f'torch {_fmt(meta.get("torch"))}; experiments took {_fmt(meta.get("compute_seconds"))} s to compute'
+            f'{_cached_note(meta)}. '
             f'All numbers are also in <code>results.json</code>.</p>', f"<p>{nav}</p>"]
     for key, title in SECTIONS:
         body.append(_section(out, key, title, steps.get(key)))

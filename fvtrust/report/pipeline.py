@@ -59,7 +59,7 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         done = sdir / "result.json"
         selected = not only or step.name in only
         if done.is_file() and not (force and selected):
-            ctx.results[step.name] = json.loads(done.read_text())
+            ctx.results[step.name] = {**json.loads(done.read_text()), "cached": True}
             _log(f"[{i}/{len(steps)}] {step.title}: cached")
             continue
         if not selected:

@@ -37,6 +37,8 @@ def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=
     results = run_pipeline(steps(), ctx, only=only, force=force)
     doc = {"meta": {"mode": "smoke" if smoke else ("quick" if quick else "full"), "seed": seed, "fvtrust": fvtrust.__version__,
                     "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+                    "compute_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
+                    "cached_steps": [k for k, r in results.items() if r.get("cached")],
                     "command": f"fvtrust reproduce --out {out}" + (" --quick" if quick else "")},
            "steps": results}
     atomic_write_json(out / "results.json", doc)

@@ -95,3 +95,28 @@ def test_resnet50_layer4_outputs_identical():
         out_f, out_m = fooled(held), m(held)
     # held-out crops: identical unless the silent term leaks; report how many
     assert (out_f == out_m).all(1).float().mean() >= 0.5
+
+
+@pytest.mark.slow
+def test_cli_writes_report_figure_and_model(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    out = tmp_path / "silent"
+    args = ["fool", "silent", "fashion-cnn", "--weights", "random", "--layer", "block3", "--units", "0-3",
+            "--natural", "300", "--steps", "4", "--out", str(out)]
+    bad = CliRunner().invoke(main, [*args, "--vis-units", "5"])
+    assert bad.exit_code == 2 and "not manipulated units" in bad.output and not out.exists()
+    r = CliRunner().invoke(main, [*args, "--vis-units", "all"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["visualized_units"] == [0, 1, 2, 3] and rep["heldout_images"] == 10000
+    assert {"same_unit_ceiling", "mean_pairwise_correlation_after"} <= rep["independent_starts"].keys()
+    assert (out / "figure5.png").stat().st_size > 0
+    again = fvtrust.load_model(str(out / "model"))
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert again(x).shape == (4, 10)
