@@ -45,6 +45,16 @@ def test_seed_determinism(random_fashion):
     assert not torch.allclose(a.images, c.images)
 
 
+def test_fast_path_leaves_model_as_it_was():
+    m = tiny_rgb()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    nhwc = visualize(m, "conv2", [0, 3], steps=6, objective="channel")
+    nchw = visualize(m, "conv2", [0, 3], steps=6, objective="channel", fast=False)
+    assert torch.allclose(nhwc.images, nchw.images, atol=1e-4)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous()
+
+
 def test_shared_start(random_fashion):
     """Shared start: every unit begins from the same noise; the units alone make the images differ."""
     still = visualize(random_fashion, "fc", [0, 1, 2], steps=1, lr=0.0, shared_start=True)
