@@ -174,7 +174,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
-                "shared_start": shared_start}
+                "shared_start": shared_start, "fast": fast}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
