@@ -135,6 +135,31 @@ def rebuild(base, *, layer: str, units: list[int], pool: str = "map", map_size: 
     return model
 
 
+def _target_unit(target, conv: nn.Conv2d) -> int | None:
+    """N for a `unit:N` target (validated against the conv's units); None for a picture target."""
+    if not (isinstance(target, str) and target.startswith("unit:")):
+        return None
+    try:
+        n = int(target.split(":", 1)[1])
+    except ValueError:
+        raise FvtrustError(f"bad target {target!r}: use unit:N") from None
+    if not 0 <= n < conv.out_channels:
+        raise FvtrustError(f"target unit {n} out of range: valid units are 0..{conv.out_channels - 1}")
+    return n
+
+
+def _target_picture(model, target) -> torch.Tensor:
+    """A picture target (name, path or CHW tensor in [0, 1]) as a 1 x C x H x W batch of the model's size."""
+    if isinstance(target, torch.Tensor):
+        if tuple(target.shape) != tuple(model.input_shape):
+            raise FvtrustError(f"target picture has shape {tuple(target.shape)}; the model expects "
+                               f"{tuple(model.input_shape)}")
+        return target[None]
+    from ..data import load_picture
+
+    return load_picture(target, model.input_shape)[None]
+
+
 def target_filter(model, layer: str, target, conv: nn.Conv2d) -> torch.Tensor:
     """ΔΘ before orthogonalization: the filter all manipulated units should share.
 
@@ -142,36 +167,15 @@ def target_filter(model, layer: str, target, conv: nn.Conv2d) -> torch.Tensor:
     picture (name, path or CHW tensor in [0, 1]) → the conv-input feature patch
     at the picture's centre, mean-removed, so the unit responds to that pattern.
     """
-    k = conv.weight.shape[-2:]
-    if isinstance(target, str) and target.startswith("unit:"):
-        try:
-            n = int(target.split(":", 1)[1])
-        except ValueError:
-            raise FvtrustError(f"bad target {target!r}: use unit:N") from None
-        if not 0 <= n < conv.out_channels:
-            raise FvtrustError(f"target unit {n} out of range: valid units are 0..{conv.out_channels - 1}")
+    n = _target_unit(target, conv)
+    if n is not None:
         return conv.weight[n].detach().clone()
-    if isinstance(target, torch.Tensor):
-        pic = target
-        if tuple(pic.shape) != tuple(model.input_shape):
-            raise FvtrustError(f"target picture has shape {tuple(pic.shape)}; the model expects "
-                               f"{tuple(model.input_shape)}")
-    else:
-        from ..data import load_picture
-
-        pic = load_picture(target, model.input_shape)
-    captured = {}
-    h = conv.register_forward_pre_hook(lambda m, inp: captured.setdefault("x", inp[0].detach()))
-    try:
-        with torch.no_grad():
-            model(pic[None].to(model.device))
-    finally:
-        h.remove()
-    feats = captured["x"][0]
+    k = conv.weight.shape[-2:]
+    feats = _conv_input(model, conv, _target_picture(model, target))[0]
     _, fh, fw = feats.shape
     y0, x0 = (fh - k[0]) // 2, (fw - k[1]) // 2
     patch = feats[:, y0:y0 + k[0], x0:x0 + k[1]]
-    return (patch - patch.mean()).cpu()
+    return patch - patch.mean()
 
 
 @torch.no_grad()
@@ -232,23 +236,13 @@ def _map_filters(model, conv_name, conv, units, target, natural):
         (g,) = torch.autograd.grad(out[0, u].mean(), probe, retain_graph=True)
         rows.append(g.reshape(-1))
     theta_map = torch.stack(rows)
-    if isinstance(target, str) and target.startswith("unit:"):
+    n = _target_unit(target, conv)
+    if n is not None:
         from ..visualize import visualize
 
-        n = int(target.split(":", 1)[1])
-        if not 0 <= n < conv.out_channels:
-            raise FvtrustError(f"target unit {n} out of range: valid units are 0..{conv.out_channels - 1}")
-        layer_name = conv_name
-        image = visualize(model, layer_name, [n], steps=256, objective="channel").final
-    elif isinstance(target, torch.Tensor):
-        if tuple(target.shape) != tuple(model.input_shape):
-            raise FvtrustError(f"target picture has shape {tuple(target.shape)}; the model expects "
-                               f"{tuple(model.input_shape)}")
-        image = target[None]
+        image = visualize(model, conv_name, [n], steps=256, objective="channel").final
     else:
-        from ..data import load_picture
-
-        image = load_picture(target, model.input_shape)[None]
+        image = _target_picture(model, target)
     tmap = _conv_input(model, conv, image).reshape(-1)
     return theta_map, (tmap - tmap.mean())[None]
 
@@ -303,21 +297,21 @@ def silent_units(model, layer: str, *, target="unit:0", natural: torch.Tensor, a
     conv_name, _ = resolve_block(model, layer)
     conv = model.net.get_submodule(conv_name)
     units = parse_units(units if units is not None else "all", conv.out_channels, layer)
-    delta = target_filter(model, layer, target, conv)
-    if quiet_fraction < 1.0:
-        basis = quiet_subspace(model, conv_name, natural, quiet_fraction)
-        flat = delta.reshape(-1)
-        projected = basis @ (basis.T @ flat)
-        delta = (projected / projected.norm().clamp_min(1e-12) * flat.norm()).reshape(delta.shape)
-    theta = conv.weight.detach()[units].cpu()
-    delta_perp = orthogonalize(delta.expand_as(theta).clone(), theta)
     if pool == "map":
         theta_map, delta_map = _map_filters(model, conv_name, conv, units, target, natural)
         delta_perp = orthogonalize(delta_map.expand_as(theta_map).clone(), theta_map)
         new = rebuild(model, layer=layer, units=units, pool=pool, map_size=theta_map.shape[1])
         sconv = new.net.get_submodule(conv_name)
         sconv.map_bar.copy_(alpha * theta_map + beta * delta_perp)
-    else:
+    else:  # the paper's per-position filter, drawn from input directions natural images barely use
+        delta = target_filter(model, layer, target, conv)
+        if quiet_fraction < 1.0:
+            basis = quiet_subspace(model, conv_name, natural, quiet_fraction)
+            flat = delta.reshape(-1)
+            projected = basis @ (basis.T @ flat)
+            delta = (projected / projected.norm().clamp_min(1e-12) * flat.norm()).reshape(delta.shape)
+        theta = conv.weight.detach()[units].cpu()
+        delta_perp = orthogonalize(delta.expand_as(theta).clone(), theta)
         new = rebuild(model, layer=layer, units=units, pool=pool)
         sconv = new.net.get_submodule(conv_name)
         sconv.weight_bar.copy_(alpha * theta + beta * delta_perp)

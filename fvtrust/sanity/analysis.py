@@ -340,14 +340,9 @@ def _dtype(dtype) -> torch.dtype:
     return d
 
 
-def select_natural(images: torch.Tensor, labels: torch.Tensor, classes, per_class: int | None):
-    """The first ``per_class`` images of each class (dataset order); all of them if None.
-
-    Returns (images, labels, source indices), grouped by class in the order of ``classes``.
-    """
+def class_indices(labels: torch.Tensor, classes, per_class: int | None) -> torch.Tensor:
+    """Indices of the first ``per_class`` items of each class (dataset order; all if None), grouped by class."""
     labels = torch.as_tensor(labels).long().cpu()
-    if len(images) != len(labels):
-        raise FvtrustError(f"{len(images)} natural images but {len(labels)} labels")
     idx = []
     for c in classes:
         where = (labels == c).nonzero().squeeze(1)
@@ -359,7 +354,18 @@ def select_natural(images: torch.Tensor, labels: torch.Tensor, classes, per_clas
         elif len(where) == 0:
             raise FvtrustError(f"class {c} has no natural images")
         idx.append(where)
-    idx = torch.cat(idx)
+    return torch.cat(idx)
+
+
+def select_natural(images: torch.Tensor, labels: torch.Tensor, classes, per_class: int | None):
+    """The first ``per_class`` images of each class (dataset order); all of them if None.
+
+    Returns (images, labels, source indices), grouped by class in the order of ``classes``.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    if len(images) != len(labels):
+        raise FvtrustError(f"{len(images)} natural images but {len(labels)} labels")
+    idx = class_indices(labels, classes, per_class)
     return images[idx], labels[idx], idx
 
 

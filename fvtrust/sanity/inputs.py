@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import FvtrustError, nearest
+from .analysis import class_indices
 
 
 def final_layer(model) -> str:
@@ -143,15 +144,6 @@ def select_natural_dataset(ds, classes, per_class: int | None):
     targets = getattr(ds, "targets", None)
     if targets is None:
         targets = [ds[i][1] for i in range(len(ds))]
-    targets = torch.as_tensor(targets)
-    idx = []
-    for cls in classes:
-        where = (targets == cls).nonzero().squeeze(1)
-        if per_class is not None:
-            if len(where) < per_class:
-                raise FvtrustError(f"class {cls} has only {len(where)} natural images, fewer than "
-                                   f"per_class_natural={per_class}")
-            where = where[:per_class]
-        idx.extend(where.tolist())
+    idx = class_indices(torch.as_tensor(targets), classes, per_class).tolist()
     items = [ds[i] for i in idx]
     return torch.stack([a for a, _ in items]), torch.as_tensor([b for _, b in items])
