@@ -231,7 +231,6 @@ def decide(cls: str, records: list) -> tuple[dict, dict, dict]:
         problems.append(f"Lemma 3/4 violated by a concrete decoder ({lemma3}/{lemma4} pairs)")
 
     # -- the three columns --------------------------------------------------------------
-    lb = [r["dist"] / 2 for r in records]
     met = [r["dist"] / 2 >= r["bound"].decoder - TOL for r in records]
     exact_no = any(r["dist"] / 2 > TOL for r in pos)
     approx_no = exact_no and all(met) and any(r["bound"].decoder > TOL for r in pos)

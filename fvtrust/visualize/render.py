@@ -97,8 +97,9 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     same starting noise (what lucent's one-unit-at-a-time `render_vis` under one
     fixed seed does), so differences between units' images come from the units,
     not from their starts — the controlled way to compare units' visualizations.
-    `fast` runs the model NHWC with verified Conv-BN folding for the length of
-    the call (see fastpath.py) and hands it back exactly as it was.
+    `fast` runs the model with verified Conv-BN folding (and NHWC on CPU at
+    >= 64 px) for the length of the call (see fastpath.py) and hands it back
+    exactly as it was.
     """
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
@@ -148,27 +149,28 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
     run.bar = progress(total=steps * n, desc=progress_desc or f"visualize {layer}", unit="img-step")
-    stack = contextlib.ExitStack()
+    if fast:
+        probe = torch.rand(1, c, *(crop or hw), generator=torch.Generator().manual_seed(0)).to(device)
+        speedup = fast_inference(model, obj.layers, probe, channels_last=run.channels_last)
+    else:
+        speedup = contextlib.nullcontext()
     try:
-        if fast:
-            probe = torch.rand(1, c, *(crop or hw), generator=torch.Generator().manual_seed(0)).to(device)
-            stack.enter_context(fast_inference(model, obj.layers, probe, channels_last=run.channels_last))
-        c0 = 0
-        while c0 < n:
-            sl = slice(c0, min(n, c0 + chunk))
-            try:
-                run.chunk(sl, units[sl], keys[sl], groups_t[sl], start[sl] if start is not None else None)
-            except torch.OutOfMemoryError:
-                if chunk == 1:
-                    raise
-                chunk = max(1, chunk // 2)  # retry this chunk smaller; finished chunks are kept
-                if model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            c0 = sl.stop
+        with speedup:  # undone before `finally`: folding may add temporary conv biases to the parameters
+            c0 = 0
+            while c0 < n:
+                sl = slice(c0, min(n, c0 + chunk))
+                try:
+                    run.chunk(sl, units[sl], keys[sl], groups_t[sl], start[sl] if start is not None else None)
+                except torch.OutOfMemoryError:
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)  # retry this chunk smaller; finished chunks are kept
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                c0 = sl.stop
     finally:
         run.bar.close()
-        stack.close()  # first: folding may have added temporary conv biases
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
