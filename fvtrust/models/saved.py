@@ -25,6 +25,7 @@ FORMAT = 1
 BUILDERS = {
     "fooling_circuit": "fvtrust.fool.circuit:rebuild",
     "silent_units": "fvtrust.fool.silent:rebuild",
+    "gradient_slingshot": "fvtrust.fool.slingshot.finetune:rebuild",  # weights only: the base structure
 }
 
 
