@@ -1,4 +1,4 @@
-"""`fvtrust fool circuit|silent`: each subcommand lives beside its method."""
+"""`fvtrust fool circuit|silent|detector|slingshot`: each subcommand lives beside its method."""
 import importlib
 
 import click
@@ -10,7 +10,8 @@ def fool_group():
 
 
 for _mod, _attr in [("fvtrust.fool.circuit_cli", "circuit_command"), ("fvtrust.fool.silent_cli", "silent_command"),
-                    ("fvtrust.fool.detector_cli", "detector_command")]:
+                    ("fvtrust.fool.detector_cli", "detector_command"),
+                    ("fvtrust.fool.slingshot.cli", "slingshot_command")]:
     try:
         fool_group.add_command(getattr(importlib.import_module(_mod), _attr))
     except (ImportError, AttributeError):
