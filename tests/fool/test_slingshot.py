@@ -84,11 +84,14 @@ def test_gradient_loss_matches_the_formula_written_out():
     act = v.numel() * (v * s).reshape(6, -1).sum(1)
     want_a = ((act - gamma * (1 - ((x - tun.target) ** 2).reshape(6, -1).mean(1))) ** 2).mean()
     assert torch.allclose(got_a, want_a, rtol=1e-5)
+    rel = manipulation_loss(_linear_pixel_forward(v), tun, x, 0, gamma, "gradient", relative=True)
+    assert torch.allclose(rel, want / (gamma * (tun.target - x)).pow(2).mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant,kind,layer", [("gradient", "fft", "conv"), ("gradient", "pixel", "fc"),
-                                                ("activation", "fft", "fc")])
-def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, layer):
+@pytest.mark.parametrize("variant,kind,layer,relative", [("gradient", "fft", "conv", False),
+                                                         ("gradient", "pixel", "fc", True),
+                                                         ("activation", "fft", "fc", True)])
+def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, layer, relative):
     """d L_manip / d weights (a second-order quantity for the gradient variant) vs gradcheck in float64."""
     model = tiny_model(dtype=torch.float64)
     model.net.relu = nn.Softplus(beta=4.0)  # smooth: finite differences are meaningless at ReLU kinks
@@ -112,7 +115,7 @@ def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, la
                 h.remove()
             return store["a"]
 
-        return manipulation_loss(forward, tun, x, 1, 2.0, variant)
+        return manipulation_loss(forward, tun, x, 1, 2.0, variant, relative=relative)
 
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -123,6 +126,8 @@ def test_preservation_loss_formula():
     want = w * ((a[:, 2] - b[:, 2]) ** 2).mean() + (1 - w) * ((a - b) ** 2).mean()
     assert torch.allclose(preservation_loss(a, b, 2, w), want)
     assert preservation_loss(a, a, 2, w) == 0
+    rel = w * ((a[:, 2] - b[:, 2]) ** 2).mean() / (b[:, 2] ** 2).mean() + (1 - w) * ((a - b) ** 2).mean() / (b ** 2).mean()
+    assert torch.allclose(preservation_loss(a, b, 2, w, relative=True), rel)
 
 
 # -- fine-tuning ---------------------------------------------------------------------------------------
@@ -138,20 +143,25 @@ def test_slingshot_is_callable_package_and_leaves_original_untouched():
     assert all(not p.requires_grad for p in new.parameters()) and not new.training
     info = new.slingshot_info
     assert info["layer"] == "conv" and info["unit"] == 1 and len(info["history"]) == 2
-    assert info["data"]["fit"] == "tensor[:32]" and info["data"]["heldout"] == "tensor[32:]"
+    assert info["fit_data"]["source"] == "tensor" and info["fit_data"]["n_used"] == 16
 
 
-def test_slingshot_lowers_the_manipulation_loss():
+def test_slingshot_lowers_the_manipulation_loss_and_keeps_natural_outputs_close():
     model = tiny_model()
     tun = Tunnel.build(tiny_target(), "fft")
     x = tun.sample(64, torch.Generator().manual_seed(9))
+    data = tiny_data()
 
     def l_manip(m):
-        with LayerTap(m, ["conv"]) as tap:
-            return float(manipulation_loss(lambda im: tap(im)["conv"], tun, x, 1, 2.0, create_graph=False))
+        with LayerTap(m, ["fc"]) as tap:
+            return float(manipulation_loss(lambda im: tap(im)["fc"], tun, x, 1, 2.0, create_graph=False))
 
-    new = slingshot(model, "conv", 1, target=tiny_target(), data=tiny_data(), **dict(TINY, epochs=6, lr=1e-2))
-    assert l_manip(new) < 0.5 * l_manip(model)
+    new = slingshot(model, "fc", 1, target=tiny_target(), data=data, **dict(TINY, epochs=6, lr=1e-2, alpha=0.5))
+    assert l_manip(new) < 0.98 * l_manip(model)  # a 4-channel net bends its landscape only a little; a sign error raises it
+    with torch.no_grad():
+        change = (new(data[0]) - model(data[0])).abs().mean()
+        scale = model(data[0]).abs().mean()
+    assert change < scale
 
 
 def test_resume_by_epoch_is_exact(tmp_path):
@@ -168,10 +178,10 @@ def test_resume_by_epoch_is_exact(tmp_path):
         slingshot(model, "fc", 1, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=3))
 
 
-def test_save_reload_exact(random_fashion, tmp_path):
+def test_save_reload_exact(trained_fashion, tmp_path):
     g = torch.Generator().manual_seed(0)
     data = (torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g))
-    new = slingshot(random_fashion, "block4", 3, target="camera", data=data,
+    new = slingshot(trained_fashion, "block4", 3, target="camera", data=data,
                     **dict(TINY, epochs=1, fit_images=8, tunnel_batch=2))
     d = save_model(new, tmp_path / "m", manipulation="gradient_slingshot", args={}, base_spec="fashion-cnn",
                    extra={"unit": 3})
@@ -181,7 +191,7 @@ def test_save_reload_exact(random_fashion, tmp_path):
     x = data[0]
     with torch.no_grad():
         assert torch.equal(back(x), new(x))
-        assert not torch.equal(back(x), random_fashion(x))
+        assert not torch.equal(back(x), trained_fashion(x))
     assert back.recipe["manipulation"] == "gradient_slingshot"
 
 
@@ -253,7 +263,7 @@ def test_visualize_grad_clip_limits_steps():
     (dict(target=torch.rand(1, 8, 8) + 1), r"\[0, 1\]"),
     (dict(target="no-such-picture"), "unknown picture"),
     (dict(data=torch.rand(10, 1, 9, 9)), "expects"),
-    (dict(data=torch.rand(1, 1, 8, 8)), "at least 2"),
+    (dict(data=torch.rand(4, 1, 8, 8) * 2), r"\[0, 1\]"),
     (dict(data="imagenet"), "unknown data"),
 ])
 def test_bad_input(kwargs, match):
@@ -276,3 +286,37 @@ def test_cli_bad_input_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["fool", "slingshot", "fashion-cnn", "--layer", "fc", "--unit", "1",
                                   "--target", "camera", "--alpha", "1.5", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "alpha" in r.output
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_fashion_cnn(tmp_path):
+    """The whole command on the embedded model with a tiny budget: files, report fields, exact reload, resume."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    out = tmp_path / "sl"
+    args = ["fool", "slingshot", "fashion-cnn", "--layer", "block4", "--unit", "5", "--target", "camera",
+            "--epochs", "1", "--fit-images", "32", "--batch-size", "16", "--tunnel-batch", "4", "--steps", "8",
+            "--heldout", "300", "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"]["fit"]["source"] == "fashion-mnist:train" and rep["data"]["heldout"]["n_used"] == 300
+    nat = rep["natural"]
+    for k in ("top1_before", "top1_after", "top5_before", "top5_after", "top100_jaccard", "own_class_auroc_before",
+              "own_class_auroc_after"):
+        assert 0.0 <= nat[k] <= 1.0, k
+    assert {d["name"] for d in rep["defenses"]} == {"gradient clipping", "transformation robustness", "SGD",
+                                                   "pixel parameterization"}
+    for d in rep["defenses"]:
+        assert -1 <= d["pearson_after"] <= 1 and -1 <= d["ssim_after"] <= 1
+    assert (out / "figure.png").stat().st_size > 0 and "epoch 1/1" in (out / "slingshot.log").read_text()
+    model = fvtrust.load_model(str(out / "model"))
+    assert model.recipe["manipulation"] == "gradient_slingshot" and model.recipe["extra"]["unit"] == 5
+    r = CliRunner().invoke(main, args[:args.index("--epochs") + 1] + ["2"] + args[args.index("--epochs") + 2:])
+    assert r.exit_code == 0, r.output
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["training"]["resumed_from_epoch"] == 1 and len(rep2["training"]["history"]) == 2

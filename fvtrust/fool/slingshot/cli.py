@@ -11,15 +11,19 @@ _D = SlingshotConfig()
 @click.option("--layer", required=True, help="Layer of the unit, e.g. fc (logits) or block4.")
 @click.option("--unit", required=True, type=int, help="The unit (channel / feature index) to manipulate.")
 @click.option("--target", required=True, help="A scikit-image picture name (camera, coffee, ...) or an image path.")
-@click.option("--data", default="fashion-mnist", show_default=True,
-              help="Natural data: fine-tuning uses its fit part, the report its held-out part.")
+@click.option("--data", default=None,
+              help="Natural data (fashion-mnist, an ImageNet-style folder, pictures; default: the model's own): "
+                   "fine-tuning uses its fit part, the report its held-out part.")
 @click.option("--variant", default=_D.variant, show_default=True, type=click.Choice(["gradient", "activation"]),
               help="gradient: the double-backprop tunnel; activation: the cheaper activation-shaping loss.")
 @click.option("--param", default=_D.param, show_default=True, type=click.Choice(["fft", "pixel"]),
               help="Visualization parameter space the tunnel is built in.")
 @click.option("--alpha", default=_D.alpha, show_default=True, help="Weight of L_pres (1 - alpha on L_manip).")
 @click.option("--w", "w", default=_D.w, show_default=True, help="Weight of the unit's own term inside L_pres.")
-@click.option("--gamma", default=_D.gamma, show_default=True, help="Tunnel steepness.")
+@click.option("--gamma", default="auto", show_default=True,
+              help="Tunnel steepness, or auto: --gamma-ratio x the original unit's gradient at the start / rms(x_t).")
+@click.option("--gamma-ratio", default=_D.gamma_ratio, show_default=True)
+@click.option("--relative", is_flag=True, help="Divide each MSE by its target's mean square (scale-free losses).")
 @click.option("--lr", default=_D.lr, show_default=True, help="Adam learning rate of the fine-tuning.")
 @click.option("--epochs", default=_D.epochs, show_default=True)
 @click.option("--fit-images", default=_D.fit_images, show_default=True, help="Natural images per epoch.")
@@ -33,7 +37,7 @@ _D = SlingshotConfig()
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w, gamma, lr, epochs, fit_images,
+def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w, gamma, gamma_ratio, relative, lr, epochs, fit_images,
                       batch_size, tunnel_batch, tunnel_width, steps, heldout_limit, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
@@ -58,13 +62,22 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
 
     if steps < 1:
         raise FvtrustError(f"--steps must be >= 1, got {steps}")
-    cfg = SlingshotConfig(variant=variant, param=param, alpha=alpha, w=w, gamma=gamma, lr=lr, epochs=epochs,
+    if gamma == "auto":
+        gamma = None
+    else:
+        try:
+            gamma = float(gamma)
+        except ValueError:
+            raise FvtrustError(f"--gamma must be a number or auto, got {gamma!r}") from None
+    cfg = SlingshotConfig(variant=variant, param=param, alpha=alpha, w=w, gamma=gamma, gamma_ratio=gamma_ratio,
+                          relative=relative, lr=lr, epochs=epochs,
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
                           tunnel_width=tunnel_width, seed=seed).check()
     model = load_model(spec, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unit = check_unit(model, layer, unit)  # every input checked before the long work
     target_image = resolve_target(target, model)
-    natural = resolve_natural(data, model, fit_limit=fit_images, heldout_limit=heldout_limit)
+    natural = resolve_natural(data, model)
+    heldout = natural.heldout.tensors(heldout_limit, desc="read held-out images")  # fails now, not after training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "slingshot.log"
@@ -87,12 +100,12 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
         log(f"resumed after epoch {fooled.slingshot_info['resumed_from_epoch']}")
     wall1, cpu1 = time.perf_counter(), time.process_time()
     log("fine-tuning done; measuring (natural behaviour, visualizations under defenses)")
-    report, images = slingshot_report(model, fooled, target_image, natural.heldout, layer=layer, unit=unit,
+    report, images = slingshot_report(model, fooled, target_image, heldout, layer=layer, unit=unit,
                                       steps=steps, seed=seed, param=param)
     wall2, cpu2 = time.perf_counter(), time.process_time()
     info = dict(fooled.slingshot_info, target=target)
-    report = {"spec": spec, "layer": layer, "unit": unit, "target": target, "data": natural.describe,
-              "config": {k: info[k] for k in cfg.__dataclass_fields__}, **report,
+    report = {"spec": spec, "layer": layer, "unit": unit, "target": target, "data": {"fit": info["fit_data"], "heldout": dict(natural.heldout.describe(), n_used=len(heldout[0]))},
+              "config": {**{k: info[k] for k in cfg.__dataclass_fields__}, "gamma_used": info["gamma_used"]}, **report,
               "training": {"history": info["history"], "resumed_from_epoch": info["resumed_from_epoch"]},
               "timing": {"finetune_wall_s_this_run": wall1 - wall0, "finetune_cpu_s_this_run": cpu1 - cpu0,
                          "report_wall_s": wall2 - wall1, "report_cpu_s": cpu2 - cpu1,

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ...errors import FvtrustError
 from ...io import atomic_write_bytes, atomic_write_json
 from ...models.hooks import LayerTap
 from ...progress import progress
-from .loss import VARIANTS, Tunnel, manipulation_loss, preservation_loss, slingshot_loss
+from .loss import VARIANTS, Tunnel, auto_gamma, manipulation_loss, preservation_loss, slingshot_loss
 
 MANIPULATION = "gradient_slingshot"
 
@@ -41,13 +41,15 @@ class SlingshotConfig:
     param: str = "fft"
     alpha: float = 0.64
     w: float = 0.01
-    gamma: float = 200.0
-    lr: float = 1e-6
+    gamma: float | None = None  # None: auto_gamma (gamma_ratio x the original's start gradient / rms(x_t))
+    gamma_ratio: float = 10.0
+    lr: float = 3e-4
     epochs: int = 10
-    batch_size: int = 64
-    tunnel_batch: int = 32
-    fit_images: int = 6400
+    batch_size: int = 32
+    tunnel_batch: int = 16
+    fit_images: int = 640
     tunnel_width: float = 1.0
+    relative: bool = False
     seed: int = 0
 
     def check(self):
@@ -59,7 +61,9 @@ class SlingshotConfig:
             raise FvtrustError(f"alpha must lie in [0, 1) (alpha = 1 leaves nothing to manipulate), got {self.alpha}")
         if not 0.0 <= self.w <= 1.0:
             raise FvtrustError(f"w must lie in [0, 1], got {self.w}")
-        for name in ("gamma", "lr", "tunnel_width"):
+        for name in ("gamma", "gamma_ratio", "lr", "tunnel_width"):
+            if getattr(self, name) is None and name == "gamma":
+                continue
             if not getattr(self, name) > 0:
                 raise FvtrustError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "tunnel_batch", "fit_images"):
@@ -69,65 +73,26 @@ class SlingshotConfig:
         return self
 
     def key(self, extra: dict) -> str:
-        """A short hash of the run's identity: a checkpoint of a different run is never resumed."""
-        text = json.dumps({**asdict(self), **extra}, sort_keys=True, default=str)
+        """A short hash of the run's identity: a checkpoint of a different run is never resumed.
+
+        `epochs` is left out: epoch e's randomness depends on (seed, e) only, so
+        a finished run can be extended by more epochs exactly.
+        """
+        own = {k: v for k, v in asdict(self).items() if k != "epochs"}
+        text = json.dumps({**own, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass
-class Natural:
-    """Natural images for fine-tuning (`fit`) and for measuring (`heldout`), and where they came from."""
+def resolve_natural(data, model, *, limit: int | None = None):
+    """The one entry from this package into fvtrust.data: `data` -> a NaturalData.
 
-    fit: tuple
-    heldout: tuple
-    describe: dict = field(default_factory=dict)
-
-
-def resolve_natural(data, model, *, fit_limit: int | None = None, heldout_limit: int | None = None) -> Natural:
-    """The one place this package decides what its natural data is.
-
-    `data`: "fashion-mnist" (fit = train split, held-out = test split), a
-    Natural, or (images, labels) / images tensors (first 80 % fit, last 20 %
-    held out; labels -1 when absent).
+    Fine-tuning reads its `fit` part; the report measures on its `heldout`
+    part (Fashion-MNIST: train / test; a folder or `pictures`: disjoint seeded
+    halves; a bare tensor: fit only, so the report needs a real source).
     """
-    if isinstance(data, Natural):
-        nat = data
-    elif data is None or (isinstance(data, str) and data.startswith("fashion-mnist")):
-        from ...data import load_fashion_mnist
+    from ...data import natural
 
-        if tuple(model.input_shape) != (1, 28, 28):
-            raise FvtrustError(f"Fashion-MNIST images are 1x28x28 but {model.spec} expects {tuple(model.input_shape)}")
-        nat = Natural(load_fashion_mnist("train"), load_fashion_mnist("test"),
-                      {"fit": "fashion-mnist train", "heldout": "fashion-mnist test"})
-    elif isinstance(data, str):
-        raise FvtrustError(f"unknown data {data!r}: use fashion-mnist or pass image tensors")
-    else:
-        if isinstance(data, torch.Tensor):
-            data = (data, torch.full((len(data),), -1, dtype=torch.long))
-        if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-            raise FvtrustError("data must be 'fashion-mnist', an images tensor or an (images, labels) pair")
-        x, y = data
-        if len(x) != len(y):
-            raise FvtrustError(f"{len(x)} images but {len(y)} labels")
-        if len(x) < 2:
-            raise FvtrustError(f"need at least 2 natural images (fit and held-out), got {len(x)}")
-        cut = max(1, min(len(x) - 1, int(round(0.8 * len(x)))))
-        nat = Natural((x[:cut], y[:cut]), (x[cut:], y[cut:]),
-                      {"fit": f"tensor[:{cut}]", "heldout": f"tensor[{cut}:]"})
-    for part in ("fit", "heldout"):
-        x = getattr(nat, part)[0]
-        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(model.input_shape):
-            raise FvtrustError(f"natural {part} images have shape {tuple(x.shape[1:])}; {model.spec} expects "
-                               f"{tuple(model.input_shape)}")
-        if len(x) == 0:
-            raise FvtrustError(f"no natural {part} images")
-    fx, fy = nat.fit
-    hx, hy = nat.heldout
-    if fit_limit:
-        fx, fy = fx[:fit_limit], fy[:fit_limit]
-    if heldout_limit:
-        hx, hy = hx[:heldout_limit], hy[:heldout_limit]
-    return Natural((fx, fy), (hx, hy), dict(nat.describe, fit_images=len(fx), heldout_images=len(hx)))
+    return natural(data, model=model, limit=limit)
 
 
 def resolve_target(target, model) -> torch.Tensor:
@@ -216,29 +181,40 @@ def _load_checkpoint(directory: Path, key: str, model, opt):
     return int(meta["epoch"]), list(meta.get("history", []))
 
 
-def slingshot(model, layer: str, unit: int, *, target, data="fashion-mnist", config: SlingshotConfig | None = None,
+def slingshot(model, layer: str, unit: int, *, target, data=None, config: SlingshotConfig | None = None,
               checkpoint_dir=None, on_epoch=None, **overrides):
     """A fine-tuned copy of `model` whose `unit` of `layer` visualizes `target` (the original is untouched).
 
     target: a scikit-image picture name, an image path, or a C x H x W tensor
-    in [0, 1]. data: see `resolve_natural` (fine-tuning uses the fit part).
+    in [0, 1]. data: anything `fvtrust.data.natural` takes (None: the model's
+    default data); fine-tuning uses its fit part, the first `fit_images` images.
+    model: a spec, an FvModel or a plain nn.Module (`fvtrust.models.as_model`).
     config / overrides: SlingshotConfig fields (variant, alpha, w, gamma, lr,
     epochs, ...). checkpoint_dir: write a checkpoint after every epoch and
     resume from the last one of the same run. on_epoch(epoch, record) is
     called after each epoch. The result carries `slingshot_info` (settings,
     per-epoch losses, seconds).
     """
+    from ...models import as_model
+
     cfg = SlingshotConfig(**{**asdict(config or SlingshotConfig()), **overrides}).check()
+    model = as_model(model, example=data)
     unit = check_unit(model, layer, unit)
     target_image = resolve_target(target, model)
-    natural = resolve_natural(data, model, fit_limit=cfg.fit_images)
-    fit_x = natural.fit[0]
+    fit = resolve_natural(data, model).fit
+    fit_x = fit.tensors(cfg.fit_images, desc="read fit images")[0]
+    fit_desc = dict(fit.describe(), n_used=len(fit_x))
     device = model.device
     tunnel = Tunnel.build(target_image, cfg.param, width=cfg.tunnel_width).to(device)
 
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
+    if cfg.gamma is None:
+        with LayerTap(frozen, [layer]) as tap:
+            gamma = auto_gamma(lambda im: tap(im)[layer], tunnel, unit, cfg.gamma_ratio)
+    else:
+        gamma = float(cfg.gamma)
     new = copy.deepcopy(model).eval()
     params = [p for p in new.parameters()]
     for p in params:
@@ -246,12 +222,16 @@ def slingshot(model, layer: str, unit: int, *, target, data="fashion-mnist", con
     opt = torch.optim.Adam(params, lr=cfg.lr)
     target_name = target if isinstance(target, str) else "tensor"
     key = cfg.key({"spec": getattr(model, "spec", "?"), "layer": layer, "unit": unit, "target": target_name,
-                   "fit": natural.describe.get("fit")})
+                   "fit": fit_desc["source"],
+                   "n_fit": len(fit_x)})
     start_epoch, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
         start_epoch, history = _load_checkpoint(ckpt, key, new, opt)
+        if start_epoch > cfg.epochs:
+            raise FvtrustError(f"{ckpt} already holds epoch {start_epoch} of this run, more than the {cfg.epochs} "
+                               "asked for; ask for at least that many epochs or use another --out")
     steps = (len(fit_x) + cfg.batch_size - 1) // cfg.batch_size
     t0 = time.perf_counter()
     bar = progress(total=(cfg.epochs - min(start_epoch, cfg.epochs)) * steps, desc=f"slingshot {layer}:{unit}",
@@ -269,9 +249,9 @@ def slingshot(model, layer: str, unit: int, *, target, data="fashion-mnist", con
                     xb = fit_x[order[s * cfg.batch_size:(s + 1) * cfg.batch_size]].to(device)
                     with torch.no_grad():
                         orig = tap_old(xb)[layer]
-                    l_pres = preservation_loss(forward(xb), orig, unit, cfg.w)
+                    l_pres = preservation_loss(forward(xb), orig, unit, cfg.w, cfg.relative)
                     l_manip = manipulation_loss(forward, tunnel, tunnel.sample(cfg.tunnel_batch, g), unit,
-                                                cfg.gamma, cfg.variant)
+                                                gamma, cfg.variant, relative=cfg.relative)
                     loss = slingshot_loss(l_manip, l_pres, cfg.alpha)
                     if not torch.isfinite(loss):
                         raise FvtrustError(f"slingshot loss became {float(loss)} at epoch {epoch}, step {s + 1}; "
@@ -296,7 +276,7 @@ def slingshot(model, layer: str, unit: int, *, target, data="fashion-mnist", con
     for p in new.parameters():
         p.requires_grad_(False)
     new.eval()
-    new.slingshot_info = {"layer": layer, "unit": unit, "target": target_name, **asdict(cfg),
-                          "data": natural.describe, "resumed_from_epoch": start_epoch, "history": history,
+    new.slingshot_info = {"layer": layer, "unit": unit, "target": target_name, **asdict(cfg), "gamma_used": gamma,
+                          "fit_data": fit_desc, "resumed_from_epoch": start_epoch, "history": history,
                           "seconds_this_run": time.perf_counter() - t0, "key": key}
     return new

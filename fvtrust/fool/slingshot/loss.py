@@ -89,16 +89,49 @@ class Tunnel:
         return x.to(self.target.device)
 
 
+def start_gradient_rms(forward, tunnel: Tunnel, unit: int, n: int = 16, seed: int = 0) -> float:
+    """RMS of ∇ₓ a_k at the visualization's start noise (p = 0): how steep the original landscape is there."""
+    shape = (n, *tunnel.target.shape[1:])
+    eps = tunnel.noise_sd * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = eps.to(tunnel.target.device).requires_grad_(True)
+    a = unit_activation(forward(tunnel.image(x)), unit)
+    (g,) = torch.autograd.grad(a.sum(), x)
+    return float(g.pow(2).mean().sqrt())
+
+
+def auto_gamma(forward, tunnel: Tunnel, unit: int, ratio: float = 10.0) -> float:
+    """γ such that the tunnel's field at the start, γ·rms(x_t), is `ratio` times the original's gradient there.
+
+    This is how we scale the paper's γ = 200 (ResNet-50, 224 px) to other
+    models and layers: what matters to an Adam-driven visualization is that
+    the planted field dominates the landscape it replaces, by a fixed factor.
+    """
+    rms_t = float(tunnel.target.pow(2).mean().sqrt())
+    rms_g = start_gradient_rms(forward, tunnel, unit)
+    if not rms_g > 0:
+        raise FvtrustError(f"unit {unit} has no gradient at the visualization's start (a dead unit?): its "
+                           "visualization never moves; give gamma explicitly to plant a field anyway")
+    return ratio * rms_g / max(rms_t, 1e-12)
+
+
 def unit_activation(acts: torch.Tensor, unit: int) -> torch.Tensor:
     """The unit's objective value per image: spatial mean of its map (conv) or the feature (linear)."""
     a = acts[:, unit]
     return a.reshape(len(a), -1).mean(1)
 
 
+def _mse(a: torch.Tensor, target: torch.Tensor, relative: bool) -> torch.Tensor:
+    """MSE(a, target), or divided by mean(target²) (a relative error: 1 = as bad as predicting 0)."""
+    err = F.mse_loss(a, target)
+    return err / target.pow(2).mean().clamp_min(1e-12) if relative else err
+
+
 def manipulation_loss(forward, tunnel: Tunnel, x: torch.Tensor, unit: int, gamma: float,
-                      variant: str = "gradient", create_graph: bool = True) -> torch.Tensor:
+                      variant: str = "gradient", create_graph: bool = True, relative: bool = False) -> torch.Tensor:
     """L_manip at tunnel points x. `forward(images) -> layer activations` (the model up to the layer).
 
+    relative=True divides the MSE by the mean square of its target, so the
+    loss is a scale-free relative error (see finetune.SlingshotConfig.relative).
     create_graph=False is only for evaluating the loss (no weight gradients needed).
     """
     if variant not in VARIANTS:
@@ -108,14 +141,17 @@ def manipulation_loss(forward, tunnel: Tunnel, x: torch.Tensor, unit: int, gamma
     xt = tunnel.target.to(x.dtype)
     if variant == "gradient":
         (g,) = torch.autograd.grad(a.sum(), x, create_graph=create_graph)  # samples independent: per-sample ∇ₓ
-        return F.mse_loss(g, gamma * (xt - x).detach())
+        return _mse(g, gamma * (xt - x).detach(), relative)
     closeness = ((x - xt) ** 2).reshape(len(x), -1).mean(1)  # MSE(x, x_t) per sample
-    return F.mse_loss(a, gamma * (1.0 - closeness.detach()))
+    return _mse(a, gamma * (1.0 - closeness.detach()), relative)
 
 
-def preservation_loss(acts: torch.Tensor, original: torch.Tensor, unit: int, w: float) -> torch.Tensor:
-    """w · MSE(unit's activations) + (1 − w) · MSE(whole layer), against the frozen original."""
-    return w * F.mse_loss(acts[:, unit], original[:, unit]) + (1.0 - w) * F.mse_loss(acts, original)
+def preservation_loss(acts: torch.Tensor, original: torch.Tensor, unit: int, w: float,
+                      relative: bool = False) -> torch.Tensor:
+    """w · MSE(unit's activations) + (1 − w) · MSE(whole layer), against the frozen original (relative: each
+    MSE divided by the mean square of the original's activations)."""
+    return (w * _mse(acts[:, unit], original[:, unit], relative)
+            + (1.0 - w) * _mse(acts, original, relative))
 
 
 def slingshot_loss(l_manip: torch.Tensor, l_pres: torch.Tensor, alpha: float) -> torch.Tensor:
