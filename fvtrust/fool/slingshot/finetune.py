@@ -9,7 +9,7 @@ function that is fine-tuned is the one that is visualized and evaluated.
 Randomness is drawn per epoch from (seed, epoch): a run resumed from an
 epoch checkpoint continues exactly as the uninterrupted run would have.
 
-Hyperparameters (defaults, for the 28-px fashion-cnn): see DEFAULTS and the
+Hyperparameters (defaults, for the 28-px fashion-cnn): see SlingshotConfig and the
 README section "Gradient slingshots" for how they were scaled from the
 paper's ResNet-50 settings (α = 0.64, w = 0.01, γ = 200, lr 1e-6, 10 epochs).
 """
@@ -213,6 +213,8 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
     if cfg.gamma is None:
         with LayerTap(frozen, [layer]) as tap:
             gamma = auto_gamma(lambda im: tap(im)[layer], tunnel, unit, cfg.gamma_ratio)
+        if cfg.variant == "activation":  # same slope: ∇ₓ γ(1 − MSE(x, x_t)) = (2γ / D)·(x_t − x)
+            gamma *= tunnel.target.numel() / 2.0
     else:
         gamma = float(cfg.gamma)
     new = copy.deepcopy(model).eval()

@@ -154,11 +154,17 @@ def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout,
         images["after"].append(v1)
         images["names"].append(st["name"])
     std = defenses[0]
+    manipulated_ok = std["pearson_after"] >= UNDONE_BELOW
+    if not manipulated_ok:  # nothing to undo: the standard visualization does not show the target
+        for d in defenses:
+            d["undoes_slingshot"] = None
     report = {"natural": natural,
               "visualization": {"steps": steps, "seed": seed, "objective": "channel",
                                 "pearson_before": std["pearson_before"], "pearson_after": std["pearson_after"],
                                 "ssim_before": std["ssim_before"], "ssim_after": std["ssim_after"]},
-              "defenses": defenses[1:], "undone_by": [d["name"] for d in defenses[1:] if d["undoes_slingshot"]],
+              "slingshot_succeeded": bool(manipulated_ok),
+              "defenses": defenses[1:],
+              "undone_by": [d["name"] for d in defenses[1:] if d["undoes_slingshot"]] if manipulated_ok else None,
               "undone_threshold_pearson": UNDONE_BELOW}
     return report, images
 
