@@ -221,6 +221,7 @@ def test_similarity_to_target():
     t = tiny_target()
     sim = similarity_to_target(t, t)
     assert sim["pearson"] == pytest.approx(1.0) and sim["ssim"] == pytest.approx(1.0)
+    assert sim["image_std"] == pytest.approx(float(t.double().std(unbiased=False)))
     img = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
     sim = similarity_to_target(img, t)
     assert sim["pearson"] == pytest.approx(np.corrcoef(img.flatten(), t.flatten())[0, 1], abs=1e-6)

@@ -69,7 +69,7 @@ def similarity_to_target(image: torch.Tensor, target: torch.Tensor) -> dict:
         s = structural_similarity(a[0], b[0], data_range=1.0)
     else:
         s = structural_similarity(a, b, data_range=1.0, channel_axis=0)
-    return {"pearson": r, "ssim": float(s)}
+    return {"pearson": r, "ssim": float(s), "image_std": float(a.std())}
 
 
 def _start_gradient(model, layer, unit, param, seed):
@@ -148,6 +148,8 @@ def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout,
         defenses.append({"name": st["name"], "settings": {k: v for k, v in st.items() if k != "name"},
                          "pearson_before": b["pearson"], "pearson_after": a["pearson"],
                          "ssim_before": b["ssim"], "ssim_after": a["ssim"],
+                         # a near-constant image (a visualization that never left its start) has a meaningless r
+                         "image_std_before": b["image_std"], "image_std_after": a["image_std"],
                          "objective_before": o0, "objective_after": o1,
                          "undoes_slingshot": bool(not a["pearson"] >= UNDONE_BELOW)})
         images["before"].append(v0)
@@ -161,7 +163,9 @@ def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout,
     report = {"natural": natural,
               "visualization": {"steps": steps, "seed": seed, "objective": "channel",
                                 "pearson_before": std["pearson_before"], "pearson_after": std["pearson_after"],
-                                "ssim_before": std["ssim_before"], "ssim_after": std["ssim_after"]},
+                                "ssim_before": std["ssim_before"], "ssim_after": std["ssim_after"],
+                                "image_std_before": std["image_std_before"],
+                                "image_std_after": std["image_std_after"]},
               "slingshot_succeeded": bool(manipulated_ok),
               "defenses": defenses[1:],
               "undone_by": [d["name"] for d in defenses[1:] if d["undoes_slingshot"]] if manipulated_ok else None,
