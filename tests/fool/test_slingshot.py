@@ -266,6 +266,7 @@ def test_visualize_grad_clip_limits_steps():
     (dict(data=torch.rand(10, 1, 9, 9)), "expects"),
     (dict(data=torch.rand(4, 1, 8, 8) * 2), r"\[0, 1\]"),
     (dict(data="imagenet"), "unknown data"),
+    (dict(gama=3.0), "unknown slingshot setting"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)

@@ -37,7 +37,8 @@ _D = SlingshotConfig()
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w, gamma, gamma_ratio, relative, lr, epochs, fit_images,
+def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
+                      epochs, fit_images,
                       batch_size, tunnel_batch, tunnel_width, steps, heldout_limit, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
@@ -104,7 +105,8 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
                                       steps=steps, seed=seed, param=param)
     wall2, cpu2 = time.perf_counter(), time.process_time()
     info = dict(fooled.slingshot_info, target=target)
-    report = {"spec": spec, "layer": layer, "unit": unit, "target": target, "data": {"fit": info["fit_data"], "heldout": dict(natural.heldout.describe(), n_used=len(heldout[0]))},
+    data_desc = {"fit": info["fit_data"], "heldout": dict(natural.heldout.describe(), n_used=len(heldout[0]))}
+    report = {"spec": spec, "layer": layer, "unit": unit, "target": target, "data": data_desc,
               "config": {**{k: info[k] for k in cfg.__dataclass_fields__}, "gamma_used": info["gamma_used"]}, **report,
               "training": {"history": info["history"], "resumed_from_epoch": info["resumed_from_epoch"]},
               "timing": {"finetune_wall_s_this_run": wall1 - wall0, "finetune_cpu_s_this_run": cpu1 - cpu0,
@@ -116,7 +118,8 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
                                  "counts waiting for the cores"},
               "command": command}
     with staged_dir(out) as stage:
-        save_model(fooled, stage / "model", manipulation=MANIPULATION, args={}, base_spec=getattr(model, "base_spec", spec),
+        save_model(fooled, stage / "model", manipulation=MANIPULATION, args={},
+                   base_spec=getattr(model, "base_spec", spec),
                    extra={k: v for k, v in info.items() if k != "history"})
         fig = slingshot_figure(report, images, title=f"{spec} {layer} unit {unit} → {target} (gradient slingshot, "
                                                      f"{cfg.variant})")

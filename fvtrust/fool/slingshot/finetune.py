@@ -197,6 +197,10 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
     """
     from ...models import as_model
 
+    unknown = sorted(set(overrides) - set(SlingshotConfig.__dataclass_fields__))
+    if unknown:
+        raise FvtrustError(f"unknown slingshot setting(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(SlingshotConfig.__dataclass_fields__)}")
     cfg = SlingshotConfig(**{**asdict(config or SlingshotConfig()), **overrides}).check()
     model = as_model(model, example=data)
     unit = check_unit(model, layer, unit)
