@@ -19,16 +19,21 @@ plain ``nn.Sequential`` (``features.0``), torchvision's Bottleneck
 BN gets ReLU(z) + Δy from SilentConv directly.
 
 The paper writes b = −(α/β)·ȳ_max,nat; we follow the authors' code: b is minus
-the largest natural response of the *constructed* filter, times (1 + margin).
+the largest natural response ȳ_max of the *constructed* filter, moved a further
+margin·|ȳ_max| down: b = −ȳ_max − margin·|ȳ_max|. The absolute value matters when
+ȳ_max < 0: −(1 + margin)·ȳ_max would then be a positive bias above −ȳ_max, and
+Δy would fire on exactly the natural images that calibrated it.
 
 Receptive field (`pool`): "local" is the paper's per-position Conv(x, Θ̄). It
 needs visualizations to beat natural images *at a position*; on ImageNet
 networks they do by far, but on the 28-px fashion-cnn they reach only ~1.2x
 the natural per-position maximum, so a local silent unit never switches on.
-"global" (default) averages Conv(x, Θ̄) over positions (a conv whose kernel
-covers the whole map, like the picture unit of the fooling circuit) and adds
-Δy at every position; channel means of visualizations reach ~3x the natural
-maximum there, which is the gap the construction needs.
+"map" (default) gives each unit one kernel over the conv's whole input map (like
+the picture unit of the fooling circuit): its α part is the full-map kernel of
+the mean of Conv(x, Θ) over positions, its β part the target's input map, and Δy
+is added at every position of the unit's channel. A visualization can raise
+that one number far above its natural maximum, which is the gap the
+construction needs.
 """
 from __future__ import annotations
 
@@ -241,6 +246,12 @@ def _map_filters(model, conv_name, conv, units, target, natural):
     return theta_map, (tmap - tmap.mean())[None]
 
 
+def silent_bias(ymax: torch.Tensor, margin: float) -> torch.Tensor:
+    """b = −ȳ_max − margin·|ȳ_max|: below −ȳ_max also when the natural maximum is negative
+    (−(1 + margin)·ȳ_max would then be *above* it and Δy would fire on the calibration images)."""
+    return -ymax - margin * ymax.abs()
+
+
 def orthogonalize(delta: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """ΔΘ⊥ per unit: remove the Θ component (Gram–Schmidt), rescale to ‖Θ‖. Shapes (U, ...)."""
     d = delta.reshape(len(delta), -1).double()
@@ -331,7 +342,7 @@ def silent_units(model, layer: str, *, target="unit:0", natural, alpha: float = 
         sconv = new.net.get_submodule(conv_name)
         sconv.weight_bar.copy_(alpha * theta + beta * delta_perp)
     ymax = natural_max(new, conv_name, natural)
-    sconv.bias_bar.copy_(-(1.0 + margin) * ymax)
+    sconv.bias_bar.copy_(silent_bias(ymax, margin))
     new.silent_info = {"layer": layer, "conv": conv_name, "units": units, "alpha": alpha, "beta": beta,
                        "margin": margin, "pool": pool,
                        "map_size": int(sconv.map_bar.shape[1]), "quiet_fraction": quiet_fraction, "target": target if isinstance(target, str) else "tensor",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..models.hooks import LayerTap
+from .silent import silent_bias
 
 
 def mean_pairwise_correlation(images: torch.Tensor) -> float:
@@ -113,7 +114,7 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
             if m == info["margin"]:  # the construction itself: already measured
                 lk, vm = base_leaks, v1
             else:
-                sconv.bias_bar.copy_(-(1.0 + m) * ymax)
+                sconv.bias_bar.copy_(silent_bias(ymax, m))
                 lk, vm = leaks(manipulated, x), vis(manipulated, units, True)
             tradeoff.append({"margin": m, **lk, "mean_pairwise_correlation": mean_pairwise_correlation(vm.final),
                              "mean_objective": float(vm.objective[-1].mean())})
