@@ -105,6 +105,9 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     """
     if grad_clip is not None and not grad_clip > 0:
         raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
+    from ..models import as_model
+
+    model = as_model(model, example=start)
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
         bad = [u for u in units if not 0 <= int(u) < n_units]

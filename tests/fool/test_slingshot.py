@@ -302,7 +302,7 @@ def test_cli_end_to_end_on_fashion_cnn(tmp_path):
     out = tmp_path / "sl"
     args = ["fool", "slingshot", "fashion-cnn", "--layer", "block4", "--unit", "5", "--target", "camera",
             "--epochs", "1", "--fit-images", "32", "--batch-size", "16", "--tunnel-batch", "4", "--steps", "8",
-            "--heldout", "300", "--out", str(out)]
+            "--natural-limit", "300", "--out", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())

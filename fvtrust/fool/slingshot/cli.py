@@ -1,6 +1,7 @@
 """`fvtrust fool slingshot`: fine-tune one unit's visualization towards a target, then measure it."""
 import click
 
+from ...cli_common import data_options
 from .finetune import SlingshotConfig
 
 _D = SlingshotConfig()
@@ -11,9 +12,7 @@ _D = SlingshotConfig()
 @click.option("--layer", required=True, help="Layer of the unit, e.g. fc (logits) or block4.")
 @click.option("--unit", required=True, type=int, help="The unit (channel / feature index) to manipulate.")
 @click.option("--target", required=True, help="A scikit-image picture name (camera, coffee, ...) or an image path.")
-@click.option("--data", default=None,
-              help="Natural data (fashion-mnist, an ImageNet-style folder, pictures; default: the model's own): "
-                   "fine-tuning uses its fit part, the report its held-out part.")
+@data_options
 @click.option("--variant", default=_D.variant, show_default=True, type=click.Choice(["gradient", "activation"]),
               help="gradient: the double-backprop tunnel; activation: the cheaper activation-shaping loss.")
 @click.option("--param", default=_D.param, show_default=True, type=click.Choice(["fft", "pixel"]),
@@ -32,14 +31,13 @@ _D = SlingshotConfig()
 @click.option("--tunnel-width", default=_D.tunnel_width, show_default=True,
               help="Tunnel noise = this x the visualization's start-noise sd.")
 @click.option("--steps", default=512, show_default=True, help="Steps of every before/after visualization.")
-@click.option("--heldout", "heldout_limit", default=None, type=int, help="Use only the first N held-out images.")
 @click.option("--seed", default=_D.seed, show_default=True)
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
+def slingshot_command(spec, layer, unit, target, data, class_index, natural_limit, data_dir, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
                       epochs, fit_images,
-                      batch_size, tunnel_batch, tunnel_width, steps, heldout_limit, seed, weights, device, out):
+                      batch_size, tunnel_batch, tunnel_width, steps, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/report.json, OUT/figure.png and
@@ -58,7 +56,8 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
     from ...errors import FvtrustError
     from ...io import atomic_save_figure, atomic_write_json, staged_dir
     from ...models import load_model, save_model
-    from .finetune import MANIPULATION, check_unit, resolve_natural, resolve_target, slingshot
+    from ...cli_common import device_of, load_natural
+    from .finetune import MANIPULATION, check_unit, resolve_target, slingshot
     from .report import slingshot_figure, slingshot_report
 
     if steps < 1:
@@ -74,11 +73,11 @@ def slingshot_command(spec, layer, unit, target, data, variant, param, alpha, w,
                           relative=relative, lr=lr, epochs=epochs,
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
                           tunnel_width=tunnel_width, seed=seed).check()
-    model = load_model(spec, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(spec, weights=weights, device=device_of(device))
     unit = check_unit(model, layer, unit)  # every input checked before the long work
     target_image = resolve_target(target, model)
-    natural = resolve_natural(data, model)
-    heldout = natural.heldout.tensors(heldout_limit, desc="read held-out images")  # fails now, not after training
+    natural = load_natural(model, data, class_index, natural_limit, data_dir, seed=seed)
+    heldout = natural.heldout.tensors(desc="read held-out images")  # fails now, not after training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "slingshot.log"
