@@ -146,14 +146,17 @@ def _layer_units(model, layer: str) -> tuple[str, int]:
     return key, info.units
 
 
-def audit(model, layer: str, *, data, units=None, settings: AuditSettings | None = None, **overrides) -> AuditResult:
+def audit(model, layer: str, *, data, units=None, settings: AuditSettings | None = None,
+          visualizations: torch.Tensor | None = None, **overrides) -> AuditResult:
     """Audit `units` (default: all) of `layer`: per-unit signals, score, flag, and a layer verdict.
 
     `data`: natural images — a tensor N x C x H x W in [0, 1], or a data spec
     (`fashion-mnist[:split]`, an ImageNet-style folder, `pictures`). Keyword
     overrides go to `AuditSettings` (steps, top_k, path_starts, path_points,
     natural_limit, seed, batch_size). See the module doc for the pipeline and
-    `THRESHOLDS` for the fixed decision rule.
+    `THRESHOLDS` for the fixed decision rule. `visualizations` (U x C x H x W,
+    one per unit in order) audits given visualizations instead of making them:
+    the verdict then speaks for those images only.
     """
     from ..linearity.top_activating import top_activating_many
     from ..models.layers import parse_units
@@ -177,9 +180,14 @@ def audit(model, layer: str, *, data, units=None, settings: AuditSettings | None
                               batch_size=settings.batch_size)
     seconds["rank"] = time.perf_counter() - t0
     t = time.perf_counter()
-    vis = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
-                    progress_desc=f"audit: visualize {key}")
-    x_v = vis.final
+    if visualizations is not None:
+        x_v = visualizations.detach().float().cpu()
+        if tuple(x_v.shape) != (len(units), *model.input_shape):
+            raise FvtrustError(f"visualizations must have shape {(len(units), *model.input_shape)} (one per unit), "
+                               f"got {tuple(x_v.shape)}")
+    else:
+        x_v = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
+                        progress_desc=f"audit: visualize {key}").final
     seconds["visualize"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -5,7 +5,17 @@ returns, for its own unit units[i], the unit's activation (as the
 visualization objective measures it: spatial mean for conv maps), the
 gradient of that activation w.r.t. the image, and the gradient w.r.t. the
 layer's *input* (every floating-point tensor the layer module receives,
-flattened and concatenated, so a layer that takes several inputs works).
+concatenated, so a layer that takes several inputs works), summed over the
+positions of each input channel (dims >= 2 of an N x C x ... input).
+
+Why summed: for a conv unit y = mean_p ReLU(w · h_p), the gradient w.r.t.
+the input map is the filter pasted at every position where the unit is
+active, so its raw map mostly tells *where* the unit fired. Summed over
+positions it is (fraction active) x (the filter summed over its taps) per
+input channel: the same direction whatever the positions, i.e. which input
+channels drive the unit and with what sign. Measured on clean fashion-cnn
+block3: raw-map cosines between a unit's top natural images and its
+visualization ranged 0.11-0.93 (median 0.51); the channel profiles agree.
 No module of the model is inspected or recognised: only a forward pre-hook
 and a forward hook on the audited layer, which stops the forward pass there.
 """
@@ -37,6 +47,11 @@ def unit_value(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         raise FvtrustError("the audited layer's output has no unit dimension")
     a = out.gather(1, units.view(-1, *(1,) * (out.dim() - 1)).expand(-1, 1, *out.shape[2:]))
     return a.reshape(len(a), -1).mean(1)
+
+
+def channel_profile(g: torch.Tensor) -> torch.Tensor:
+    """(B, C) per-channel sum over positions for N x C x ... tensors; (B, D) tensors as they are."""
+    return g.reshape(len(g), g.shape[1], -1).sum(2) if g.dim() >= 3 else g.reshape(len(g), -1)
 
 
 def _tensors_in(args, kwargs) -> list[torch.Tensor]:
@@ -93,7 +108,7 @@ def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad
     if image_grad:
         gi = (grads[0] if grads[0] is not None else torch.zeros_like(x)).reshape(len(x), -1)
         grads = grads[1:]
-    parts = [(g if g is not None else torch.zeros_like(t)).reshape(len(x), -1) for g, t in zip(grads, ins)]
+    parts = [channel_profile(g if g is not None else torch.zeros_like(t)) for g, t in zip(grads, ins)]
     if not parts:
         parts = [torch.zeros(len(x), 0, device=x.device)]
     return Probe(value.detach(), None if gi is None else gi.detach(), torch.cat(parts, 1).detach())

@@ -1,0 +1,188 @@
+"""Does `fvtrust.audit` find manipulated units? Every attack fvtrust has, on fashion-cnn, plus the clean model.
+
+Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *train*, the audit *test*):
+
+* circuit-permutation: fooling circuit at `fc`, units 0,2,4,6,8 visualize as unit (u + 5) mod 10;
+* circuit-picture:     fooling circuit at `fc`, units 1,3,5,7,9 visualize as the 'camera' picture;
+* silent-picture:      silent units on `block3` (Conv-BN-ReLU, 64 units), 16 random units, target 'coffee';
+* silent-unit:         silent units on `block3`, 16 other random units, target `unit:N` (N untouched);
+* clean:               the original model, audited at fc, block3 and block4 (128 units).
+
+Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
+the clean model's units of the same layer (negatives); TPR at the fixed threshold (score >= FLAG_AT); the
+model-level verdict. Clean model: FPR on every audited layer. Time: the 128-unit block4 audit, `--repeats`
+times, wall and CPU seconds, against a plain `fvtrust.visualize` of the same units in the same run (ratio).
+
+The circuit needs a trained visualization detector: built once (`DETECTOR_BUDGET`: the `quick` budget, cut) and cached under
+`--cache` (as are finished audits, so an interrupted run resumes).
+
+    python benchmarks/bench_audit.py                      # everything
+    python benchmarks/bench_audit.py --repeats 3 --only timing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
+import torch  # noqa: E402
+
+import fvtrust  # noqa: E402
+from fvtrust.audit import FLAG_AT, audit  # noqa: E402
+from fvtrust.data import load_fashion_mnist  # noqa: E402
+
+
+# the `quick` detector budget, cut further so the benchmark fits a shared 2-core machine (a weaker detector only
+# makes the circuit leak, i.e. easier to see; the audit's visualizations use 128 steps, as these snapshots do)
+DETECTOR_BUDGET = dict(runs=1, steps=128, max_units=40, min_units=40, epochs=3, natural_per_epoch=6000)
+
+
+def auroc(pos, neg) -> float:
+    """P(score_pos > score_neg) + ½ P(=): the Mann-Whitney U statistic divided by n_pos·n_neg."""
+    u = scipy.stats.mannwhitneyu(pos, neg, alternative="greater").statistic
+    return float(u) / (len(pos) * len(neg))
+
+
+def detector(model, cache: Path):
+    from fvtrust.fool.detector import build_detector, load_detector, save_detector
+
+    d = cache / "detector"
+    if (d / "detector.json").exists() or any(d.glob("*.safetensors")):
+        try:
+            return load_detector(d)[0]
+        except Exception:  # noqa: BLE001 - rebuild a broken cache
+            pass
+    det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGET)
+    save_detector(det, d, rep)
+    return det
+
+
+def build_attacks(model, cache: Path, train: torch.Tensor, seed: int) -> dict:
+    """name -> (layer, fooled model, manipulated units)."""
+    from fvtrust.fool.circuit import fooling_circuit
+    from fvtrust.fool.silent import silent_units
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(64).tolist()
+    silent_a, silent_b = sorted(perm[:16]), sorted(perm[16:32])
+    target_n = perm[32]  # an untouched unit
+    out = {}
+    det = detector(model, cache)
+    nat = train[:10000]
+    pm = {u: (u + 5) % 10 for u in (0, 2, 4, 6, 8)}
+    out["circuit-permutation"] = ("fc", fooling_circuit(model, "fc", det, mapping=pm, natural=nat, seed=seed),
+                                  sorted(pm))
+    pic_units = [1, 3, 5, 7, 9]
+    out["circuit-picture"] = ("fc", fooling_circuit(model, "fc", det, picture="camera", units=pic_units,
+                                                    natural=nat, seed=seed), pic_units)
+    out["silent-picture"] = ("block3", silent_units(model, "block3", target="coffee", natural=train[:20000],
+                                                    units=silent_a), silent_a)
+    out["silent-unit"] = ("block3", silent_units(model, "block3", target=f"unit:{target_n}",
+                                                 natural=train[:20000], units=silent_b), silent_b)
+    return out
+
+
+def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
+    f = cache / f"audit-{name}-{layer}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = audit(model, layer, data=data, **kw).to_dict()
+    res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    f.write_text(json.dumps(res))
+    return res
+
+
+def timing(model, data, repeats: int, steps: int) -> dict:
+    """The 128-unit block4 audit vs a plain visualization of the same units (same settings), `repeats` times."""
+    from fvtrust.visualize import visualize
+
+    rows = []
+    for r in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        visualize(model, "block4", "all", steps=steps, objective="channel", seed=r)
+        vis = (time.perf_counter() - t0, time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = audit(model, "block4", data=data, steps=steps, seed=r)
+        aud = (time.perf_counter() - t0, time.process_time() - c0)
+        rows.append({"visualize_wall": vis[0], "visualize_cpu": vis[1], "audit_wall": aud[0], "audit_cpu": aud[1],
+                     "stages": res.seconds, "load": os.getloadavg()[0]})
+        print(f"  repeat {r + 1}: audit {aud[0]:.1f} s wall ({aud[1]:.1f} s CPU), plain visualize {vis[0]:.1f} s "
+              f"wall ({vis[1]:.1f} s CPU), ratio {aud[0] / vis[0]:.2f}, 1-min load {rows[-1]['load']:.1f}",
+              flush=True)
+    return {"repeats": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=".bench_cache/audit", type=Path)
+    ap.add_argument("--repeats", default=3, type=int)
+    ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
+    ap.add_argument("--only", default="attacks,clean,timing")
+    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument("--threads", default=2, type=int)
+    ap.add_argument("--json", default=None, type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    kw = {} if args.steps is None else {"steps": args.steps}
+    model = fvtrust.load_model("fashion-cnn")
+    train = load_fashion_mnist("train")[0]
+    data = load_fashion_mnist("test")[0][:5000]
+    out = {"flag_at": FLAG_AT, "threads": args.threads}
+
+    clean = {}
+    if only & {"attacks", "clean"}:
+        for layer in ("fc", "block3", "block4"):
+            clean[layer] = cached_audit(args.cache, "clean", model, layer, data, **kw)
+        print("clean model (negatives everywhere):")
+        for layer, r in clean.items():
+            s = np.array([u["score"] for u in r["units"]])
+            print(f"  {layer:7s} units {len(s):4d}  FPR {np.mean(s >= FLAG_AT):.4f}  max score {s.max():.3f}  "
+                  f"verdict {r['verdict']}  ({r['bench_wall_s'] / len(s):.2f} s/unit wall, "
+                  f"{r['bench_cpu_s'] / len(s):.2f} s/unit CPU)", flush=True)
+        out["clean"] = {layer: {"fpr": float(np.mean([u["score"] >= FLAG_AT for u in r["units"]])),
+                                "verdict": r["verdict"], "max_score": max(u["score"] for u in r["units"])}
+                        for layer, r in clean.items()}
+    if "attacks" in only:
+        attacks = build_attacks(model, args.cache, train, args.seed)
+        out["attacks"] = {}
+        print("attacks (positives = manipulated units; negatives = untouched units + clean units of the layer):")
+        for name, (layer, fooled, units) in attacks.items():
+            r = cached_audit(args.cache, name, fooled, layer, data, **kw)
+            man = set(units)
+            pos = [u["score"] for u in r["units"] if u["unit"] in man]
+            neg = [u["score"] for u in r["units"] if u["unit"] not in man]
+            neg_all = neg + [u["score"] for u in clean[layer]["units"]]
+            row = {"layer": layer, "n_pos": len(pos), "n_neg": len(neg_all), "auroc": auroc(pos, neg_all),
+                   "auroc_within_model": auroc(pos, neg) if neg else None,
+                   "tpr": float(np.mean(np.array(pos) >= FLAG_AT)),
+                   "fpr_untouched": float(np.mean(np.array(neg) >= FLAG_AT)) if neg else None,
+                   "verdict": r["verdict"], "verdict_right": r["verdict"] == "suspicious",
+                   "s_per_unit_wall": r["bench_wall_s"] / len(r["units"]),
+                   "s_per_unit_cpu": r["bench_cpu_s"] / len(r["units"]),
+                   "fired": r["evidence"]["flagged_by_signal"]}
+            out["attacks"][name] = row
+            print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
+                  f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  FPR untouched "
+                  f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
+                  f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU", flush=True)
+    if "timing" in only:
+        print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
+        out["timing"] = timing(model, data, args.repeats, args.steps or 128)
+        walls = [r["audit_wall"] for r in out["timing"]["repeats"]]
+        print(f"  audit wall s: min {min(walls):.1f}, median {float(np.median(walls)):.1f}, max {max(walls):.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
