@@ -7,8 +7,9 @@ import click
 @click.command("audit")
 @click.argument("spec")
 @click.option("--layer", required=True, help="Layer to audit (a PyTorch module path: fc, block3, layer4.1.conv2).")
-@click.option("--data", required=True,
-              help="Natural images: fashion-mnist[:train|test], an ImageNet-style folder, or pictures.")
+@click.option("--data", default=None,
+              help="Natural images: fashion-mnist[:train|test], an ImageNet-style folder, or pictures "
+                   "(default: the model's own, e.g. Fashion-MNIST for fashion-cnn).")
 @click.option("--units", default="all", show_default=True, help="0,1,2 or 0-9 or all.")
 @click.option("--steps", default=128, show_default=True, help="Visualization steps per unit.")
 @click.option("--top-k", default=8, show_default=True, help="Top natural images per unit.")
@@ -19,17 +20,15 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def audit_command(spec, layer, data, units, steps, top_k, natural_limit, seed, weights, device, out):
     """Score every unit of LAYER for a manipulated visualization; write audit.json and index.html."""
-    import torch
-
-    from ..models import load_model
+    from ..models import load_model, resolve_device
     from .core import audit
     from .report import save_audit
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(spec, weights=weights, device=device)
+    model = load_model(spec, weights=weights, device=resolve_device(device))
     res = audit(model, layer, data=data, units=units, steps=steps, top_k=top_k, natural_limit=natural_limit,
                 seed=seed)
-    command = (f"fvtrust audit {spec} --layer {layer} --data {data} --units {units} --steps {steps} "
+    data_opt = f"--data {data} " if data else ""
+    command = (f"fvtrust audit {spec} --layer {layer} {data_opt}--units {units} --steps {steps} "
                f"--top-k {top_k} --natural-limit {natural_limit} --seed {seed} --out {out}")
     save_audit(res, out, command=command)
     ev = res.evidence

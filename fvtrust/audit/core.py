@@ -58,7 +58,7 @@ THRESHOLDS = {
 class AuditSettings:
     steps: int = 128          # visualization steps (fft parameterization, standard transforms, channel objective)
     top_k: int = 8            # top natural images per unit for the mechanism comparison
-    path_starts: int = 3      # natural starts per unit for the path walk
+    path_starts: int = 3      # natural starts per unit for the path walk (at most top_k are used)
     path_points: int = 16     # segments per path
     natural_limit: int = 5000  # natural images ranked per unit
     seed: int = 0
@@ -69,8 +69,6 @@ class AuditSettings:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise FvtrustError(f"audit setting {name} must be a positive integer, got {v!r}")
-        if self.path_starts > self.top_k:
-            raise FvtrustError(f"path_starts ({self.path_starts}) cannot exceed top_k ({self.top_k})")
 
 
 @dataclass
@@ -104,31 +102,22 @@ class AuditResult:
 
 
 def _resolve_inputs(model, data, limit: int):
-    """(FvModel, natural images N x C x H x W in [0, 1], description): the one place audit inputs are resolved."""
-    from ..data import as_tensors, load_data
-    from ..models import FvModel, load_model
+    """(FvModel, natural images N x C x H x W in [0, 1], their description): the one entry for audit inputs.
 
-    if isinstance(model, str):
-        model = load_model(model)
-    if not isinstance(model, FvModel):
-        raise FvtrustError(f"model must be a spec or an FvModel, not {type(model).__name__}")
-    if data is None:
-        raise FvtrustError("the audit needs natural data (data=...: fashion-mnist, a folder, pictures, or a tensor "
-                           "of [0, 1] images): a unit's visualization is judged against its top natural images")
-    if isinstance(data, torch.Tensor):
-        images, desc = data, f"tensor of {len(data)} images"
-    else:
-        images = as_tensors(load_data(str(data), input_shape=model.input_shape, split="train"), limit)[0]
-        desc = str(data)
-    images = images[:limit]
-    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(model.input_shape):
-        raise FvtrustError(f"natural images have shape {tuple(images.shape[1:])}, the model expects "
-                           f"{tuple(model.input_shape)}")
+    Models go through `fvtrust.as_model` (spec, FvModel or plain nn.Module, whose input shape comes from the
+    data when it is a tensor) and data through `fvtrust.data.natural`; the audit fits nothing, so it reads
+    the `evaluation` part (Fashion-MNIST: the test split).
+    """
+    from ..data import natural
+    from ..models import as_model
+
+    example = data if isinstance(data, (torch.Tensor, tuple, list)) or hasattr(data, "input_shape") else None
+    model = as_model(model, example=example)
+    part = natural(data, model=model, limit=limit).evaluation
+    images = part.tensors(limit, desc="audit: read natural images")[0]
     if len(images) == 0:
         raise FvtrustError("no natural images: the audit needs natural data to compare visualizations with")
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise FvtrustError("natural images must be finite and in [0, 1]")
-    return model, images.float(), {"source": desc, "n": len(images)}
+    return model, images.float(), part.describe()
 
 
 def _layer_units(model, layer: str) -> tuple[str, int]:
@@ -146,12 +135,14 @@ def _layer_units(model, layer: str) -> tuple[str, int]:
     return key, info.units
 
 
-def audit(model, layer: str, *, data, units=None, settings: AuditSettings | None = None,
+def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings | None = None,
           visualizations: torch.Tensor | None = None, **overrides) -> AuditResult:
     """Audit `units` (default: all) of `layer`: per-unit signals, score, flag, and a layer verdict.
 
-    `data`: natural images — a tensor N x C x H x W in [0, 1], or a data spec
-    (`fashion-mnist[:split]`, an ImageNet-style folder, `pictures`). Keyword
+    `model`: a spec, an FvModel or a plain nn.Module (see `fvtrust.as_model`).
+    `data`: natural images — a tensor N x C x H x W in [0, 1], (images, labels),
+    a NaturalData, or a data spec (`fashion-mnist[:split]`, an ImageNet-style
+    folder, `pictures`); None = the model's own default data, if it has one. Keyword
     overrides go to `AuditSettings` (steps, top_k, path_starts, path_points,
     natural_limit, seed, batch_size). See the module doc for the pipeline and
     `THRESHOLDS` for the fixed decision rule. `visualizations` (U x C x H x W,
@@ -205,7 +196,7 @@ def audit(model, layer: str, *, data, units=None, settings: AuditSettings | None
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    P, T = settings.path_starts, settings.path_points
+    P, T = min(settings.path_starts, k), settings.path_points
     starts = top.images[:, :P]                                        # (U, P, C, H, W)
     d = x_v[:, None] - starts                                         # (U, P, C, H, W)
     ts = torch.linspace(0, 1, T + 1).view(1, 1, T + 1, 1, 1, 1)

@@ -2,6 +2,7 @@
 gated unit caught and clean units passed, bad input, the CLI, and (slow) silent units on the trained model."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -133,8 +134,8 @@ def natural8():
     return torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6
 
 
-def test_hand_made_gate_is_flagged(gated, natural8):
-    res = audit(gated, "head", data=natural8, steps=32, top_k=4, path_starts=2, path_points=8)
+def test_hand_made_gate_is_flagged(natural8):
+    res = audit(GatedNet(), "head", data=natural8, steps=32, top_k=4, path_starts=2, path_points=8)  # plain module
     assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
     by = {u["unit"]: u for u in res.units}
     assert by[0]["flagged"] and res.verdict == "suspicious"
@@ -152,6 +153,10 @@ def test_bad_input(gated, natural8):
         audit(gated, "head", data=natural8[:0])
     with pytest.raises(FvtrustError, match="expects"):
         audit(gated, "head", data=torch.rand(10, 3, 8, 8))
+    with pytest.raises(FvtrustError, match="call fvtrust.wrap"):
+        audit(GatedNet(), "head", data="pictures")  # a plain module and no tensor to read the input shape from
+    with pytest.raises(FvtrustError, match="at least top_k"):
+        audit(gated, "head", data=natural8[:3])
     with pytest.raises(FvtrustError, match="unit 9 out of range"):
         audit(gated, "head", data=natural8, units=[9])
     with pytest.raises(FvtrustError, match="unknown audit setting"):
@@ -186,3 +191,42 @@ def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
     assert set(THRESHOLDS) == {"gradient_agreement", "path_jump"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
+
+
+def test_cli_writes_json_and_page(tmp_path):
+    from fvtrust.cli import main
+
+    out = tmp_path / "aud"
+    r = CliRunner().invoke(main, ["audit", "fashion-cnn", "--weights", "random", "--layer", "fc", "--data",
+                                  "fashion-mnist:test", "--natural-limit", "64", "--units", "0-2", "--steps", "4",
+                                  "--top-k", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "audit.json").read_text())
+    assert [u["unit"] for u in rep["units"]] == [0, 1, 2] and rep["verdict"] in ("clean", "suspicious")
+    assert set(rep["units"][0]) >= {"unit", "score", "flagged", "signals"}
+    assert rep["units"][0]["signals"]["gradient_agreement"] == pytest.approx(1.0, abs=1e-5)  # a linear layer
+    page = (out / "index.html").read_text()
+    assert "What this audit can and cannot see" in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page
+    bad = CliRunner().invoke(main, ["audit", "fashion-cnn", "--weights", "random", "--layer", "fcc", "--out",
+                                    str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown layer" in bad.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_torchvision_random_init_with_folder(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(g.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    import fvtrust
+
+    model = fvtrust.load_model("torchvision:resnet18", weights="random")
+    res = audit(model, "layer1.0", data=str(tmp_path), units="0-3", steps=2, top_k=2, path_starts=1,
+                path_points=2)
+    assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
+    assert res.data["source"] == "folder" and res.data["n"] == 8
+    assert res.visualizations.shape == (4, 3, 224, 224) and res.top_images.shape == (4, 2, 3, 224, 224)
