@@ -64,35 +64,39 @@ def detector(model, cache: Path):
     return det
 
 
-def build_attacks(model, cache: Path, train: torch.Tensor, seed: int) -> dict:
-    """name -> (layer, fooled model, manipulated units)."""
+ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit")
+
+
+def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
+    """(layer, fooled model, manipulated units) for one attack."""
     from fvtrust.fool.circuit import fooling_circuit
     from fvtrust.fool.silent import silent_units
 
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(64).tolist()
+    perm = np.random.default_rng(seed).permutation(64).tolist()
     silent_a, silent_b = sorted(perm[:16]), sorted(perm[16:32])
     target_n = perm[32]  # an untouched unit
-    out = {}
-    det = detector(model, cache)
-    nat = train[:10000]
-    pm = {u: (u + 5) % 10 for u in (0, 2, 4, 6, 8)}
-    out["circuit-permutation"] = ("fc", fooling_circuit(model, "fc", det, mapping=pm, natural=nat, seed=seed),
-                                  sorted(pm))
-    pic_units = [1, 3, 5, 7, 9]
-    out["circuit-picture"] = ("fc", fooling_circuit(model, "fc", det, picture="camera", units=pic_units,
-                                                    natural=nat, seed=seed), pic_units)
-    out["silent-picture"] = ("block3", silent_units(model, "block3", target="coffee", natural=train[:20000],
-                                                    units=silent_a), silent_a)
-    out["silent-unit"] = ("block3", silent_units(model, "block3", target=f"unit:{target_n}",
-                                                 natural=train[:20000], units=silent_b), silent_b)
-    return out
+    if name == "circuit-permutation":
+        pm = {u: (u + 5) % 10 for u in (0, 2, 4, 6, 8)}
+        return "fc", fooling_circuit(model, "fc", detector(model, cache), mapping=pm, natural=train[:10000],
+                                     seed=seed), sorted(pm)
+    if name == "circuit-picture":
+        units = [1, 3, 5, 7, 9]
+        return "fc", fooling_circuit(model, "fc", detector(model, cache), picture="camera", units=units,
+                                     natural=train[:10000], seed=seed), units
+    if name == "silent-picture":
+        return "block3", silent_units(model, "block3", target="coffee", natural=train[:20000], units=silent_a), silent_a
+    if name == "silent-unit":
+        return "block3", silent_units(model, "block3", target=f"unit:{target_n}", natural=train[:20000],
+                                      units=silent_b), silent_b
+    raise SystemExit(f"unknown attack {name}")
 
 
 def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
     f = cache / f"audit-{name}-{layer}.json"
     if f.exists():
         return json.loads(f.read_text())
+    if callable(model):  # build lazily: a cached audit needs no model
+        model = model() if not isinstance(model, torch.nn.Module) else model
     t0, c0 = time.perf_counter(), time.process_time()
     res = audit(model, layer, data=data, **kw).to_dict()
     res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
@@ -126,6 +130,7 @@ def main():
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
     ap.add_argument("--only", default="attacks,clean,timing")
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--json", default=None, type=Path)
@@ -139,9 +144,25 @@ def main():
     data = load_fashion_mnist("test")[0][:5000]
     out = {"flag_at": FLAG_AT, "threads": args.threads}
 
+    audits = {}
+    if "attacks" in only:  # the attacks' audits first, so a parallel `--only clean` run fills the clean ones
+        for name in args.attacks.split(","):
+            built = {}
+
+            def make(name=name, built=built):
+                built["v"] = build_attack(name, model, args.cache, train, args.seed)
+                return built["v"][1]
+
+            layer = "fc" if name.startswith("circuit") else "block3"
+            r = cached_audit(args.cache, name, make, layer, data, **kw)
+            if "manipulated" not in r:
+                r["manipulated"] = built["v"][2]
+                (args.cache / f"audit-{name}-{layer}.json").write_text(json.dumps(r))
+            audits[name] = (layer, r)
     clean = {}
     if only & {"attacks", "clean"}:
-        for layer in ("fc", "block3", "block4"):
+        layers = ("fc", "block3", "block4") if "clean" in only else sorted({layer for layer, _ in audits.values()})
+        for layer in layers:
             clean[layer] = cached_audit(args.cache, "clean", model, layer, data, **kw)
         print("clean model (negatives everywhere):")
         for layer, r in clean.items():
@@ -152,13 +173,11 @@ def main():
         out["clean"] = {layer: {"fpr": float(np.mean([u["score"] >= FLAG_AT for u in r["units"]])),
                                 "verdict": r["verdict"], "max_score": max(u["score"] for u in r["units"])}
                         for layer, r in clean.items()}
-    if "attacks" in only:
-        attacks = build_attacks(model, args.cache, train, args.seed)
+    if audits:
         out["attacks"] = {}
         print("attacks (positives = manipulated units; negatives = untouched units + clean units of the layer):")
-        for name, (layer, fooled, units) in attacks.items():
-            r = cached_audit(args.cache, name, fooled, layer, data, **kw)
-            man = set(units)
+        for name, (layer, r) in audits.items():
+            man = set(r["manipulated"])
             pos = [u["score"] for u in r["units"] if u["unit"] in man]
             neg = [u["score"] for u in r["units"] if u["unit"] not in man]
             neg_all = neg + [u["score"] for u in clean[layer]["units"]]

@@ -40,14 +40,17 @@ class Signal:
     meaning: str
 
 
-# Fixed in advance, never fitted to the model under audit. How they were chosen (and on which models) is in
-# the README's "Audit" section; the benchmark (benchmarks/bench_audit.py) evaluates them on other layers.
+# Fixed in advance, never fitted to the model under audit (README, "Audit"). gradient_agreement: for a single
+# linear / conv unit the channel profile of its input gradient does not depend on the input (cos = 1 up to
+# padding borders), so 0.5 (60 degrees) leaves a wide margin; path_jump: clean fashion-cnn fc and block3 gave at
+# most 0.044 and 0.118 (16 segments, 3 starts), a hand-made gate 0.29-0.99; 0.3 sits above every clean value.
+# Both were committed before any manipulated model was audited.
 THRESHOLDS = {
     "gradient_agreement": Signal(0.5, 0.2, False,
                                  "cosine between the unit's gradient w.r.t. the layer input on its top natural "
                                  "images and on its visualization: the visualization drives the unit through a "
                                  "mechanism natural images do not use"),
-    "path_jump": Signal(0.5, 0.2, True,
+    "path_jump": Signal(0.3, 0.15, True,
                         "largest share of the unit's change along a straight path from a top natural image to "
                         "the visualization that its gradient does not account for: a hidden switch (a hard "
                         "gate) between natural input and visualizations"),
