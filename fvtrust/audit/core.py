@@ -210,9 +210,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds["path"] = time.perf_counter() - t
 
     signals = {"gradient_agreement": ga["agreement"], "path_jump": jump}
-    ev = {name: evidence(val, THRESHOLDS[name].threshold, THRESHOLDS[name].width,
-                         THRESHOLDS[name].higher_is_suspicious) for name, val in signals.items()}
-    score = torch.stack(list(ev.values())).amax(0)
+    ev, score = score_signals(signals)
     nat_max = top.values[:, 0]
     rows = []
     for i, u in enumerate(units):
@@ -235,6 +233,33 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
                        spec=getattr(model, "spec", None), visualizations=x_v, top_images=top.images)
+
+
+def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:
+    """({signal: evidence per unit}, score per unit) from {signal: value per unit} under the fixed THRESHOLDS."""
+    ev = {name: evidence(torch.as_tensor(val, dtype=torch.float64), THRESHOLDS[name].threshold,
+                         THRESHOLDS[name].width, THRESHOLDS[name].higher_is_suspicious)
+          for name, val in signals.items()}
+    return ev, torch.stack(list(ev.values())).amax(0)
+
+
+def rescore(result: dict) -> dict:
+    """An audit.json dict with score / flagged / fired / verdict recomputed from its stored signal values."""
+    rows = result["units"]
+    vals = {name: [float("nan") if r["signals"][name] is None else r["signals"][name] for r in rows]
+            for name in THRESHOLDS}
+    ev, score = score_signals(vals)
+    for i, r in enumerate(rows):
+        r["score"] = round(float(score[i]), 6)
+        r["flagged"] = bool(score[i] >= FLAG_AT)
+        r["fired"] = [name for name in THRESHOLDS if float(ev[name][i]) >= FLAG_AT]
+    flagged = [r["unit"] for r in rows if r["flagged"]]
+    result["verdict"] = "suspicious" if flagged else "clean"
+    result["evidence"].update(n_flagged=len(flagged), flagged_units=flagged,
+                              flagged_by_signal={n: sum(n in r["fired"] for r in rows) for n in THRESHOLDS},
+                              max_score=max(r["score"] for r in rows))
+    result["thresholds"] = {name: asdict(s) for name, s in THRESHOLDS.items()}
+    return result
 
 
 def _num(v) -> float | None:

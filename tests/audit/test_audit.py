@@ -230,3 +230,16 @@ def test_torchvision_random_init_with_folder(tmp_path):
     assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
     assert res.data["source"] == "folder" and res.data["n"] == 8
     assert res.visualizations.shape == (4, 3, 224, 224) and res.top_images.shape == (4, 2, 3, 224, 224)
+
+
+def test_rescore_matches_audit(natural8):
+    from fvtrust.audit.core import rescore
+
+    res = audit(GatedNet(), "head", data=natural8, steps=8, top_k=2, path_points=4)
+    d = json.loads(json.dumps(res.to_dict()))
+    for r in d["units"]:
+        r["score"], r["flagged"], r["fired"] = -1, None, None
+    again = rescore(d)
+    assert [(u["score"], u["flagged"], u["fired"]) for u in again["units"]] == \
+        [(u["score"], u["flagged"], u["fired"]) for u in res.units]
+    assert again["verdict"] == res.verdict
