@@ -41,8 +41,8 @@ from fvtrust.data import load_fashion_mnist  # noqa: E402
 
 
 # the `quick` detector budget, cut further so the benchmark fits a shared 2-core machine (a weaker detector only
-# makes the circuit leak, i.e. easier to see; the audit's visualizations use 128 steps, as these snapshots do)
-DETECTOR_BUDGET = dict(runs=1, steps=128, max_units=40, min_units=40, epochs=3, natural_per_epoch=6000)
+# makes the circuit leak on natural images; its accuracy is printed with the results)
+DETECTOR_BUDGET = dict(runs=1, steps=64, snapshots=8, max_units=12, min_units=12, epochs=2, natural_per_epoch=3000)
 
 
 def auroc(pos, neg) -> float:
@@ -55,13 +55,12 @@ def detector(model, cache: Path):
     from fvtrust.fool.detector import build_detector, load_detector, save_detector
 
     d = cache / "detector"
-    if (d / "detector.json").exists() or any(d.glob("*.safetensors")):
-        try:
-            return load_detector(d)[0]
-        except Exception:  # noqa: BLE001 - rebuild a broken cache
-            pass
-    det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGET)
-    save_detector(det, d, rep)
+    if (d / "detector.json").exists():
+        det, rep = load_detector(d)
+    else:
+        det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGET)
+        save_detector(det, d, rep)
+    print(f"  detector (budget {DETECTOR_BUDGET}): held-out accuracy {rep.get('heldout')}", flush=True)
     return det
 
 
@@ -99,8 +98,14 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
     if callable(model):  # build lazily: a cached audit needs no model
         model = model() if not isinstance(model, torch.nn.Module) else model
     t0, c0 = time.perf_counter(), time.process_time()
-    res = audit(model, layer, data=data, **kw).to_dict()
+    result = audit(model, layer, data=data, **kw)
+    res = result.to_dict()
     res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    if hasattr(model, "gate_values"):  # ground truth for the reader, not used by the audit: did E gate?
+        with torch.no_grad():
+            res["detector_on_audit"] = {
+                "visualizations_gated_to_0": float((model.gate_values(result.visualizations) < 0.5).float().mean()),
+                "natural_gated_to_1": float((model.gate_values(data[:2000]) > 0.5).float().mean())}
     f.write_text(json.dumps(res))
     return res
 
@@ -189,12 +194,13 @@ def main():
                    "verdict": r["verdict"], "verdict_right": r["verdict"] == "suspicious",
                    "s_per_unit_wall": r["bench_wall_s"] / len(r["units"]),
                    "s_per_unit_cpu": r["bench_cpu_s"] / len(r["units"]),
-                   "fired": r["evidence"]["flagged_by_signal"]}
+                   "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit")}
             out["attacks"][name] = row
             print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
                   f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  FPR untouched "
                   f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
-                  f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU", flush=True)
+                  f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
+                  + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else ""), flush=True)
     if "timing" in only:
         print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
         out["timing"] = timing(model, data, args.repeats, args.steps or 128)
