@@ -78,11 +78,11 @@ def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
     if name == "circuit-permutation":
         pm = {u: (u + 5) % 10 for u in (0, 2, 4, 6, 8)}
         return "fc", fooling_circuit(model, "fc", detector(model, cache), mapping=pm, natural=train[:10000],
-                                     seed=seed), sorted(pm)
+                                     bound_steps=128, seed=seed), sorted(pm)
     if name == "circuit-picture":
         units = [1, 3, 5, 7, 9]
         return "fc", fooling_circuit(model, "fc", detector(model, cache), picture="camera", units=units,
-                                     natural=train[:10000], seed=seed), units
+                                     bound_steps=128, natural=train[:10000], seed=seed), units
     if name == "silent-picture":
         return "block3", silent_units(model, "block3", target="coffee", natural=train[:20000], units=silent_a), silent_a
     if name == "silent-unit":
