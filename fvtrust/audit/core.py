@@ -200,13 +200,19 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
 
     t = time.perf_counter()
     P, T = min(settings.path_starts, k), settings.path_points
-    starts = top.images[:, :P]                                        # (U, P, C, H, W)
-    d = x_v[:, None] - starts                                         # (U, P, C, H, W)
     ts = torch.linspace(0, 1, T + 1).view(1, 1, T + 1, 1, 1, 1)
-    path = (starts[:, :, None] + ts * d[:, :, None]).clamp(0, 1)      # (U, P, T+1, C, H, W)
-    pp = probe(model, key, path.reshape(-1, *chw), u_t.repeat_interleave(P * (T + 1)), image_grad=True,
-               batch_size=settings.batch_size)
-    jump = path_jump(pp.value.reshape(U, P, T + 1), pp.image_grad.reshape(U, P, T + 1, -1), d.reshape(U, P, -1))
+    per = max(1, settings.batch_size // (P * (T + 1)))  # units per probe batch: paths never all in memory
+    jumps = []
+    for c0 in range(0, U, per):
+        starts = top.images[c0:c0 + per, :P]                              # (u, P, C, H, W)
+        d = x_v[c0:c0 + per, None] - starts                                # (u, P, C, H, W)
+        path = (starts[:, :, None] + ts * d[:, :, None]).clamp(0, 1)       # (u, P, T+1, C, H, W)
+        n = len(starts)
+        pp = probe(model, key, path.reshape(-1, *chw), u_t[c0:c0 + per].repeat_interleave(P * (T + 1)),
+                   image_grad=True, batch_size=settings.batch_size)
+        jumps.append(path_jump(pp.value.reshape(n, P, T + 1), pp.image_grad.reshape(n, P, T + 1, -1),
+                               d.reshape(n, P, -1)))
+    jump = torch.cat(jumps)
     seconds["path"] = time.perf_counter() - t
 
     signals = {"gradient_agreement": ga["agreement"], "path_jump": jump}
