@@ -99,6 +99,9 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
         model = model() if not isinstance(model, torch.nn.Module) else model
     t0, c0 = time.perf_counter(), time.process_time()
     result = audit(model, layer, data=data, **kw)
+    from fvtrust.audit.report import save_audit
+
+    save_audit(result, cache / f"page-{name}-{layer}", command=f"benchmarks/bench_audit.py ({name}, {layer})")
     res = result.to_dict()
     res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     if hasattr(model, "gate_values"):  # ground truth for the reader, not used by the audit: did E gate?
