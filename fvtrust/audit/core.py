@@ -8,6 +8,7 @@ modules, class names or metadata — only forward and backward passes):
    `channel` objective, `steps` steps: what a user would look at);
 3. probe the unit's gradient w.r.t. the layer's input on its top natural
    images and on its visualization → `gradient_agreement`;
+   (undefined where the visualization itself failed: zero image gradient);
 4. walk straight paths from `path_starts` top natural images to the
    visualization and compare the unit's change with what its gradient
    predicts → `path_jump`;
@@ -189,13 +190,15 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     chw = tuple(model.input_shape)
     u_t = torch.as_tensor(units)
     # mechanism: gradients w.r.t. the layer input on the top natural images and on the visualization
-    imgs = torch.cat([top.images.reshape(U * k, *chw), x_v])
-    owners = torch.cat([u_t.repeat_interleave(k), u_t])
-    pr = probe(model, key, imgs, owners, image_grad=False, batch_size=settings.batch_size)
-    nat_g = pr.input_grad[:U * k].reshape(U, k, -1)
-    vis_g = pr.input_grad[U * k:].reshape(U, 1, -1)
-    vis_value = pr.value[U * k:]
-    ga = gradient_agreement(nat_g, vis_g)
+    nat_p = probe(model, key, top.images.reshape(U * k, *chw), u_t.repeat_interleave(k), image_grad=False,
+                  batch_size=settings.batch_size)
+    vis_p = probe(model, key, x_v, u_t, image_grad=True, batch_size=settings.batch_size)
+    vis_value = vis_p.value
+    # a visualization whose image gradient vanishes is a failed optimization (a dead unit at the end: a grey
+    # or blank image), not a mechanism: nothing to compare, so agreement is undefined rather than 0
+    failed = vis_p.image_grad.abs().amax(1) == 0
+    ga = gradient_agreement(nat_p.input_grad.reshape(U, k, -1), vis_p.input_grad.reshape(U, 1, -1))
+    ga["agreement"] = torch.where(failed, torch.full_like(ga["agreement"], float("nan")), ga["agreement"])
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -223,6 +226,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         sig = {name: _num(val[i]) for name, val in signals.items()}
         sig.update(natural_coherence=_num(ga["natural_coherence"][i]),
                    visualization_gradient_zero=bool(ga["vis_gradient_zero"][i]),
+                   visualization_failed=bool(failed[i]),
                    visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
                    range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None)
         fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
@@ -252,8 +256,9 @@ def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:
 def rescore(result: dict) -> dict:
     """An audit.json dict with score / flagged / fired / verdict recomputed from its stored signal values."""
     rows = result["units"]
-    vals = {name: [float("nan") if r["signals"][name] is None else r["signals"][name] for r in rows]
-            for name in THRESHOLDS}
+    vals = {name: [float("nan") if r["signals"][name] is None or (name == "gradient_agreement" and
+                                                                   r["signals"].get("visualization_failed"))
+                   else r["signals"][name] for r in rows] for name in THRESHOLDS}
     ev, score = score_signals(vals)
     for i, r in enumerate(rows):
         r["score"] = round(float(score[i]), 6)

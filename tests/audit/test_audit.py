@@ -243,3 +243,18 @@ def test_rescore_matches_audit(natural8):
     assert [(u["score"], u["flagged"], u["fired"]) for u in again["units"]] == \
         [(u["score"], u["flagged"], u["fired"]) for u in res.units]
     assert again["verdict"] == res.verdict
+
+
+def test_failed_visualization_is_not_evidence():
+    lin = nn.Linear(64, 2)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.copy_(torch.tensor([-10.0, -10.0]))
+    m = _fv(nn.Sequential(nn.Flatten(), lin, nn.ReLU()))
+    natural = 0.3 + 0.7 * torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    vis = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])  # unit 0: dead (blank) image; unit 1: fine
+    res = audit(m, "2", data=natural, visualizations=vis, top_k=2, path_points=4)
+    u0, u1 = res.units
+    assert u0["signals"]["visualization_failed"] and u0["signals"]["gradient_agreement"] is None
+    assert not u1["signals"]["visualization_failed"] and u1["signals"]["gradient_agreement"] == pytest.approx(1.0)
+    assert res.verdict == "clean"
