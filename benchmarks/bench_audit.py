@@ -45,6 +45,10 @@ from fvtrust.data import load_fashion_mnist  # noqa: E402
 DETECTOR_BUDGET = dict(runs=1, steps=64, snapshots=8, max_units=12, min_units=12, epochs=2, natural_per_epoch=3000)
 
 
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def auroc(pos, neg) -> float:
     """P(score_pos > score_neg) + ½ P(=): the Mann-Whitney U statistic divided by n_pos·n_neg."""
     u = scipy.stats.mannwhitneyu(pos, neg, alternative="greater").statistic
@@ -187,12 +191,23 @@ def main():
         print("attacks (positives = manipulated units; negatives = untouched units + clean units of the layer):")
         for name, (layer, r) in audits.items():
             man = set(r["manipulated"])
+            # a manipulated unit is *active* in the audit's visualization when any of its measured values differs
+            # from the clean model's (same seed, deterministic pipeline): a dormant one was visualized exactly as
+            # the clean unit, so its visualization is the clean one and there is nothing to flag
+            ref = {u["unit"]: u["signals"] for u in clean[layer]["units"]}
+            keys = ("gradient_agreement", "path_jump", "visualization_activation")
+            active = {u["unit"] for u in r["units"] if u["unit"] in man
+                      and any(u["signals"][k] != ref[u["unit"]][k] for k in keys)}
+            pos_active = [u["score"] for u in r["units"] if u["unit"] in active]
             pos = [u["score"] for u in r["units"] if u["unit"] in man]
             neg = [u["score"] for u in r["units"] if u["unit"] not in man]
             neg_all = neg + [u["score"] for u in clean[layer]["units"]]
             row = {"layer": layer, "n_pos": len(pos), "n_neg": len(neg_all), "auroc": auroc(pos, neg_all),
                    "auroc_within_model": auroc(pos, neg) if neg else None,
                    "tpr": float(np.mean(np.array(pos) >= FLAG_AT)),
+                   "n_active": len(pos_active),
+                   "auroc_active": auroc(pos_active, neg_all) if pos_active else None,
+                   "tpr_active": float(np.mean(np.array(pos_active) >= FLAG_AT)) if pos_active else None,
                    "fpr_untouched": float(np.mean(np.array(neg) >= FLAG_AT)) if neg else None,
                    "verdict": r["verdict"], "verdict_right": r["verdict"] == "suspicious",
                    "s_per_unit_wall": r["bench_wall_s"] / len(r["units"]),
@@ -200,7 +215,9 @@ def main():
                    "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit")}
             out["attacks"][name] = row
             print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
-                  f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  FPR untouched "
+                  f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  active in the visualization "
+                  f"{row['n_active']}/{row['n_pos']}: AUROC {_f(row['auroc_active'])} TPR {_f(row['tpr_active'])}  "
+                  f"FPR untouched "
                   f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else ""), flush=True)
