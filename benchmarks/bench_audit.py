@@ -13,7 +13,7 @@ the clean model's units of the same layer (negatives); TPR at the fixed threshol
 model-level verdict. Clean model: FPR on every audited layer. Time: the 128-unit block4 audit, `--repeats`
 times, wall and CPU seconds, against a plain `fvtrust.visualize` of the same units in the same run (ratio).
 
-The circuit needs a trained visualization detector: built once (`DETECTOR_BUDGET`: the `quick` budget, cut) and cached under
+The circuit needs a trained visualization detector: built once per `--detector-budget` and cached under
 `--cache` (as are finished audits, so an interrupted run resumes).
 
     python benchmarks/bench_audit.py                      # everything
@@ -40,9 +40,13 @@ from fvtrust.audit.core import rescore  # noqa: E402
 from fvtrust.data import load_fashion_mnist  # noqa: E402
 
 
-# the `quick` detector budget, cut further so the benchmark fits a shared 2-core machine (a weaker detector only
-# makes the circuit leak on natural images; its accuracy is printed with the results)
-DETECTOR_BUDGET = dict(runs=1, steps=64, snapshots=8, max_units=12, min_units=12, epochs=2, natural_per_epoch=3000)
+# detector budgets: `quick` (as `fvtrust reproduce --quick`), and `cut`, which fits a heavily shared 2-core machine
+# but does not recognise the audit's 128-step visualizations (0/10 gated in the run of the closing note), so the
+# circuit then stays on F for them: a dormant attack. Circuit results are cached per budget.
+DETECTOR_BUDGETS = {"quick": {},
+                    "cut": dict(runs=1, steps=64, snapshots=8, max_units=12, min_units=12, epochs=2,
+                                natural_per_epoch=3000)}
+DETECTOR_BUDGET = "quick"
 
 
 def _f(v) -> str:
@@ -58,11 +62,11 @@ def auroc(pos, neg) -> float:
 def detector(model, cache: Path):
     from fvtrust.fool.detector import build_detector, load_detector, save_detector
 
-    d = cache / "detector"
+    d = cache / f"detector-{DETECTOR_BUDGET}"
     if (d / "detector.json").exists():
         det, rep = load_detector(d)
     else:
-        det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGET)
+        det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGETS[DETECTOR_BUDGET])
         save_detector(det, d, rep)
     print(f"  detector (budget {DETECTOR_BUDGET}): held-out accuracy {rep.get('heldout')}", flush=True)
     return det
@@ -146,9 +150,12 @@ def main():
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
+    ap.add_argument("--detector-budget", default="quick", choices=sorted(DETECTOR_BUDGETS))
     ap.add_argument("--json", default=None, type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DETECTOR_BUDGET
+    DETECTOR_BUDGET = args.detector_budget
     args.cache.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
     kw = {} if args.steps is None else {"steps": args.steps}
@@ -167,10 +174,11 @@ def main():
                 return built["v"][1]
 
             layer = "fc" if name.startswith("circuit") else "block3"
-            r = cached_audit(args.cache, name, make, layer, data, **kw)
+            key = f"{name}@{DETECTOR_BUDGET}" if name.startswith("circuit") else name
+            r = cached_audit(args.cache, key, make, layer, data, **kw)
             if "manipulated" not in r:
                 r["manipulated"] = built["v"][2]
-                (args.cache / f"audit-{name}-{layer}.json").write_text(json.dumps(r))
+                (args.cache / f"audit-{key}-{layer}.json").write_text(json.dumps(r))
             audits[name] = (layer, r)
     clean = {}
     if only & {"attacks", "clean"}:
