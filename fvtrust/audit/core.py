@@ -48,9 +48,9 @@ class Signal:
 # Both were committed before any manipulated model was audited.
 THRESHOLDS = {
     "gradient_agreement": Signal(0.5, 0.2, False,
-                                 "cosine between the unit's gradient w.r.t. the layer input on its top natural "
-                                 "images and on its visualization: the visualization drives the unit through a "
-                                 "mechanism natural images do not use"),
+                                 "cosine between the unit's gradient w.r.t. the layer input, summed per input "
+                                 "channel, on its top natural images and on its visualization: the visualization "
+                                 "drives the unit through input channels its natural images do not use"),
     "path_jump": Signal(0.3, 0.15, True,
                         "largest share of the unit's change along a straight path from a top natural image to "
                         "the visualization that its gradient does not account for: a hidden switch (a hard "

@@ -98,7 +98,7 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
     parts.append("<h2>Signals and their fixed thresholds</h2><table><tr><th>signal</th><th>fires when</th>"
                  "<th>meaning</th></tr>")
     for name, s in THRESHOLDS.items():
-        cmp = ">" if s.higher_is_suspicious else "<"
+        cmp = "&gt;" if s.higher_is_suspicious else "&lt;"
         parts.append(f"<tr><td><code>{name}</code></td><td>{cmp} {s.threshold}</td><td>{html.escape(s.meaning)}"
                      f"</td></tr>")
     parts.append("</table><p class=\"note\">Evidence per signal is 0.5 at its threshold and linear over ±width "
