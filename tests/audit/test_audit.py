@@ -135,7 +135,10 @@ def natural8():
 
 
 def test_hand_made_gate_is_flagged(natural8):
-    res = audit(GatedNet(), "head", data=natural8, steps=32, top_k=4, path_starts=2, path_points=8)  # plain module
+    import fvtrust
+
+    assert fvtrust.audit is audit
+    res = fvtrust.audit(GatedNet(), "head", data=natural8, steps=32, top_k=4, path_starts=2, path_points=8)  # plain module
     assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
     by = {u["unit"]: u for u in res.units}
     assert by[0]["flagged"] and res.verdict == "suspicious"
