@@ -168,7 +168,8 @@ def _register_optional():
 
     for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
                       ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
-                      ("fvtrust.report.cli", "reproduce_command")]:
+                      ("fvtrust.report.cli", "reproduce_command"),
+                      ("fvtrust.audit.cli", "audit_command")]:
         try:
             cmd = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError):
