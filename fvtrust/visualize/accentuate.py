@@ -33,26 +33,27 @@ def default_proximity_layer(model, layer: str) -> str:
     return layer
 
 
-def top_seeds(model, layer: str, units, images: torch.Tensor, *, objective="neuron", rows: int = 4096):
-    """For each unit, the natural image (of `images`) with the largest objective: the accentuation seed."""
+def top_seeds(model, layer: str, units, images: torch.Tensor, *, objective="neuron", k: int = 1, rows: int = 4096):
+    """Each unit's `k` most activating images of `images` (unit-major: units x k rows) and their values.
+
+    These are accentuation's seeds (replicate r starts from the unit's r-th
+    best image) and the natural maximum the activation ratio is measured against.
+    """
     from ..models.hooks import forward_to
 
     obj = make_objective(objective, layer)
     units_t = torch.as_tensor(list(units))
-    best_v = torch.full((len(units_t),), -float("inf"))
-    best_i = torch.zeros(len(units_t), dtype=torch.long)
+    if not 1 <= k <= len(images):
+        raise FvtrustError(f"need 1 <= k <= {len(images)} natural images, got k={k}")
     batch = max(1, rows // max(1, len(units_t)))  # B x U rows of activations per pass
+    vals = []
     with torch.no_grad():
         for s in range(0, len(images), batch):
-            x = images[s:s + batch].to(model.device)
-            acts = forward_to(model, x, list(obj.layers), detach=True)
-            b = len(x)
-            vals = _all_units(obj, acts, units_t, b)
-            v, i = vals.max(0)
-            better = v.cpu() > best_v
-            best_v = torch.where(better, v.cpu(), best_v)
-            best_i = torch.where(better, i.cpu() + s, best_i)
-    return images[best_i], best_v
+            acts = forward_to(model, images[s:s + batch].to(model.device), list(obj.layers), detach=True)
+            vals.append(_all_units(obj, acts, units_t, min(batch, len(images) - s)).cpu())
+    v, i = torch.cat(vals).topk(k, dim=0)  # k x U
+    idx = i.T.reshape(-1)
+    return images[idx], v.T.reshape(-1)
 
 
 def _all_units(obj, acts, units_t, b):
@@ -83,7 +84,7 @@ def accentuate(model, layer: str, units="all", *, seeds: torch.Tensor | None = N
         from .natural import natural_images
 
         nat = natural_images(data, model.input_shape, part="fit", limit=limit, data_dir=data_dir)
-        seeds, _ = top_seeds(model, layer, units, nat, objective=objective)
+        seeds, _ = top_seeds(model, layer, units, nat, objective=objective)  # repeated units: their 1st seed
         origin = f"top-activating of {limit} fit images of {data or 'the default data'}"
     seeds = seeds.float().clamp(0, 1)
     if seeds.shape[0] != len(units):
