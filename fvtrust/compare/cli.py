@@ -31,12 +31,18 @@ from .methods import METHODS
 @click.option("--redirect-steps", default=16, show_default=True, help="Steps with the redirected ReLU (lucid: 16).")
 @click.option("--fit-limit", default=2000, show_default=True, help="Natural fit images used.")
 @click.option("--heldout-limit", default=2000, show_default=True, help="Natural held-out images used.")
+@click.option("--per-class-natural", default=50, show_default=True, help="Held-out natural images per class "
+              "(class units: the paper's check).")
+@click.option("--per-group-natural", default=20, show_default=True,
+              help="Hidden units: the unit's top-activating held-out images that stand in for its class.")
+@click.option("--sanity-layers", default="all", show_default=True,
+              help="'all' (every distinct layer output) or comma-separated layer names.")
 @click.option("--weights", default=None, help="Weights: default, random, a torchvision enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (results.json, index.html, PNGs).")
 def compare_command(spec, layer, units, data, data_dir, methods, anchors, anchor_python, steps, replicates, objective,
-                    lr, seed, accent_weight, accent_layer, redirect_steps, fit_limit, heldout_limit, weights, device,
-                    out):
+                    lr, seed, accent_weight, accent_layer, redirect_steps, fit_limit, heldout_limit, per_class_natural,
+                    per_group_natural, sanity_layers, weights, device, out):
     """Rank visualization methods by the §3 sanity check, with faithfulness, diversity and speed.
 
     Methods: lucent-standard, pixel, maco, accentuation, redirect (all batched over units).
@@ -50,7 +56,8 @@ def compare_command(spec, layer, units, data, data_dir, methods, anchors, anchor
     res = compare_methods(model, layer, units, data=data, data_dir=data_dir, methods=methods, steps=steps,
                           replicates=replicates, seed=seed, objective=objective, lr=lr, accent_weight=accent_weight,
                           accent_layer=accent_layer, redirect_steps=redirect_steps, fit_limit=fit_limit,
-                          heldout_limit=heldout_limit, anchors=[a for a in anchors.split(",") if a.strip()],
+                          heldout_limit=heldout_limit, per_class_natural=per_class_natural,
+                          per_group_natural=per_group_natural, sanity_layers=sanity_layers, anchors=[a for a in anchors.split(",") if a.strip()],
                           anchor_python=anchor_python, out=out,
                           command="fvtrust " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     for r in res["ranking"]:

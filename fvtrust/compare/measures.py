@@ -42,7 +42,7 @@ def is_class_layer(model, layer: str) -> bool:
     return bool(model.num_classes) and layer == final_layer(model) and layer_units(model, layer) == model.num_classes
 
 
-def class_sanity(model, units, vis: torch.Tensor, natural, per_class_natural: int = 50) -> dict:
+def class_sanity(model, units, vis: torch.Tensor, natural, per_class_natural: int = 50, layers="all") -> dict:
     """The paper's sanity check with these class units' visualizations (units x k x C x H x W).
 
     Up to `per_class_natural` held-out images per class (fewer when a class has fewer).
@@ -50,7 +50,7 @@ def class_sanity(model, units, vis: torch.Tensor, natural, per_class_natural: in
     labels = torch.as_tensor(natural[1])
     per_class_natural = min([per_class_natural] + [int((labels == u).sum()) for u in units])
     res = run(model, natural, vis, classes=list(units), per_class=vis.shape[1], per_class_natural=per_class_natural,
-              metrics=(METRIC,), pair_stride="all")
+              metrics=(METRIC,), pair_stride="all", layers=layers)
     curve = res["metrics"][METRIC]["normalized"]
     return {"kind": "class", "layers": curve["layers"], "values": curve["values"],
             "mean": curve["summary"].get("mean", float("nan")), "dropped": curve["dropped"],
@@ -58,7 +58,8 @@ def class_sanity(model, units, vis: torch.Tensor, natural, per_class_natural: in
             "classified_as_their_class": res["visualizations"]["classified_as_their_class"]}
 
 
-def grouped_sanity(model, natural_groups: list[torch.Tensor], vis: torch.Tensor, batch_size: int = 128) -> dict:
+def grouped_sanity(model, natural_groups: list[torch.Tensor], vis: torch.Tensor, batch_size: int = 128,
+                   layers="all") -> dict:
     """The sanity check's three conditions with each hidden unit's top natural images as its class."""
     nat_counts = [len(g) for g in natural_groups]
     vis_counts = [vis.shape[1]] * vis.shape[0]
@@ -70,7 +71,7 @@ def grouped_sanity(model, natural_groups: list[torch.Tensor], vis: torch.Tensor,
             a += m
     n_nat = sum(nat_counts)
     probe = images[torch.tensor(sorted({0, n_nat // 2, n_nat, len(images) - 1}))]
-    found = discover_layers(model, probe, "all")
+    found = discover_layers(model, probe, layers)
     pairs = enumerate_pairs(nat_counts, vis_counts, resolve_strides("all", [METRIC])[METRIC])
     stats = {}
     for rows in collect(model, images, found, [METRIC], batch_size=batch_size, desc="sanity (units)"):

@@ -31,7 +31,8 @@ def _natural(model, data, data_dir, limit_fit, limit_heldout):
     return fit, (held, labels)
 
 
-def measure(model, layer, units, run: MethodRun, heldout, natural_max, *, groups=None, per_class_natural=50) -> dict:
+def measure(model, layer, units, run: MethodRun, heldout, natural_max, *, groups=None, per_class_natural=50,
+            sanity_layers="all") -> dict:
     """(a)-(d) for one method's images."""
     vis = run.images
     row = {"method": run.name, "seconds": run.seconds, "image_steps": run.image_steps,
@@ -43,10 +44,11 @@ def measure(model, layer, units, run: MethodRun, heldout, natural_max, *, groups
            "pixel_std": float(vis.flatten(2).std(2).mean())}
     if Ms.is_class_layer(model, layer):
         row["faithfulness"] = Ms.faithfulness(model, units, vis)
-        row["sanity"] = Ms.class_sanity(model, units, vis, heldout, per_class_natural=per_class_natural)
+        row["sanity"] = Ms.class_sanity(model, units, vis, heldout, per_class_natural=per_class_natural,
+                                        layers=sanity_layers)
     else:
         row["faithfulness"] = None
-        row["sanity"] = Ms.grouped_sanity(model, groups, vis)
+        row["sanity"] = Ms.grouped_sanity(model, groups, vis, layers=sanity_layers)
     return row
 
 
@@ -54,9 +56,13 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
                     replicates: int = 4, seed: int = 0, objective="neuron", lr: float = 0.05,
                     accent_weight: float = 1.0, accent_layer: str | None = None, redirect_steps: int = 16,
                     fit_limit: int = 2000, heldout_limit: int = 2000, per_group_natural: int = 20,
-                    anchors=(), anchor_python: str | None = None, out=None, command: str | None = None) -> dict:
+                    per_class_natural: int = 50, sanity_layers="all", anchors=(), anchor_python: str | None = None,
+                    out=None, command: str | None = None) -> dict:
     """Run `methods` (and `anchors`: 'horama', 'faccent') on the same model, layer, units and steps; measure all.
 
+    `per_group_natural`: held-out natural images per hidden unit (its top
+    activating ones); `per_class_natural`: per class for class units;
+    `sanity_layers`: "all" (the paper's) or layer names for a cheaper check.
     Returns the result dict; with `out`, also writes the folder described in the module docstring.
     """
     from ..models.layers import layer_units, parse_units
@@ -81,12 +87,16 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
     natural_max = top_v.view(len(units), k_nat)[:, 0]
     groups = list(top.view(len(units), k_nat, *top.shape[1:]))
 
+    from ..visualize import visualize
+
+    visualize(model, layer, units[:1], steps=2, objective=objective)  # warm-up (thread pools, first-call costs): untimed
     runs, rows = {}, []
     common = dict(replicates=replicates, steps=steps, fit_images=fit, spectrum=spectrum, objective=objective, lr=lr,
                   seed=seed, accent_weight=accent_weight, accent_layer=accent_layer, redirect_steps=redirect_steps)
     for name in methods:
         runs[name] = run_method(name, model, layer, units, **common)
-        rows.append(measure(model, layer, units, runs[name], heldout, natural_max, groups=groups))
+        rows.append(measure(model, layer, units, runs[name], heldout, natural_max, groups=groups,
+                            per_class_natural=per_class_natural, sanity_layers=sanity_layers))
         rows[-1]["settings"] = runs[name].settings
     anchor_rows = []
     if anchors:
@@ -97,7 +107,8 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
                                       proximity_layer=accent_layer, weight=accent_weight).items():
             if isinstance(arun, MethodRun):
                 runs[name] = arun
-                row = measure(model, layer, units, arun, heldout, natural_max, groups=groups)
+                row = measure(model, layer, units, arun, heldout, natural_max, groups=groups,
+                              per_class_natural=per_class_natural, sanity_layers=sanity_layers)
                 row.update(settings=arun.settings, anchor=True)
             else:
                 row = {"method": name, "anchor": True, "error": arun}
@@ -105,7 +116,8 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
     ranking = sorted((r for r in rows + anchor_rows if "sanity" in r), key=lambda r: -_nan0(r["sanity"]["mean"]))
     result = {
         "spec": getattr(model, "spec", None), "layer": layer, "units": units, "steps": steps,
-        "replicates": replicates, "seed": seed, "objective": str(objective), "lr": lr, "data": describe(data, model.input_shape),
+        "replicates": replicates, "seed": seed, "sanity_layers": sanity_layers, "per_class_natural": per_class_natural,
+        "per_group_natural": per_group_natural, "objective": str(objective), "lr": lr, "data": describe(data, model.input_shape),
         "fit_images": len(fit), "heldout_images": len(heldout[0]), "natural_max": natural_max.tolist(),
         "class_layer": Ms.is_class_layer(model, layer), "spectrum_seconds": spectrum_seconds,
         "methods": rows, "anchors": anchor_rows,
