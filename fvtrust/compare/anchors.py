@@ -205,8 +205,8 @@ def run_anchors(anchors, model, layer, units, *, replicates, steps, seed, object
     out = {}
     magnitude = spectrum.magnitude(tuple(model.input_shape))
     if "faccent" in anchors and seeds is None:
-        fit = natural_images(spectrum.data, model.input_shape, part="fit", limit=spectrum.limit,
-                             data_dir=spectrum.data_dir)
+        fit = natural_images(spectrum.data, part="fit", limit=spectrum.limit, data_dir=spectrum.data_dir,
+                             model=model, class_index=spectrum.class_index)
         seeds, _ = top_seeds(model, layer, units, fit, objective=objective, k=replicates)
     kw = dict(replicates=replicates, steps=steps, seed=seed, objective=objective)
     for a in anchors:

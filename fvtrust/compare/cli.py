@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..cli_common import data_options
 from .methods import METHODS
 
 
@@ -13,10 +14,7 @@ from .methods import METHODS
 @click.argument("spec")
 @click.option("--layer", required=True, help="Layer whose units are visualized (the logits for the paper's check).")
 @click.option("--units", default="all", show_default=True, help="Units: all, 0-9, 1,4,7.")
-@click.option("--data", default=None,
-              help="Natural data: fashion-mnist (default for 28-px models) or an ImageNet-style folder. Its fit part "
-                   "gives MACO's spectrum and accentuation's seeds, its held-out part the measures.")
-@click.option("--data-dir", default=None, type=click.Path(), help="Folder with the Fashion-MNIST IDX files.")
+@data_options
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma-separated subset.")
 @click.option("--anchors", default="", help="Also run horama and/or faccent (comma-separated; optional extras).")
 @click.option("--anchor-python", default=None, help="Interpreter that has the anchors (default: "
@@ -40,12 +38,13 @@ from .methods import METHODS
 @click.option("--weights", default=None, help="Weights: default, random, a torchvision enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (results.json, index.html, PNGs).")
-def compare_command(spec, layer, units, data, data_dir, methods, anchors, anchor_python, steps, replicates, objective,
+def compare_command(spec, layer, units, data, class_index, natural_limit, data_dir, methods, anchors, anchor_python, steps, replicates, objective,
                     lr, seed, accent_weight, accent_layer, redirect_steps, fit_limit, heldout_limit, per_class_natural,
                     per_group_natural, sanity_layers, weights, device, out):
     """Rank visualization methods by the §3 sanity check, with faithfulness, diversity and speed.
 
-    Methods: lucent-standard, pixel, maco, accentuation, redirect (all batched over units).
+    Methods: lucent-standard, pixel, maco, accentuation, redirect (all batched over units). The fit part of
+    --data gives MACO's spectrum and accentuation's seeds; the held-out part is what every method is judged on.
     """
     import torch
 
@@ -57,7 +56,8 @@ def compare_command(spec, layer, units, data, data_dir, methods, anchors, anchor
                           replicates=replicates, seed=seed, objective=objective, lr=lr, accent_weight=accent_weight,
                           accent_layer=accent_layer, redirect_steps=redirect_steps, fit_limit=fit_limit,
                           heldout_limit=heldout_limit, per_class_natural=per_class_natural,
-                          per_group_natural=per_group_natural, sanity_layers=sanity_layers, anchors=[a for a in anchors.split(",") if a.strip()],
+                          per_group_natural=per_group_natural, sanity_layers=sanity_layers, class_index=class_index,
+                          natural_limit=natural_limit, anchors=[a for a in anchors.split(",") if a.strip()],
                           anchor_python=anchor_python, out=out,
                           command="fvtrust " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     for r in res["ranking"]:

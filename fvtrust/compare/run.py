@@ -23,11 +23,11 @@ from . import measures as Ms
 from .methods import METHODS, MethodRun, check_methods, run_method
 
 
-def _natural(model, data, data_dir, limit_fit, limit_heldout):
+def _natural(model, data, data_dir, limit_fit, limit_heldout, class_index=None, natural_limit=None):
     """The fit part (MACO's spectrum, accentuation seeds) and the labelled held-out part (the measures)."""
-    fit = natural_images(data, model.input_shape, part="fit", limit=limit_fit, data_dir=data_dir)
-    held, labels = natural_images(data, model.input_shape, part="heldout", limit=limit_heldout, data_dir=data_dir,
-                                  with_labels=True)
+    kw = dict(data_dir=data_dir, model=model, class_index=class_index, natural_limit=natural_limit)
+    fit = natural_images(data, part="fit", limit=limit_fit, **kw)
+    held, labels = natural_images(data, part="heldout", limit=limit_heldout, with_labels=True, **kw)
     return fit, (held, labels)
 
 
@@ -56,7 +56,7 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
                     replicates: int = 4, seed: int = 0, objective="neuron", lr: float = 0.05,
                     accent_weight: float = 1.0, accent_layer: str | None = None, redirect_steps: int = 16,
                     fit_limit: int = 2000, heldout_limit: int = 2000, per_group_natural: int = 20,
-                    per_class_natural: int = 50, sanity_layers="all", anchors=(), anchor_python: str | None = None,
+                    per_class_natural: int = 50, sanity_layers="all", class_index=None, natural_limit=None, anchors=(), anchor_python: str | None = None,
                     out=None, command: str | None = None) -> dict:
     """Run `methods` (and `anchors`: 'horama', 'faccent') on the same model, layer, units and steps; measure all.
 
@@ -76,8 +76,12 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
         units = [int(u) for u in units]
     else:
         units = parse_units(units, layer_units(model, layer), layer)
-    fit, heldout = _natural(model, data, data_dir, fit_limit, heldout_limit)
-    spectrum = Maco(data=data, limit=fit_limit, data_dir=data_dir)
+    from ..models import as_model
+
+    model = as_model(model)
+    fit, heldout = _natural(model, data, data_dir, fit_limit, heldout_limit, class_index, natural_limit)
+    spectrum = Maco(data=data if data is not None else getattr(model, "default_data", None), limit=fit_limit,
+                    data_dir=data_dir, class_index=class_index)
     t_spec = time.perf_counter()
     spectrum.magnitude(tuple(model.input_shape))  # computed (or read from the cache) once, outside the timings
     spectrum_seconds = time.perf_counter() - t_spec
@@ -117,7 +121,7 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
     result = {
         "spec": getattr(model, "spec", None), "layer": layer, "units": units, "steps": steps,
         "replicates": replicates, "seed": seed, "sanity_layers": sanity_layers, "per_class_natural": per_class_natural,
-        "per_group_natural": per_group_natural, "objective": str(objective), "lr": lr, "data": describe(data, model.input_shape),
+        "per_group_natural": per_group_natural, "objective": str(objective), "lr": lr, "data": describe(data, model),
         "fit_images": len(fit), "heldout_images": len(heldout[0]), "natural_max": natural_max.tolist(),
         "class_layer": Ms.is_class_layer(model, layer), "spectrum_seconds": spectrum_seconds,
         "methods": rows, "anchors": anchor_rows,

@@ -312,6 +312,9 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
     optimization. With `cache_dir`, each finished unit is cached (keyed by
     model weights, settings and its starts) and skipped on rerun.
     """
+    from ..models import as_model
+
+    model = as_model(model, example=starts[0] if isinstance(starts, torch.Tensor) and starts.dim() == 5 else None)
     units = parse_units(units, layer_units(model, layer), layer)
     if len(set(units)) != len(units):
         raise FvtrustError(f"units must be distinct, got duplicates in {units}")

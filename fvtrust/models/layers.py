@@ -22,6 +22,9 @@ class LayerInfo:
 @torch.no_grad()
 def list_layers(model) -> list[LayerInfo]:
     """One dummy forward with hooks on every named module inside `model.net`."""
+    from .wrappers import as_model
+
+    model = as_model(model)
     shapes: dict[str, tuple] = {}
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]
@@ -49,7 +52,7 @@ def layer_units(model, layer: str) -> int:
     """Number of units (channels) of `layer`; FvtrustError for unknown layers."""
     model.get_layer(layer)
     for info in list_layers(model):
-        if info.name == (layer[4:] if layer.startswith("net.") else layer):
+        if info.name == layer:
             return info.units
     raise FvtrustError(f"layer {layer!r} produces no tensor output in {model.spec}")
 

@@ -29,16 +29,29 @@ class Step:
 @dataclass
 class Context:
     out: Path
-    quick: bool
+    mode: str = "quick"  # smoke (tests of the pipeline itself) | quick | full | paper
     seed: int = 0
-    smoke: bool = False  # tiny budgets, for tests of the pipeline itself (not a reproduction)
+    setting: object = None  # report.setting.Setting: model, data, layers, classes
     cache: dict = field(default_factory=dict)  # objects shared between steps in one process
     results: dict = field(default_factory=dict)  # results of finished steps, by name
 
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.setting.fingerprint() if self.setting is not None else None
+
     def budget(self, quick, full, smoke=None):
+        """The value for this run's budget: `full` also for the paper's budget."""
         if self.smoke and smoke is not None:
             return smoke
-        return quick if self.quick or self.smoke else full
+        return quick if self.mode in ("quick", "smoke") else full
 
 
 def _log(msg: str):
@@ -58,8 +71,9 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         sdir = root / step.name
         done = sdir / "result.json"
         selected = not only or step.name in only
-        if done.is_file() and not (force and selected):
-            ctx.results[step.name] = {**json.loads(done.read_text()), "cached": True}
+        cached = _read_cached(done, ctx.fingerprint)
+        if cached is not None and not (force and selected):
+            ctx.results[step.name] = {**cached, "cached": True}
             _log(f"[{i}/{len(steps)}] {step.title}: cached")
             continue
         if not selected:
@@ -83,9 +97,23 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=6)}
         res["seconds"] = round(time.perf_counter() - t0, 1)
+        res["setting"] = ctx.fingerprint
         ctx.results[step.name] = res
         if res["status"] == "ok":
             atomic_write_json(done, res)
         _log(f"[{i}/{len(steps)}] {step.title}: {res['status']} in {res['seconds']} s"
              + (f" ({res['error']})" if res["status"] == "failed" else ""))
     return ctx.results
+
+
+def _read_cached(done: Path, fingerprint) -> dict | None:
+    """A finished step's result, if it was computed for this setting (model, data, budget, seed)."""
+    if not done.is_file():
+        return None
+    try:
+        res = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged result is recomputed, never trusted
+    if fingerprint is not None and res.get("setting") != fingerprint:
+        return None
+    return res

@@ -83,9 +83,9 @@ def accentuate(model, layer: str, units="all", *, seeds: torch.Tensor | None = N
     if seeds is None:
         from .natural import natural_images
 
-        nat = natural_images(data, model.input_shape, part="fit", limit=limit, data_dir=data_dir)
+        nat = natural_images(data, part="fit", limit=limit, data_dir=data_dir, model=model)
         seeds, _ = top_seeds(model, layer, units, nat, objective=objective)  # repeated units: their 1st seed
-        origin = f"top-activating of {limit} fit images of {data or 'the default data'}"
+        origin = f"top-activating of {limit} fit images of {data or getattr(model, 'default_data', None)}"
     seeds = seeds.float().clamp(0, 1)
     if seeds.shape[0] != len(units):
         raise FvtrustError(f"need one seed per unit ({len(units)}), got {seeds.shape[0]}")

@@ -73,16 +73,19 @@ def magnitude_spectrum(images: torch.Tensor, hw, *, color: torch.Tensor | None =
 class Maco:
     """`param=Maco(data=...)`: MACO with the magnitude spectrum of `data`'s fit part.
 
-    `data`: a natural data source (`fashion-mnist`, a folder; default: the
-    model's default data when its input is 1x28x28) or an N x C x H x W tensor
-    of [0, 1] images; `magnitude`: a given spectrum (C x H x W//2+1 tensor or a
-    .npy path) instead. Spectra are computed once per size and cached.
+    `data`: a natural data source (anything `fvtrust.data.natural` takes:
+    `fashion-mnist`, a folder, an N x C x H x W tensor of [0, 1] images);
+    `param="maco"` in `visualize` uses the model's own default data.
+    `magnitude`: a given spectrum (C x H x W//2+1 tensor or a .npy path)
+    instead. Spectra are computed once per size and cached.
     """
 
     name = "maco"
 
-    def __init__(self, data=None, *, magnitude=None, limit: int = DEFAULT_LIMIT, data_dir=None, cache: bool = True):
+    def __init__(self, data=None, *, magnitude=None, limit: int = DEFAULT_LIMIT, data_dir=None, cache: bool = True,
+                 class_index=None):
         self.data, self.limit, self.data_dir, self.cache = data, int(limit), data_dir, cache
+        self.class_index = class_index
         if isinstance(magnitude, (str, Path)):
             magnitude = torch.as_tensor(np.load(magnitude), dtype=torch.float32)
         self._given = None if magnitude is None else torch.as_tensor(magnitude, dtype=torch.float32)
@@ -129,7 +132,11 @@ class Maco:
             else:
                 from .natural import natural_images
 
-                x = natural_images(self.data, (c, h, w), part="fit", limit=self.limit, data_dir=self.data_dir)
+                if self.data is None:
+                    raise FvtrustError("MACO needs natural images for its magnitude spectrum: give param="
+                                       "Maco(data=...) (CLI: --data), or a model with default data")
+                x = natural_images(self.data, (c, h, w), part="fit", limit=self.limit, data_dir=self.data_dir,
+                                   class_index=self.class_index)
                 if x.shape[1] != c:
                     raise FvtrustError(f"natural data {self.data!r} has {x.shape[1]} channels, the images {c}")
                 m = magnitude_spectrum(x, (h, w), color=color)
@@ -159,10 +166,10 @@ class Maco:
         return ImageParam("maco", leaf, (n, c, h, w), decorrelate, scale=mag, color=color)
 
 
-@functools.lru_cache(maxsize=1)
-def default_maco() -> Maco:
-    """`param="maco"`: one Maco on the default natural data per process (its spectra memoized)."""
-    return Maco()
+@functools.lru_cache(maxsize=8)
+def maco_for(default_data: str | None) -> Maco:
+    """`param="maco"`: one Maco per default data source and process (its spectra memoized)."""
+    return Maco(data=default_data)
 
 
 def maco_image(phase: torch.Tensor, magnitude: torch.Tensor, hw, color: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,4 +193,4 @@ def _save_npy(path: Path, array: np.ndarray, key: dict):
     atomic_write_json(path.with_suffix(".json"), key)
 
 
-__all__ = ["Maco", "default_maco", "magnitude_spectrum", "maco_image", "standardize", "cache_dir"]
+__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "standardize", "cache_dir"]

@@ -1,9 +1,9 @@
-"""The one place fvtrust.visualize asks for natural images (MACO's spectrum, accentuation seeds, compare-methods).
+"""The one place fvtrust.visualize and compare ask for natural images: `fvtrust.data.natural`, one part of it.
 
-Natural data comes in two parts: ``fit`` (what a method may learn from, e.g.
-MACO's magnitude spectrum: Fashion-MNIST's training split) and ``heldout``
-(what a method is judged on: the test split). This adapter sits on
-:func:`fvtrust.data.load_data` until `fvtrust.data.natural` owns the split.
+MACO's magnitude spectrum and accentuation's seeds are *fitted* on natural
+data, so they read the ``fit`` part (Fashion-MNIST's training split on the
+embedded default); compare-methods judges every method on the ``heldout``
+part (the test split), images no method saw.
 """
 from __future__ import annotations
 
@@ -12,30 +12,26 @@ import torch
 from ..errors import FvtrustError
 
 
-def default_source(input_shape) -> str:
-    if tuple(input_shape) == (1, 28, 28):
-        return "fashion-mnist"
-    raise FvtrustError(f"no default natural data for input shape {tuple(input_shape)}: give --data "
-                       "(an ImageNet-style folder)")
+def natural_images(source, input_shape=None, *, part: str = "fit", limit: int | None = None, data_dir=None,
+                   with_labels: bool = False, model=None, class_index=None, natural_limit=None):
+    """[0, 1] images (N x C x H x W) of `source`'s `part` ('fit' or 'heldout'), the first `limit` of them.
 
-
-def natural_images(source: str | None, input_shape, *, part: str = "fit", limit: int | None = None,
-                   data_dir=None, with_labels: bool = False):
-    """[0, 1] images (N x C x H x W) of `source`'s `part` ('fit' or 'heldout'), the first `limit` of them."""
-    from ..data import as_tensors, load_data
+    `source` is anything `fvtrust.data.natural` takes (None: the model's default data).
+    """
+    from ..data import natural
 
     if part not in ("fit", "heldout"):
         raise FvtrustError(f"unknown natural data part {part!r}; choose fit or heldout")
-    source = source or default_source(input_shape)
-    if source.startswith("fashion-mnist") and ":" not in source:
-        source = "fashion-mnist:" + ("train" if part == "fit" else "test")
-    ds = load_data(source, input_shape=input_shape, split="train" if part == "fit" else "test", data_dir=data_dir)
-    x, y = as_tensors(ds, limit)
+    data = natural(source, model=model, input_shape=None if model is not None else input_shape, limit=natural_limit,
+                   class_index=class_index, data_dir=data_dir)
+    x, y = getattr(data, part).tensors(limit)
     if len(x) == 0:
-        raise FvtrustError(f"natural data {source!r} has no images")
+        raise FvtrustError(f"natural data {data.source!r} has no {part} images")
     x = x.float()
     return (x, torch.as_tensor(y)) if with_labels else x
 
 
-def describe(source: str | None, input_shape) -> str:
-    return source or default_source(input_shape)
+def describe(source, model=None) -> str:
+    if source is None:
+        source = getattr(model, "default_data", None)
+    return "tensor" if isinstance(source, torch.Tensor) else str(source)

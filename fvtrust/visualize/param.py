@@ -93,12 +93,12 @@ def make_param(kind: str, shape, *, decorrelate: bool = True, sd: float = 0.01, 
     initialization depends only on its own seed (a unit gets the same start
     whether it is visualized alone or in a batch of 500). `kind` may also be an
     object with a `make` method (e.g. `maco.Maco(data=...)`); "maco" is `Maco()`
-    on the default natural data.
+    without data (render's `visualize` gives it the model's default data).
     """
     if kind == "maco":
-        from .maco import default_maco
+        from .maco import Maco
 
-        kind = default_maco()
+        kind = Maco()
     if not isinstance(kind, str) and hasattr(kind, "make"):
         return kind.make(shape, decorrelate=decorrelate, generators=generators, start=start, device=device)
     if kind not in PARAMS:

@@ -109,8 +109,15 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     reference's activations as `acts[REFERENCE]` (feature accentuation's
     proximity term, accentuate.py).
     """
+    from ..models import as_model
+
+    model = as_model(model, example=start)
     if relu not in ("standard", "redirect"):
         raise FvtrustError(f"unknown relu {relu!r}; choose standard or redirect")
+    if isinstance(param, str) and param == "maco":
+        from .maco import maco_for
+
+        param = maco_for(getattr(model, "default_data", None))  # the spectrum of the model's own natural data
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
         bad = [u for u in units if not 0 <= int(u) < n_units]

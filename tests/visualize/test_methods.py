@@ -80,7 +80,7 @@ def test_maco_spectrum_is_cached_per_source_and_size(tmp_path, monkeypatch):
     monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
     calls = []
 
-    def fake_natural(source, input_shape, *, part, limit, data_dir=None):
+    def fake_natural(source, input_shape, *, part, limit, data_dir=None, **kw):
         calls.append((source, tuple(input_shape), part))
         return torch.rand(20, *input_shape, generator=torch.Generator().manual_seed(0))
 
@@ -103,9 +103,16 @@ def test_maco_visualization_runs_batched_and_is_batch_invariant(random_fashion):
     assert both.settings["param"].startswith("maco")
 
 
-def test_maco_needs_data_for_rgb():
-    with pytest.raises(FvtrustError, match="no default natural data"):
+def test_maco_needs_natural_data():
+    with pytest.raises(FvtrustError, match="needs natural images"):
         M.Maco().magnitude((3, 32, 32))
+
+
+def test_maco_string_uses_the_models_default_data(random_fashion, monkeypatch):
+    seen = []
+    monkeypatch.setattr(M, "maco_for", lambda d: seen.append(d) or M.Maco(data=torch.rand(8, 1, 28, 28)))
+    visualize(random_fashion, "fc", [0], steps=1, param="maco")
+    assert seen == ["fashion-mnist"]
 
 
 # ------------------------------------------------------------------ redirected ReLU
