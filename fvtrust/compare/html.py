@@ -15,6 +15,9 @@ COLUMNS = [("sanity (a): mean normalized natural-vs-vis. similarity", lambda r: 
            ("pixel std", lambda r: r.get("pixel_std"))]
 
 
+FIG = "flex:1 1 30%;min-width:260px;margin:0"  # figures side by side, wrapping on narrow screens
+
+
 def _table(rows) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in COLUMNS)
     body = []
@@ -41,7 +44,7 @@ def _per_layer(rows) -> str:
                                                                          for n in layers) + "</tr>")
     return (f"<h2>(a) per layer</h2><p class=\"note\">Normalized Spearman similarity per layer (same class = 1, "
             f"different class = 0; {html.escape(ok[0]['sanity']['kind'])}).</p>"
-            f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>")
+            f"<div style=\"overflow-x:auto\"><table><tr><th>method</th>{head}</tr>{''.join(body)}</table></div>")
 
 
 def render(out: Path, res: dict) -> str:
@@ -52,12 +55,12 @@ def render(out: Path, res: dict) -> str:
     for r in rows:
         name = r["method"]
         if name in res.get("figures", {}):
-            figs.append(f'<figure><img src="{_img(out, res["figures"][name])}" alt="{html.escape(name)}">'
+            figs.append(f'<figure style="{FIG}"><img src="{_img(out, res["figures"][name])}" alt="{html.escape(name)}">'
                         f'<figcaption>{html.escape(name)}: sanity {_fmt(r["sanity"]["mean"])}, diversity '
                         f'{_fmt(r.get("diversity"))}, activation ratio {_fmt(r.get("activation_ratio"))}'
                         f'</figcaption></figure>')
         if f"{name}_alpha" in res.get("figures", {}):
-            figs.append(f'<figure><img src="{_img(out, res["figures"][name + "_alpha"])}" alt="{name} alpha">'
+            figs.append(f'<figure style="{FIG}"><img src="{_img(out, res["figures"][name + "_alpha"])}" alt="alpha">'
                         f'<figcaption>{html.escape(name)}: transparency masks</figcaption></figure>')
     body = [f"<h1>Visualization methods compared: {html.escape(str(res['spec']))}, layer "
             f"{html.escape(res['layer'])}</h1>",
@@ -68,6 +71,7 @@ def render(out: Path, res: dict) -> str:
             f'{html.escape(res["device"])}; run took {_fmt(res["runtime_s"])} s. Command: '
             f'<code>{html.escape(str(res.get("command")))}</code>. All numbers are in <code>results.json</code>.</p>',
             f"<p class=\"sentence\">Ranking by the sanity check: {ranking}.</p>",
-            _table(rows), f"<ul>{ratios}</ul>" if ratios else "", _per_layer(rows), "<h2>Images</h2>", *figs]
+            _table(rows), f"<ul>{ratios}</ul>" if ratios else "", _per_layer(rows), "<h2>Images, side by side</h2>",
+            '<div style="display:flex;flex-wrap:wrap;gap:1em">', *figs, "</div>"]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fvtrust compare-methods</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
