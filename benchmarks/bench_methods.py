@@ -46,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--anchors", default="horama,faccent")
     ap.add_argument("--anchor-python", default=None)
     ap.add_argument("--accent-layer", default=None)
+    ap.add_argument("--time-only", action="store_true", help="skip the full run: timing repeats only")
     ap.add_argument("--out", default="bench-methods")
     a = ap.parse_args(argv)
     model = fvtrust.load_model(a.model, **({"weights": a.weights} if a.weights else {}))
@@ -57,7 +58,7 @@ def main(argv=None):
 
     time_anchors = [x for x in (a.time_anchors or a.anchors).split(",") if x]
     reps = []
-    if True:
+    if not a.time_only:
         res = compare_methods(model, a.layer, units, steps=a.steps, replicates=a.replicates, anchors=anchors,
                               methods=a.methods or METHODS, anchor_python=a.anchor_python, accent_layer=a.accent_layer,
                               per_class_natural=a.per_class_natural, out=out / "compare", command=summary["command"])
@@ -75,7 +76,7 @@ def main(argv=None):
     spectrum = Maco(limit=2000)
     spectrum.magnitude(tuple(model.input_shape))
     fit = natural_images(None, model.input_shape, part="fit", limit=2000)
-    for i in range(1, a.repeats):
+    for i in range(len(reps), a.repeats):
         t = {}
         names = ["maco"] + (["accentuation"] if "faccent" in time_anchors else [])
         for name in names:
