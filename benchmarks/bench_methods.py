@@ -73,9 +73,9 @@ def main(argv=None):
         t = {k: first[k] for k in ("maco", "accentuation", "horama-maco", "faccent") if k in first}
         reps.append(_ratios(t))
         print("repeat 1 (the full run): " + _fmt(reps[-1]), flush=True)
-    spectrum = Maco(limit=2000)
+    spectrum = Maco(data=model.default_data, limit=2000)
     spectrum.magnitude(tuple(model.input_shape))
-    fit = natural_images(None, model.input_shape, part="fit", limit=2000)
+    fit = natural_images(None, part="fit", limit=2000, model=model)
     for i in range(len(reps), a.repeats):
         t = {}
         names = ["maco"] + (["accentuation"] if "faccent" in time_anchors else [])

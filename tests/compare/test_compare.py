@@ -92,7 +92,7 @@ def test_missing_anchor_is_reported_not_raised(random_fashion, monkeypatch):
 @pytest.mark.skipif(anchor_python() is None, reason="anchors venv not installed (scripts/install.sh --test)")
 def test_anchors_run_beside_fvtrust(trained_fashion, tmp_path, monkeypatch):
     monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path / "cache"))
-    spec = Maco(limit=200)
+    spec = Maco(data="fashion-mnist", limit=200)
     out = run_anchors(["horama", "faccent"], trained_fashion, "fc", [1], replicates=1, steps=4, seed=0,
                       objective="neuron", spectrum=spec, proximity_layer="block3")
     for name in ("horama-maco", "faccent"):
