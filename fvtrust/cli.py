@@ -6,6 +6,7 @@ result. Any FvtrustError becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -135,7 +136,13 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @click.option("--steps", default=512, show_default=True)
 @click.option("--thresholds", default=None, help="Snapshot steps, e.g. 1,8,32,128,512 (default: steps).")
 @click.option("--objective", default="neuron", show_default=True, help="neuron, channel, diversity; prefix - to minimize.")
-@click.option("--param", default="fft", show_default=True, type=click.Choice(["fft", "pixel", "raw"]))
+@click.option("--param", default="fft", show_default=True, type=click.Choice(["fft", "pixel", "raw", "maco"]))
+@click.option("--data", default=None, help="maco: natural data for the magnitude spectrum (default: Fashion-MNIST "
+              "train for 28-px models; an ImageNet-style folder otherwise).")
+@click.option("--relu", default="standard", show_default=True, type=click.Choice(["standard", "redirect"]),
+              help="redirect: lucid's redirected ReLU gradient for the first --redirect-steps steps.")
+@click.option("--redirect-steps", default=16, show_default=True)
+@click.option("--alpha", is_flag=True, help="Also write transparency masks (accumulated |d objective / d image|).")
 @click.option("--no-decorrelate", is_flag=True, help="Skip colour decorrelation.")
 @click.option("--transforms", default="standard", show_default=True, type=click.Choice(["standard", "none"]))
 @click.option("--lr", default=0.05, show_default=True)
@@ -146,8 +153,8 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @weights_option
 @device_option
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
-def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_decorrelate, transforms, lr, seed,
-                  shared_start, chunk_size, no_fast, weights, device, out):
+def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data, relu, redirect_steps, alpha,
+                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, weights, device, out):
     """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
     from .models import load_model
     from .visualize import visualize
@@ -155,10 +162,21 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_de
 
     model = load_model(spec, weights=weights, device=_device(device))
     th = _parse_ints(thresholds, "thresholds") if thresholds else None
+    if param == "maco":
+        from .visualize.maco import Maco
+
+        param = Maco(data=data if data is not None else getattr(model, "default_data", None))
+    if alpha:
+        from .visualize.alpha import visualize_transparent as visualize  # noqa: F811  same call, plus .alpha
     res = visualize(model, layer, units, steps=steps, thresholds=th, objective=objective, param=param,
                     decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size,
-                    shared_start=shared_start, fast=not no_fast)
+                    shared_start=shared_start, fast=not no_fast, relu=relu, redirect_steps=redirect_steps)
     meta = save_visualization(res, out, spec=spec)
+    if res.alpha is not None:
+        from .io import save_png
+
+        for ui, u in enumerate(res.units):
+            save_png(Path(out) / f"alpha_unit{u:04d}_{ui}.png", res.alpha[ui])
     click.echo(f"wrote {len(meta['files'])} images, {meta['grid']} and visualization.json to {out}")
 
 
@@ -168,7 +186,7 @@ def _register_optional():
 
     for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
                       ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
-                      ("fvtrust.report.cli", "reproduce_command"),
+                      ("fvtrust.report.cli", "reproduce_command"), ("fvtrust.compare.cli", "compare_command"),
                       ("fvtrust.audit.cli", "audit_command")]:
         try:
             cmd = getattr(importlib.import_module(mod), attr)

@@ -22,6 +22,24 @@ apt_install() {  # only where apt exists and we are root; never fatal
 apt_install dataset-fashion-mnist
 [[ $WITH_TEST == 1 ]] && apt_install chromium chromium-driver
 
+# Anchors for compare-methods, never fatal. horama's deps are ours: it goes into the base venv (the `anchors`
+# extra). faccent pins kornia==0.4.1 (and lucent==0.1.0): it gets its own venv that sees the base venv's packages
+# through a .pth file, with kornia 0.4.1 and faccent's pure-Python deps installed there only, so the base venv keeps
+# kornia 0.9.0. compare-methods finds it as ~/.venvs/fvtrust-anchors (or $FVTRUST_ANCHORS_PYTHON).
+install_anchors() {
+  "${PIP[@]}" --no-deps "horama==0.3.0" 2>&1 | grep -v "is ignored" || return 1
+  local AV="${FVTRUST_ANCHORS_VENV:-$HOME/.venvs/fvtrust-anchors}"
+  [[ -x "$AV/bin/python" ]] || python3 -m venv "$AV" || return 1
+  local base_sp anchors_sp
+  base_sp="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')" || return 1
+  anchors_sp="$("$AV/bin/python" -c 'import site; print(site.getsitepackages()[0])')" || return 1
+  echo "$base_sp" > "$anchors_sp/_fvtrust_base.pth"
+  "$AV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --ignore-installed "faccent==1.0.3" "kornia==0.4.1" \
+    einops decorator imageio ipywidgets comm widgetsnbextension jupyterlab_widgets 2>&1 | grep -v "is ignored" || true
+  "$AV/bin/python" -c "import faccent.render, horama" 2>/dev/null || return 1
+  "$VENV/bin/python" -c "import kornia; assert kornia.__version__ == '0.9.0'" || return 1
+}
+
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "fvtrust setup: creating $VENV"
   python3 -m venv "$VENV"
@@ -32,6 +50,7 @@ if [[ $WITH_TEST == 1 ]]; then
   # lucent 0.1.8 pins kornia<=0.4.1, which no longer installs with torch 2.x: take lucent without deps.
   "${PIP[@]}" --no-deps "torch-lucent==0.1.8" 2>&1 | grep -v "is ignored" || true
   "${PIP[@]}" "kornia==0.9.0" decorator ipython 2>&1 | grep -v "is ignored" || true
+  install_anchors || echo "fvtrust setup: anchors (horama, faccent) not installed (continuing; compare-methods runs without them)"
   # optional model zoo (timm: specs); a failure leaves the base install intact and its tests skip
   "${PIP[@]}" "timm>=1.0" 2>&1 | grep -v "is ignored" || echo "fvtrust setup: timm not installed (optional)"
 else

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from ..errors import FvtrustError
 
+REFERENCE = "<reference>"  # key of the reference images' activations (render's `reference=`), never a layer name
+
 
 def _select(acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """acts[b, units[b], ...] for every image b."""
@@ -116,6 +118,27 @@ class Diversity(Objective):
         same = (groups[:, None] == groups[None, :]) & ~torch.eye(b, dtype=torch.bool, device=a.device)
         count = same.sum(1).clamp(min=1)
         return -(sim * same).sum(1) / count
+
+
+class Proximity(Objective):
+    """Distance of each image's activations at `layer` to its reference image's (feature accentuation).
+
+    Hamblin et al. (2024): ||z_l(x) - z_l(x0)||_2, the L2 norm over channels at
+    each position, averaged over positions, with x and its seed x0 seen under the
+    same transform. Needs render's `reference=`; maximize `-Proximity` to stay close.
+    """
+
+    def __init__(self, layer):
+        self.layers, self.name = (layer,), f"proximity({layer})"
+
+    def __call__(self, acts, units, groups=None):
+        if REFERENCE not in acts:
+            raise FvtrustError("the proximity objective needs reference images (visualize(..., reference=...))")
+        a, r = acts[self.layers[0]], acts[REFERENCE][self.layers[0]]
+        if a.dim() == 2:
+            return (a - r).norm(dim=1)
+        d = (a - r).norm(dim=1)
+        return d.reshape(d.shape[0], -1).mean(1)
 
 
 OBJECTIVES = ("neuron", "channel", "direction", "diversity")

@@ -5,7 +5,9 @@ the optimizer sees decorrelated spatial frequencies, then an inverse real FFT
 (orthonormal, divided by lucid's magic 4), a colour decorrelation matrix for
 RGB and a sigmoid into [0, 1]. `pixel`: raw logits through the same colour
 step and sigmoid. `raw`: the pixels themselves, unconstrained (no sigmoid, no
-clamping) for analyses that need the plain gradient ascent path.
+clamping) for analyses that need the plain gradient ascent path. `maco`:
+only the Fourier phase is optimized, the magnitude is a natural-image
+spectrum (maco.py; `param=Maco(data=...)` chooses the data).
 
 Every parameterization can start from given images (`start`): we invert the
 map (logit, inverse colour matrix, forward FFT / scale), so a run can begin at
@@ -26,7 +28,7 @@ COLOR_CORRELATION_SVD_SQRT = np.asarray([[0.26, 0.09, 0.02],
                                          [0.27, -0.09, 0.03]], dtype=np.float32)
 COLOR_CORRELATION_NORMALIZED = COLOR_CORRELATION_SVD_SQRT / np.max(np.linalg.norm(COLOR_CORRELATION_SVD_SQRT, axis=0))
 FFT_MAGIC = 4.0  # lucid's constant; larger values reduce saturation
-PARAMS = ("fft", "pixel", "raw")
+PARAMS = ("fft", "pixel", "raw", "maco")
 
 
 def rfft2d_freqs(h: int, w: int) -> np.ndarray:
@@ -58,6 +60,10 @@ class ImageParam:
         t = self.tensor
         if self.kind == "raw":
             return t
+        if self.kind == "maco":
+            from .maco import maco_image
+
+            return maco_image(t, self.scale, (h, w), self.color)
         if self.kind == "fft":
             spec = torch.view_as_complex(t) * self.scale
             t = torch.fft.irfftn(spec, s=(h, w), norm="ortho") / FFT_MAGIC
@@ -85,8 +91,16 @@ def make_param(kind: str, shape, *, decorrelate: bool = True, sd: float = 0.01, 
 
     `generators`: one torch.Generator per image, so each image's random
     initialization depends only on its own seed (a unit gets the same start
-    whether it is visualized alone or in a batch of 500).
+    whether it is visualized alone or in a batch of 500). `kind` may also be an
+    object with a `make` method (e.g. `maco.Maco(data=...)`); "maco" is `Maco()`
+    without data (render's `visualize` gives it the model's default data).
     """
+    if kind == "maco":
+        from .maco import Maco
+
+        kind = Maco()
+    if not isinstance(kind, str) and hasattr(kind, "make"):
+        return kind.make(shape, decorrelate=decorrelate, generators=generators, start=start, device=device)
     if kind not in PARAMS:
         raise FvtrustError(f"unknown parameterization {kind!r}; choose one of: {', '.join(PARAMS)}")
     n, c, h, w = shape

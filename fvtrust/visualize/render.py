@@ -20,8 +20,9 @@ from ..models.layers import layer_units, parse_units
 from ..progress import progress
 from . import transforms as T
 from .fastpath import fast_inference
-from .objectives import make_objective
+from .objectives import REFERENCE, make_objective
 from .param import make_param, seed_generators
+from .relu import REDIRECT_STEPS, redirect_relus
 
 
 @dataclass
@@ -42,6 +43,7 @@ class VisualizationResult:
     settings: dict = field(default_factory=dict)
     gradients: torch.Tensor | None = None
     trajectory: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None  # units x C x H x W: accumulated |d objective / d image| (maco.py)
 
     @property
     def final(self) -> torch.Tensor:
@@ -87,7 +89,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
               lr: float = 0.05, optimizer: str = "adam", seed: int = 0, start: torch.Tensor | None = None,
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
               directions=None, groups=None, on_step=None, progress_desc: str | None = None,
-              shared_start: bool = False, fast: bool = True, grad_clip: float | None = None) -> VisualizationResult:
+              shared_start: bool = False, fast: bool = True, grad_clip: float | None = None, relu: str = "standard",
+              redirect_steps: int = REDIRECT_STEPS, reference: torch.Tensor | None = None) -> VisualizationResult:
     """Feature visualization by activation maximization, batched over units.
 
     `units` may repeat a unit (e.g. several starts per unit); each entry gets its
@@ -101,13 +104,24 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     >= 64 px) for the length of the call (see fastpath.py) and hands it back
     exactly as it was. `grad_clip` clips each image's parameter gradient to
     that L2 norm before the optimizer step (a defense against manipulated
-    gradient landscapes, e.g. gradient slingshots).
+    gradient landscapes, e.g. gradient slingshots). `relu="redirect"` gives the model's ReLU modules lucid's
+    redirected gradient for steps 1..`redirect_steps` (see relu.py).
+    `reference` (units x C x H x W in [0, 1]) runs each image's reference
+    alongside it under the same transform draw; objectives read the
+    reference's activations as `acts[REFERENCE]` (feature accentuation's
+    proximity term, accentuate.py).
     """
     if grad_clip is not None and not grad_clip > 0:
         raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
     from ..models import as_model
 
     model = as_model(model, example=start)
+    if relu not in ("standard", "redirect"):
+        raise FvtrustError(f"unknown relu {relu!r}; choose standard or redirect")
+    if isinstance(param, str) and param == "maco":
+        from .maco import maco_for
+
+        param = maco_for(getattr(model, "default_data", None))  # the spectrum of the model's own natural data
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
         bad = [u for u in units if not 0 <= int(u) < n_units]
@@ -135,6 +149,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     n = len(units)
     if start is not None and tuple(start.shape) != (n, c, *hw):
         raise FvtrustError(f"start must have shape {(n, c, *hw)} (units x C x H x W), got {tuple(start.shape)}")
+    if reference is not None and tuple(reference.shape) != (n, c, *hw):
+        raise FvtrustError(f"reference must have shape {(n, c, *hw)}, got {tuple(reference.shape)}")
     record_images = record_gradients if record_images is None else record_images
     chunk = chunk_size or _auto_chunk(model, n, (c, *hw), record_gradients or record_images)
 
@@ -151,7 +167,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
                images=torch.empty(len(thresholds), n, c, *hw), values=torch.empty(len(thresholds), n),
                grads=torch.empty(steps, n, c, *hw) if record_gradients else None,
                traj=torch.empty(steps + 1, n, c, *hw) if record_images else None, on_step=on_step,
-               channels_last=fast and _nhwc_pays(device, crop or hw), grad_clip=grad_clip)
+               channels_last=fast and _nhwc_pays(device, crop or hw), grad_clip=grad_clip,
+               redirect_steps=redirect_steps if relu == "redirect" else 0)
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
@@ -162,12 +179,13 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     else:
         speedup = contextlib.nullcontext()
     try:
-        with speedup:  # undone before `finally`: folding may add temporary conv biases to the parameters
+        with speedup, (redirect_relus(model) if relu == "redirect" else contextlib.nullcontext()) as run.redirect:
             c0 = 0
             while c0 < n:
                 sl = slice(c0, min(n, c0 + chunk))
                 try:
-                    run.chunk(sl, units[sl], keys[sl], groups_t[sl], start[sl] if start is not None else None)
+                    run.chunk(sl, units[sl], keys[sl], groups_t[sl], start[sl] if start is not None else None,
+                              reference[sl] if reference is not None else None)
                 except torch.OutOfMemoryError:
                     if chunk == 1:
                         raise
@@ -180,10 +198,11 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
         run.bar.close()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
+    settings = {"steps": steps, "param": param if isinstance(param, str) else repr(param), "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
-                "shared_start": shared_start, "fast": fast, "grad_clip": grad_clip}
+                "shared_start": shared_start, "fast": fast, "grad_clip": grad_clip, "relu": relu,
+                "redirect_steps": redirect_steps if relu == "redirect" else None, "reference": reference is not None}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
@@ -210,9 +229,21 @@ class _Run:
     on_step: object
     channels_last: bool = False
     grad_clip: float | None = None
+    redirect_steps: int = 0
     bar: object = None
+    redirect: object = None  # relu.RedirectSwitch while relu="redirect"
 
-    def chunk(self, sl: slice, units, keys, groups, start):
+    def _acts(self, tap, x, ref):
+        """Layer outputs for x; with a reference batch, both in one forward, the reference under acts[REFERENCE]."""
+        if ref is None:
+            return tap(x)
+        both = tap(torch.cat([x, ref]))
+        n = x.shape[0]
+        acts = {k: v[:n] for k, v in both.items()}
+        acts[REFERENCE] = {k: v[n:] for k, v in both.items()}
+        return acts
+
+    def chunk(self, sl: slice, units, keys, groups, start, reference=None):
         n, device = len(units), self.model.device
         prm = make_param(self.param, (n, *self.chw), decorrelate=self.decorrelate,
                          generators=seed_generators(self.seed, keys), start=start, device=device)
@@ -223,12 +254,18 @@ class _Run:
         want_img_grad = self.grads is not None or self.on_step is not None
         t_index = {t: i for i, t in enumerate(self.thresholds)}
         with LayerTap(self.model, list(self.obj.layers)) as tap:
+            ref = None if reference is None else reference.to(device)
             for step in range(1, self.steps + 1):
+                if self.redirect is not None:
+                    self.redirect.active = step <= self.redirect_steps
                 img = prm.image()
-                x = T.apply(img, self.tspec, T.draw(self.tspec, rng) if self.tspec else None, out_hw=self.crop)
+                d = T.draw(self.tspec, rng) if self.tspec else None
+                x = T.apply(img, self.tspec, d, out_hw=self.crop)
+                x_ref = None if ref is None else T.apply(ref, self.tspec, d, out_hw=self.crop)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                value = self.obj(tap(x), u_t, groups)
+                    x_ref = None if x_ref is None else x_ref.contiguous(memory_format=torch.channels_last)
+                value = self.obj(self._acts(tap, x, x_ref), u_t, groups)
                 grads = torch.autograd.grad(-value.sum(), [prm.tensor, img] if want_img_grad else [prm.tensor])
                 if self.traj is not None:
                     self.traj[step - 1, sl] = img.detach().cpu()
@@ -250,7 +287,9 @@ class _Run:
                         clean = prm.image()
                         i = t_index[step]
                         self.images[i, sl] = clean.cpu()
-                        self.values[i, sl] = self.obj(tap(_fit(clean, self.crop)), u_t, groups).cpu()
+                        clean_ref = None if ref is None else _fit(ref, self.crop)
+                        self.values[i, sl] = self.obj(self._acts(tap, _fit(clean, self.crop), clean_ref), u_t,
+                                                      groups).cpu()
                 self.bar.update(n)
         if self.traj is not None:
             with torch.no_grad():

@@ -1,0 +1,196 @@
+"""MACO: optimize only the Fourier phase; the magnitude is a natural-image spectrum.
+
+Fel et al., "Unlocking Feature Visualization for Deeper Networks with
+MAgnitude Constrained Optimization" (NeurIPS 2023). With φ the optimized phase
+(C x H x W//2+1 per image) and M a fixed magnitude spectrum,
+
+    s = irfft2(M · e^{iφ})                      (the real image whose spectrum has magnitude M)
+    x = sigmoid(colour(standardize(s)))          (standardize: zero mean, unit std per image)
+
+so the image's energy per frequency stays that of natural images and only
+*where* structure sits is free; colour recorrelation is lucid's matrix for RGB
+(none for grey models). Horama also standardizes φ before use; the paper's
+formula does not, and neither do we (a phase is defined modulo 2π anyway).
+
+**The spectrum comes from the user's natural data, never a download.** M is
+the mean over natural images (resized to the visualization size) of
+|rfft2(standardize(decorrelate(x)))|, computed on the *fit* part of the data
+(Fashion-MNIST's training split on the embedded default) and cached on disk
+under ``$FVTRUST_CACHE`` (default ``~/.cache/fvtrust``)/maco, keyed by source,
+size, channels, limit and colour handling. Horama instead fetches a fixed
+ImageNet spectrum on first use, which neither works offline nor fits a
+Fashion-MNIST model.
+
+Transparency (alpha): Fel et al. accumulate |d objective / d image| over the
+run; :func:`fvtrust.visualize.alpha.visualize_transparent` does so for any
+parameterization (MACO's images are shown with it).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import FvtrustError
+
+DEFAULT_LIMIT = 2000  # natural images averaged for the spectrum (the estimate is stable long before)
+
+
+def standardize(t: torch.Tensor, dims=(1, 2, 3), eps: float = 1e-4) -> torch.Tensor:
+    """Zero mean, unit std (ddof=1, as torch.std) over `dims`, per image."""
+    t = t - t.mean(dims, keepdim=True)
+    return t / (t.std(dims, keepdim=True) + eps)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FVTRUST_CACHE") or Path.home() / ".cache" / "fvtrust") / "maco"
+
+
+def magnitude_spectrum(images: torch.Tensor, hw, *, color: torch.Tensor | None = None,
+                       batch: int = 512) -> torch.Tensor:
+    """Mean |rfft2| (C x H x W//2+1) of standardized (and colour-decorrelated) natural images resized to `hw`."""
+    if images.dim() != 4 or len(images) == 0:
+        raise FvtrustError(f"need a non-empty N x C x H x W batch of natural images, got {tuple(images.shape)}")
+    h, w = hw
+    inv = None if color is None else torch.linalg.inv(color.cpu())
+    total = torch.zeros(images.shape[1], h, w // 2 + 1, dtype=torch.float64)
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float()
+        if tuple(x.shape[-2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        if inv is not None:
+            x = torch.einsum("nchw,dc->ndhw", x, inv)
+        total += torch.fft.rfft2(standardize(x)).abs().sum(0).double()
+    return (total / len(images)).float()
+
+
+class Maco:
+    """`param=Maco(data=...)`: MACO with the magnitude spectrum of `data`'s fit part.
+
+    `data`: a natural data source (anything `fvtrust.data.natural` takes:
+    `fashion-mnist`, a folder, an N x C x H x W tensor of [0, 1] images);
+    `param="maco"` in `visualize` uses the model's own default data.
+    `magnitude`: a given spectrum (C x H x W//2+1 tensor or a .npy path)
+    instead. Spectra are computed once per size and cached.
+    """
+
+    name = "maco"
+
+    def __init__(self, data=None, *, magnitude=None, limit: int = DEFAULT_LIMIT, data_dir=None, cache: bool = True,
+                 class_index=None):
+        self.data, self.limit, self.data_dir, self.cache = data, int(limit), data_dir, cache
+        self.class_index = class_index
+        if isinstance(magnitude, (str, Path)):
+            magnitude = torch.as_tensor(np.load(magnitude), dtype=torch.float32)
+        self._given = None if magnitude is None else torch.as_tensor(magnitude, dtype=torch.float32)
+        self._spectra: dict = {}
+        self.provenance: dict = {}
+
+    def __repr__(self):
+        src = "given" if self._given is not None else ("tensor" if isinstance(self.data, torch.Tensor)
+                                                       else (self.data or "default"))
+        return f"maco(spectrum={src})"
+
+    def _key(self, chw, decorrelate) -> dict:
+        return {"source": str(self.data), "limit": self.limit, "chw": list(chw), "decorrelate": bool(decorrelate),
+                "version": 1}
+
+    def magnitude(self, chw, *, decorrelate: bool = True) -> torch.Tensor:
+        c, h, w = chw
+        if self._given is not None:
+            m = self._given
+            if m.dim() == 2:
+                m = m.expand(c, -1, -1)
+            if tuple(m.shape[-2:]) != (h, w // 2 + 1):  # Horama's resizing of a template spectrum
+                m = F.interpolate(m[None], size=(h, w // 2 + 1), mode="bilinear", align_corners=False,
+                                  antialias=True)[0]
+            if m.shape[0] != c:
+                raise FvtrustError(f"MACO magnitude has {m.shape[0]} channels, the images {c}")
+            return m.contiguous()
+        mem_key = (tuple(chw), bool(decorrelate))
+        if mem_key in self._spectra:
+            return self._spectra[mem_key]
+        from .param import _color_matrix
+
+        color = _color_matrix(c, decorrelate, "cpu")
+        if isinstance(self.data, torch.Tensor):
+            m = magnitude_spectrum(self.data[: self.limit], (h, w), color=color)
+            self.provenance = {"source": "tensor", "n": min(len(self.data), self.limit)}
+        else:
+            key = self._key(chw, decorrelate)
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            path = cache_dir() / f"{digest}.npy"
+            if self.cache and path.is_file():
+                m = torch.as_tensor(np.load(path), dtype=torch.float32)
+                self.provenance = {**key, "cached": str(path)}
+            else:
+                from .natural import natural_images
+
+                if self.data is None:
+                    raise FvtrustError("MACO needs natural images for its magnitude spectrum: give param="
+                                       "Maco(data=...) (CLI: --data), or a model with default data")
+                x = natural_images(self.data, (c, h, w), part="fit", limit=self.limit, data_dir=self.data_dir,
+                                   class_index=self.class_index)
+                if x.shape[1] != c:
+                    raise FvtrustError(f"natural data {self.data!r} has {x.shape[1]} channels, the images {c}")
+                m = magnitude_spectrum(x, (h, w), color=color)
+                self.provenance = {**key, "n": len(x), "computed": str(path) if self.cache else None}
+                if self.cache:
+                    _save_npy(path, m.numpy(), key)
+        self._spectra[mem_key] = m
+        return m
+
+    def make(self, shape, *, decorrelate=True, generators=None, start=None, device=None, sd: float = 1.0):
+        """An ImageParam over the phase: random phase N(0, sd²) (Horama), or the phase of `start`."""
+        from .param import ImageParam, _color_matrix, _logit
+
+        n, c, h, w = shape
+        device = torch.device(device or "cpu")
+        mag = self.magnitude((c, h, w), decorrelate=decorrelate).to(device)
+        color = _color_matrix(c, decorrelate, device)
+        if start is not None:
+            t = _logit(start.to(device=device, dtype=torch.float32))
+            if color is not None:
+                t = torch.einsum("nchw,dc->ndhw", t, torch.linalg.inv(color))
+            leaf = torch.angle(torch.fft.rfft2(t)).contiguous()
+        else:
+            gens = generators if generators is not None else [None] * n
+            leaf = torch.stack([torch.randn((c, h, w // 2 + 1), generator=g) for g in gens]).to(device) * sd
+        leaf.requires_grad_(True)
+        return ImageParam("maco", leaf, (n, c, h, w), decorrelate, scale=mag, color=color)
+
+
+@functools.lru_cache(maxsize=8)
+def maco_for(default_data: str | None) -> Maco:
+    """`param="maco"`: one Maco per default data source and process (its spectra memoized)."""
+    return Maco(data=default_data)
+
+
+def maco_image(phase: torch.Tensor, magnitude: torch.Tensor, hw, color: torch.Tensor | None = None) -> torch.Tensor:
+    """sigmoid(colour(standardize(irfft2(M e^{iφ})))) for a batch of phases (N x C x H x W//2+1)."""
+    spatial = torch.fft.irfft2(torch.polar(magnitude.expand_as(phase), phase), s=tuple(hw))
+    t = standardize(spatial)
+    if color is not None:
+        t = torch.einsum("nchw,dc->ndhw", t, color)
+    return torch.sigmoid(t)
+
+
+def _save_npy(path: Path, array: np.ndarray, key: dict):
+    import io
+
+    from ..io import atomic_write_bytes, atomic_write_json
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_json(path.with_suffix(".json"), key)
+
+
+__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "standardize", "cache_dir"]
