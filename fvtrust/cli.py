@@ -164,18 +164,18 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_de
     click.echo(f"wrote {len(meta['files'])} images, {meta['grid']} and visualization.json to {out}")
 
 
-def _register_optional():
-    """Commands that live in their capability's subpackage (each owns its CLI)."""
-    import importlib
+# (command name, module, attribute): each capability's subpackage owns its CLI.
+OPTIONAL_COMMANDS = [("theory", "fvtrust.theory.cli", "theory_command"), ("fool", "fvtrust.fool.cli", "fool_group"),
+                     ("sanity-check", "fvtrust.sanity.cli", "sanity_command"),
+                     ("linearity", "fvtrust.linearity.cli", "linearity_command"),
+                     ("reproduce", "fvtrust.report.cli", "reproduce_command")]
 
-    for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
-                      ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
-                      ("fvtrust.report.cli", "reproduce_command")]:
-        try:
-            cmd = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            continue
-        main.add_command(cmd)
+
+def _register_optional():
+    """Register the capability commands; one whose module fails to import becomes an error naming why."""
+    from .commands import register_commands
+
+    register_commands(main, OPTIONAL_COMMANDS)
 
 
 _register_optional()
