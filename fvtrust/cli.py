@@ -21,6 +21,10 @@ class _Group(click.Group):
         except FvtrustError as e:
             click.echo(f"fvtrust: error: {e}", err=True)
             ctx.exit(2)
+        except OSError as e:  # a full or read-only disk, a vanished file: one line, not a traceback
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"fvtrust: error: {e.strerror or e}{where}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("fvtrust: interrupted (completed work is kept; rerun to resume)", err=True)
             ctx.exit(130)
@@ -179,6 +183,38 @@ def _register_optional():
 
 
 _register_optional()
+
+
+def _guarded(callback):
+    """Wrap a command body: check --out is writable (creating nothing) and hold its lock while it runs."""
+    import functools
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        out = kwargs.get("out")
+        if out is None:
+            return callback(*args, **kwargs)
+        from .cache import check_writable_dir, output_lock
+
+        check_writable_dir(out)
+        with output_lock(out):
+            return callback(*args, **kwargs)
+
+    run._fvtrust_guarded = True
+    return run
+
+
+def guard_outputs(group: click.Group) -> None:
+    """Every command (here and in sub-groups) with an --out directory gets `_guarded`: one place, not one per command."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            guard_outputs(cmd)
+        elif cmd.callback is not None and any(p.name == "out" for p in cmd.params) \
+                and not getattr(cmd.callback, "_fvtrust_guarded", False):
+            cmd.callback = _guarded(cmd.callback)
+
+
+guard_outputs(main)
 
 
 if __name__ == "__main__":  # pragma: no cover
