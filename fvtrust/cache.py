@@ -106,6 +106,15 @@ def encode(fmt: str, payload, key: str) -> bytes:
     raise ValueError(f"unknown cache format {fmt!r}; use one of {FORMATS}")
 
 
+def safetensors_metadata(raw: bytes) -> dict:
+    """The header metadata of safetensors bytes ({} if none; raises BadEntry if the header is damaged)."""
+    try:
+        (n,) = struct.unpack("<Q", raw[:8])
+        return json.loads(raw[8:8 + n]).get("__metadata__") or {}
+    except Exception as e:  # noqa: BLE001
+        raise BadEntry(f"unreadable header ({type(e).__name__})") from None
+
+
 class BadEntry(Exception):
     """A cache entry that must not be used; the message says why."""
 

@@ -1,21 +1,23 @@
 """A resumable pipeline of experiments.
 
 Each step writes its outputs under ``DIR/steps/NAME/`` and, last, a
-``result.json``. A rerun skips every step whose result.json exists, so an
-interrupted `fvtrust reproduce` resumes where it stopped and loses nothing.
+``result.json`` (a verified `fvtrust.cache` entry keyed by the run's
+settings). A rerun skips every step whose result.json is intact and was
+written under the same settings, so an interrupted `fvtrust reproduce`
+resumes where it stopped and loses nothing; a damaged result, or one from a
+run with other settings (say --quick vs full), reruns that step.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from ..cache import fingerprint, read_entry, write_entry
 from ..errors import FvtrustError
-from ..io import atomic_write_json
 
 
 @dataclass
@@ -34,6 +36,10 @@ class Context:
     smoke: bool = False  # tiny budgets, for tests of the pipeline itself (not a reproduction)
     cache: dict = field(default_factory=dict)  # objects shared between steps in one process
     results: dict = field(default_factory=dict)  # results of finished steps, by name
+
+    def settings(self) -> dict:
+        """Everything that decides the steps' results (every field but where and what was computed)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "cache", "results")}
 
     def budget(self, quick, full, smoke=None):
         if self.smoke and smoke is not None:
@@ -58,8 +64,10 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         sdir = root / step.name
         done = sdir / "result.json"
         selected = not only or step.name in only
-        if done.is_file() and not (force and selected):
-            ctx.results[step.name] = {**json.loads(done.read_text()), "cached": True}
+        key = fingerprint(ctx.settings(), step.name)
+        prev = None if (force and selected) else read_entry(done, "json", key)
+        if prev is not None:
+            ctx.results[step.name] = {**prev, "cached": True}
             _log(f"[{i}/{len(steps)}] {step.title}: cached")
             continue
         if not selected:
@@ -85,7 +93,7 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         res["seconds"] = round(time.perf_counter() - t0, 1)
         ctx.results[step.name] = res
         if res["status"] == "ok":
-            atomic_write_json(done, res)
+            write_entry(done, "json", res, key)
         _log(f"[{i}/{len(steps)}] {step.title}: {res['status']} in {res['seconds']} s"
              + (f" ({res['error']})" if res["status"] == "failed" else ""))
     return ctx.results

@@ -30,17 +30,21 @@ def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=
     """Run (or resume) all experiments; write DIR/results.json and DIR/index.html."""
     import fvtrust
 
+    from ..cache import output_lock
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, quick=quick, seed=seed, smoke=smoke)
-    t0 = time.perf_counter()
-    results = run_pipeline(steps(), ctx, only=only, force=force)
-    doc = {"meta": {"mode": "smoke" if smoke else ("quick" if quick else "full"), "seed": seed, "fvtrust": fvtrust.__version__,
-                    "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
-                    "compute_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
-                    "cached_steps": [k for k, r in results.items() if r.get("cached")],
-                    "command": f"fvtrust reproduce --out {out}" + (" --quick" if quick else "")},
-           "steps": results}
-    atomic_write_json(out / "results.json", doc)
-    atomic_write_text(out / "index.html", render(out, doc))
+    with output_lock(out):  # one run per report directory (the CLI holds it already; re-entrant)
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = Context(out=out, quick=quick, seed=seed, smoke=smoke)
+        t0 = time.perf_counter()
+        results = run_pipeline(steps(), ctx, only=only, force=force)
+        doc = {"meta": {"mode": "smoke" if smoke else ("quick" if quick else "full"), "seed": seed,
+                        "fvtrust": fvtrust.__version__, "torch": torch.__version__,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                        "compute_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
+                        "cached_steps": [k for k, r in results.items() if r.get("cached")],
+                        "command": f"fvtrust reproduce --out {out}" + (" --quick" if quick else "")},
+               "steps": results}
+        atomic_write_json(out / "results.json", doc)
+        atomic_write_text(out / "index.html", render(out, doc))
     return doc

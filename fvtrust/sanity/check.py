@@ -12,12 +12,14 @@ Output folder::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..cache import output_lock
 from ..errors import FvtrustError
 from ..io import atomic_write_json, staged_dir
 from .analysis import random_classes, resolve_classes, run, weights_digest
@@ -54,8 +56,14 @@ def _visualizations(model, out: Path | None, classes, per_class, steps, vis_seed
         except ValueError:
             same = False
         if same:
-            images, _ = load_visualizations(vdir, classes, per_class, input_shape=model.input_shape, layer=unit_layer)
-            return images, {"source": "cached", "dir": str(vdir), **key}
+            try:
+                images, _ = load_visualizations(vdir, classes, per_class, input_shape=model.input_shape,
+                                                layer=unit_layer)
+                return images, {"source": "cached", "dir": str(vdir), **key}
+            except FvtrustError as e:  # a damaged cached folder is regenerated, not fatal
+                from ..cache import warn
+
+                warn(f"cached visualizations in {vdir} are unusable ({e}); regenerating them")
     images, res = generate_visualizations(model, classes, per_class, layer=unit_layer, steps=steps, seed=vis_seed,
                                           **visualize_options)
     if vdir is not None:
@@ -99,6 +107,15 @@ def sanity_check(model, *, out=None, natural=None, data=None, data_dir=None, cla
         raise FvtrustError(f"layer {unit_layer!r} has {layer_units(model, unit_layer)} units, not one per class "
                            f"({model.num_classes}); pick the logits layer")
     out = None if out is None else Path(out)
+    with contextlib.nullcontext() if out is None else output_lock(out):  # one run per OUT (re-entrant)
+        return _sanity_check(model, out, natural, data, data_dir, classes, per_class, per_class_natural,
+                             visualizations, unit_layer, steps, vis_seed, visualize_options, metrics, all_pairs,
+                             pair_stride, layers, batch_size, dtype, command, run_options, t0)
+
+
+def _sanity_check(model, out, natural, data, data_dir, classes, per_class, per_class_natural, visualizations,
+                  unit_layer, steps, vis_seed, visualize_options, metrics, all_pairs, pair_stride, layers,
+                  batch_size, dtype, command, run_options, t0) -> dict:
     if natural is None:
         natural = _natural(model, data, data_dir, classes, per_class_natural)
     if visualizations is None:
