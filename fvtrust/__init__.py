@@ -7,9 +7,10 @@ linearity, and a one-command reproduction with an HTML report.
 from . import data
 from .errors import FvtrustError
 from .evaluate import evaluate, predict
-from .models import list_layers, list_specs, load_model, save_model
+from .data import natural
+from .models import as_model, list_layers, list_specs, load_model, save_model, wrap
 from .visualize import visualize
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "list_layers", "list_specs", "save_model", "visualize", "evaluate", "predict",
+__all__ = ["load_model", "wrap", "as_model", "natural", "list_layers", "list_specs", "save_model", "visualize", "evaluate", "predict",
            "FvtrustError", "__version__"]

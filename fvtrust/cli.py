@@ -55,11 +55,9 @@ device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 .
 
 
 def _device(device):
-    import torch
+    from .models import resolve_device
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
 
 
 @main.command("models")

@@ -101,5 +101,7 @@ def test_image_folder(tmp_path):
         (tmp_path / cls).mkdir()
         Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / cls / "x.png")
     ds = load_data(str(tmp_path), input_shape=(3, 32, 32))
-    x, y = ds[1]
-    assert x.shape == (3, 32, 32) and y == 1 and abs(x.mean().item() - 128 / 255) < 1e-2
+    x, y = ds[1]  # no model classes and no class index: the images are usable, unlabelled
+    assert x.shape == (3, 32, 32) and y == -1 and abs(x.mean().item() - 128 / 255) < 1e-2
+    ds = load_data(str(tmp_path), input_shape=(3, 32, 32), class_index={"a": 7, "b": 3})
+    assert ds[0][1] == 7 and ds[1][1] == 3

@@ -1,4 +1,4 @@
-"""Natural data: Fashion-MNIST (IDX), ImageNet-style folders, bundled pictures."""
+"""Natural data: one resolver (`natural`) over Fashion-MNIST (IDX), ImageNet-style folders, bundled pictures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,36 +7,30 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import FvtrustError
-from .folders import image_folder
+from .folders import folder_class_map, image_folder, imagenet_wnids
 from .idx import load_fashion_mnist, read_idx
+from .natural import NaturalData, natural
 from .pictures import list_pictures, load_picture, natural_pictures
 
-__all__ = ["load_fashion_mnist", "read_idx", "image_folder", "load_picture", "list_pictures",
+__all__ = ["natural", "NaturalData", "folder_class_map", "imagenet_wnids", "load_fashion_mnist", "read_idx", "image_folder", "load_picture", "list_pictures",
            "natural_pictures", "load_data", "as_tensors"]
 
 
-def load_data(spec: str | None, *, input_shape=(1, 28, 28), split: str = "test", data_dir=None) -> Dataset:
-    """Resolve a data spec to a Dataset of ([0, 1] CHW image, label).
+def load_data(spec: str | None, *, input_shape=(1, 28, 28), split: str = "test", data_dir=None,
+              class_index=None, model=None) -> Dataset:
+    """The evaluation part of `natural(spec)` as a Dataset of ([0, 1] CHW image, label).
 
-    Specs: ``fashion-mnist`` (split chosen by `split`, or ``fashion-mnist:train``),
-    a path to an ImageNet-style folder, or ``pictures`` (scikit-image pictures and
-    crops, label -1: for models without a labelled dataset at hand).
+    Kept for callers that want a plain Dataset; `natural` is the one resolver.
+    ``fashion-mnist`` without a split means `split` here.
     """
     spec = spec or "fashion-mnist"
-    if spec.startswith("fashion-mnist"):
-        if ":" in spec:
-            split = spec.split(":", 1)[1]
-        if tuple(input_shape) != (1, 28, 28):
-            raise FvtrustError(f"Fashion-MNIST images are 1x28x28 but the model expects {tuple(input_shape)}; "
-                               "give --data an ImageNet-style folder")
-        x, y = load_fashion_mnist(split, data_dir)
-        return TensorDataset(x, y)
-    if spec == "pictures":
-        x = natural_pictures(input_shape)
-        return TensorDataset(x, torch.full((len(x),), -1, dtype=torch.long))
-    if Path(spec).is_dir():
-        return image_folder(spec, size=input_shape[-1])
-    raise FvtrustError(f"unknown data {spec!r}: use fashion-mnist[:train|test], pictures, or a folder path")
+    if spec == "fashion-mnist":
+        spec = f"fashion-mnist:{split}"
+    data = natural(spec, model=model, input_shape=input_shape if model is None else None, data_dir=data_dir,
+                   class_index=class_index)
+    if spec.startswith("fashion-mnist:"):
+        return data.dataset
+    return data.evaluation.dataset
 
 
 def as_tensors(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

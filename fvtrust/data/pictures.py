@@ -91,14 +91,24 @@ def load_picture(name_or_path, shape=(3, 224, 224)) -> torch.Tensor:
 
 def natural_pictures(shape, crops_per_picture: int = 4, seed: int = 0) -> torch.Tensor:
     """All bundled pictures plus random crops: a small natural set for models without data."""
+    return natural_pictures_grouped(shape, crops_per_picture, seed)[0]
+
+
+def natural_pictures_grouped(shape, crops_per_picture: int = 4, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(images, picture index of each image): every picture, then its random crops.
+
+    The group lets fvtrust.data.natural split fit/held-out by picture, so no
+    picture has crops on both sides.
+    """
     g = torch.Generator().manual_seed(seed)
-    out = []
+    out, group = [], []
     for name in list_pictures():
         try:
             full = to_tensor(_read(name))
         except FvtrustError:
             continue
         out.append(fit_to_shape(full, shape))
+        group.append(len(set(group)))
         _, ih, iw = full.shape
         for _ in range(crops_per_picture):
             frac = 0.4 + 0.5 * torch.rand(1, generator=g).item()
@@ -106,4 +116,5 @@ def natural_pictures(shape, crops_per_picture: int = 4, seed: int = 0) -> torch.
             y0 = int(torch.randint(0, ih - ch + 1, (1,), generator=g))
             x0 = int(torch.randint(0, iw - cw + 1, (1,), generator=g))
             out.append(fit_to_shape(full[:, y0:y0 + ch, x0:x0 + cw], shape))
-    return torch.stack(out)
+            group.append(group[-1])
+    return torch.stack(out), np.asarray(group)

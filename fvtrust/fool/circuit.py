@@ -122,11 +122,12 @@ class CircuitModel(FvModel):
                  gate: str = "hard", picture: bool = False):
         super().__init__(copy.deepcopy(base.net), mean=base.normalize.mean.flatten().tolist(),
                          std=base.normalize.std.flatten().tolist(), input_shape=base.input_shape, spec=base.spec,
-                         num_classes=base.num_classes, class_names=base.class_names)
+                         num_classes=base.num_classes, class_names=base.class_names,
+                         default_data=getattr(base, "default_data", None))
         if gate not in ("hard", "soft"):
             raise FvtrustError(f"unknown gate {gate!r}; choose hard or soft")
         self.base_spec = getattr(base, "base_spec", base.spec)
-        self.circuit_layer = layer.removeprefix("net.")
+        self.circuit_layer = layer
         self.gate_kind = gate
         self.force_gate = None
         self.last_gate = None  # E of the last batch (detached), for diagnostics
@@ -182,7 +183,7 @@ def _resolve_layer(model, layer: str) -> tuple[str, int]:
     from ..models.layers import list_layers
 
     model.get_layer(layer)  # unknown names raise with the nearest ones
-    key = layer.removeprefix("net.")
+    key = layer
     info = next((i for i in list_layers(model) if i.name == key), None)
     if info is None or not info.shape:
         raise FvtrustError(f"layer {layer!r} of {model.spec} produces no tensor output to manipulate")

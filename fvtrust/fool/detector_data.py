@@ -75,7 +75,7 @@ def hidden_layers(model, layer: str, min_units: int) -> list[str]:
     """
     from ..models.layers import list_layers
 
-    key = layer.removeprefix("net.")
+    key = layer
     infos = list_layers(model)
     names = [i.name for i in infos]
     if key not in names:

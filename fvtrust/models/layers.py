@@ -49,7 +49,7 @@ def layer_units(model, layer: str) -> int:
     """Number of units (channels) of `layer`; FvtrustError for unknown layers."""
     model.get_layer(layer)
     for info in list_layers(model):
-        if info.name == (layer[4:] if layer.startswith("net.") else layer):
+        if info.name == layer:
             return info.units
     raise FvtrustError(f"layer {layer!r} produces no tensor output in {model.spec}")
 

@@ -75,6 +75,7 @@ def load_saved(directory, device=None):
     load_state_checked(model, state, str(directory / WEIGHTS))
     model.spec = str(directory)
     model.base_spec = recipe["base_spec"]
+    model.default_data = getattr(base, "default_data", None)
     model.recipe = recipe
     model.eval()
     return model.to(device) if device is not None else model

@@ -124,10 +124,10 @@ def discover_layers(model, probe: torch.Tensor, layers="all") -> list[Layer]:
         raise FvtrustError("no layers given; use 'all' or a list of layer names")
     by_name = {lay.name: lay for lay in found}
     for name in layers:
-        key = name.removeprefix("net.")
+        key = name
         if key not in by_name:
             raise FvtrustError(f"unknown layer {name!r} in {model.spec}; nearest: {nearest(name, list(by_name))}")
-    wanted = {(n.removeprefix("net.")) for n in layers}
+    wanted = set(layers)
     return [lay for lay in found if lay.name in wanted]  # execution order, whatever order they were named in
 
 
