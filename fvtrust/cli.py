@@ -13,7 +13,24 @@ from .errors import FvtrustError
 
 
 class _Group(click.Group):
-    """Turn FvtrustError into one clean line (no traceback)."""
+    """Turn FvtrustError, OS errors and usage errors into one clean line (no traceback), exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:  # bad option value, unknown option or command: one line, not usage + hint
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"fvtrust: error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"fvtrust: error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2 if e.exit_code == 1 else e.exit_code)
+        except click.Abort:
+            click.echo("fvtrust: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:

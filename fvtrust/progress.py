@@ -18,6 +18,7 @@ run's own progress instead of after a guessed sleep.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from tqdm.auto import tqdm as _auto_tqdm
@@ -88,14 +89,17 @@ def event(kind: str, detail: str = "") -> None:
 
 # -- bars -----------------------------------------------------------------------------------------------------
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
-    """A file-like for tqdm that turns its carriage-return redraws into whole lines."""
+    """A file-like for tqdm that turns its redraws (carriage returns, cursor moves) into whole lines."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, s: str):
-        s = s.replace("\r", "").strip()
+        s = _ANSI.sub("", s).replace("\r", "").strip()
         if s:
             self.stream.write(s + "\n")
 

@@ -38,6 +38,8 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natu
         heldout = (held, model(held).argmax(1).detach())  # labels: the original model's own predictions
     if len(natural) == 0:
         raise FvtrustError("no natural images available")
+    if steps < 1:
+        raise FvtrustError(f"--steps must be >= 1, got {steps}")
     shown = None
     if vis_units is not None:  # checked before the (slow) construction
         from ..models.layers import layer_units, parse_units

@@ -291,6 +291,15 @@ def _check_starts(starts, n_units: int, model, param: str) -> torch.Tensor:
     return starts
 
 
+def check_path_options(*, steps: int, lr: float) -> None:
+    """The checks `path_metrics` makes on its options, for callers to run before any slow work."""
+    from ..visualize.render import check_learning_rate
+
+    if steps < 2:
+        raise FvtrustError(f"steps must be >= 2 (angles need two gradients), got {steps}")
+    check_learning_rate(lr)
+
+
 def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int = 512, objective="channel",
                  param: str = "fft", decorrelate: bool = True, transforms="standard", lr: float = 0.05,
                  optimizer: str = "adam", seed: int = 0, line_mode: str = "auto", max_store_bytes: int = 2**30,
@@ -310,8 +319,7 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
     units = parse_units(units, layer_units(model, layer), layer)
     if len(set(units)) != len(units):
         raise FvtrustError(f"units must be distinct, got duplicates in {units}")
-    if steps < 2:
-        raise FvtrustError(f"steps must be >= 2 (angles need two gradients), got {steps}")
+    check_path_options(steps=steps, lr=lr)
     if line_mode not in LINE_MODES:
         raise FvtrustError(f"unknown line_mode {line_mode!r}; nearest: {nearest(line_mode, LINE_MODES)}")
     if group_size is not None and group_size < 1:

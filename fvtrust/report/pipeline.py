@@ -51,13 +51,17 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_only(steps: list[Step], only) -> None:
+    """Fail on an unknown step name (before anything is written)."""
+    names = [s.name for s in steps]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise FvtrustError(f"unknown step {unknown[0]!r}; steps are: {', '.join(names)}")
+
+
 def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False, keep_going: bool = True) -> dict:
     """Run the steps in order (resuming finished ones); return {name: result}."""
-    names = [s.name for s in steps]
-    if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise FvtrustError(f"unknown step {unknown[0]!r}; steps are: {', '.join(names)}")
+    check_only(steps, only)
     root = ctx.out / "steps"
     root.mkdir(parents=True, exist_ok=True)
     for i, step in enumerate(steps, 1):

@@ -9,7 +9,7 @@ import torch
 from ..io import atomic_write_json, atomic_write_text
 from . import experiments as E
 from .html import render
-from .pipeline import Context, Step, run_pipeline
+from .pipeline import Context, Step, check_only, run_pipeline
 
 
 def steps() -> list[Step]:
@@ -33,6 +33,7 @@ def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=
     from ..cache import output_lock
 
     out = Path(out)
+    check_only(steps(), only)
     with output_lock(out):  # one run per report directory (the CLI holds it already; re-entrant)
         out.mkdir(parents=True, exist_ok=True)
         ctx = Context(out=out, quick=quick, seed=seed, smoke=smoke)
