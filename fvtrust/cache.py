@@ -316,6 +316,12 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
+def output_lock_file(out) -> Path:
+    """The lock file of output directory `out` (under :func:`lock_root`, named by its absolute path)."""
+    absolute = os.path.abspath(out)
+    return lock_root() / f"out-{hashlib.sha256(absolute.encode()).hexdigest()[:24]}.lock"
+
+
 @contextlib.contextmanager
 def output_lock(out, what: str = "output directory"):
     """Hold `out`'s lock for the body or fail at once with one line (two runs must not write one OUT).
@@ -326,8 +332,7 @@ def output_lock(out, what: str = "output directory"):
     """
     out = Path(out)
     absolute = Path(os.path.abspath(out))
-    lock_file = lock_root() / f"out-{hashlib.sha256(str(absolute).encode()).hexdigest()[:24]}.lock"
-    with locked(absolute, wait=False, what=what, lock_file=lock_file, sweep_recursive=True):
+    with locked(absolute, wait=False, what=what, lock_file=output_lock_file(out), sweep_recursive=True):
         if absolute.parent.is_dir():
             import shutil
 
