@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from .cli_common import data_options
 from .errors import FvtrustError
 
 
@@ -111,25 +112,24 @@ def layers_cmd(spec, weights, as_json):
 
 @main.command("evaluate")
 @click.argument("spec")
-@click.option("--data", default=None, help="fashion-mnist[:train|test] (default for fashion-cnn) or an ImageNet-style folder.")
-@click.option("--data-dir", default=None, type=click.Path(), help="Folder with the Fashion-MNIST IDX files.")
-@click.option("--limit", default=None, type=int, help="Evaluate only the first N images.")
+@data_options
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N images (after --natural-limit).")
 @click.option("--batch-size", default=256, show_default=True)
 @weights_option
 @device_option
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_cmd(spec, data, data_dir, limit, batch_size, weights, device, as_json):
-    """Top-1 / top-5 accuracy of SPEC on natural data."""
-    from .data import load_data
+def evaluate_cmd(spec, data, class_index, natural_limit, data_dir, limit, batch_size, weights, device, as_json):
+    """Top-1 / top-5 accuracy of SPEC on natural data (the evaluation part of --data)."""
+    from .cli_common import load_natural
     from .evaluate import evaluate
     from .models import load_model
 
     model = load_model(spec, weights=weights, device=_device(device))
-    if data is None and tuple(model.input_shape) != (1, 28, 28):
-        raise FvtrustError(f"{spec} needs --data (an ImageNet-style folder)")
-    ds = load_data(data, input_shape=model.input_shape, data_dir=data_dir)
-    res = evaluate(model, ds, batch_size=batch_size, limit=limit)
-    out = {"spec": spec, "data": data or "fashion-mnist:test", "n": res["n"], "top1": res["top1"], "top5": res["top5"]}
+    part = load_natural(model, data, class_index, natural_limit, data_dir).evaluation
+    res = evaluate(model, part, batch_size=batch_size, limit=limit)
+    desc = part.describe()
+    out = {"spec": spec, "data": desc["path"] or desc["source"], "natural_data": desc, "n": res["n"],
+           "top1": res["top1"], "top5": res["top5"]}
     if as_json:
         _echo_json(out)
     else:

@@ -11,6 +11,9 @@ from .progress import progress
 @torch.no_grad()
 def predict(model, images: torch.Tensor, batch_size: int = 256, desc: str | None = None) -> torch.Tensor:
     """Logits for a tensor of [0, 1] images, in batches on the model's device."""
+    from .models import as_model
+
+    model = as_model(model, example=images)
     dev = model.device
     outs = [model(images[i:i + batch_size].to(dev)).float().cpu()
             for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch")]
@@ -20,7 +23,21 @@ def predict(model, images: torch.Tensor, batch_size: int = 256, desc: str | None
 @torch.no_grad()
 def evaluate(model, data: Dataset | tuple, *, batch_size: int = 256, limit: int | None = None,
              num_workers: int = 0, desc: str = "evaluate") -> dict:
-    """Accuracy of `model` on (images, labels); returns n, top1, top5 and per-example predictions."""
+    """Accuracy of `model` on natural data; returns n, top1, top5 and per-example predictions.
+
+    data: (images, labels), a Dataset, or a data source for fvtrust.data.natural
+    (its evaluation part: Fashion-MNIST test for the embedded default, every
+    image of a folder). Unlabelled data is refused in one line.
+    """
+    from .data import NaturalData, natural
+    from .models import as_model
+
+    if data is None or isinstance(data, (str, NaturalData)):
+        model = as_model(model, example=data if isinstance(data, NaturalData) else None)
+        part = natural(data, model=model).evaluation
+        part.require_labels("accuracy")
+        data = part.dataset
+    model = as_model(model, example=data if isinstance(data, tuple) else None)
     if isinstance(data, tuple):
         data = TensorDataset(*data)
     if limit:

@@ -32,6 +32,8 @@ if [[ $WITH_TEST == 1 ]]; then
   # lucent 0.1.8 pins kornia<=0.4.1, which no longer installs with torch 2.x: take lucent without deps.
   "${PIP[@]}" --no-deps "torch-lucent==0.1.8" 2>&1 | grep -v "is ignored" || true
   "${PIP[@]}" "kornia==0.9.0" decorator ipython 2>&1 | grep -v "is ignored" || true
+  # optional model zoo (timm: specs); a failure leaves the base install intact and its tests skip
+  "${PIP[@]}" "timm>=1.0" 2>&1 | grep -v "is ignored" || echo "fvtrust setup: timm not installed (optional)"
 else
   "${PIP[@]}" -e . 2>&1 | grep -v "is ignored" || true
 fi

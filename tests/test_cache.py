@@ -116,17 +116,17 @@ def test_pipeline_step_result_damaged_or_from_other_settings_reruns(tmp_path):
     calls = []
 
     def step(ctx, sdir):
-        calls.append(ctx.quick)
+        calls.append(ctx.mode == "quick")
         return {"value": 1}
 
     steps = [Step("s", "a step", step)]
-    run_pipeline(steps, Context(out=tmp_path, quick=True))
-    run_pipeline(steps, Context(out=tmp_path, quick=True))
+    run_pipeline(steps, Context(out=tmp_path, mode="quick"))
+    run_pipeline(steps, Context(out=tmp_path, mode="quick"))
     assert calls == [True]  # cached
-    run_pipeline(steps, Context(out=tmp_path, quick=False))
+    run_pipeline(steps, Context(out=tmp_path, mode="full"))
     assert calls == [True, False]  # another mode: not the cached result
     (tmp_path / "steps" / "s" / "result.json").write_text('{"status": "ok", "val')
-    res = run_pipeline(steps, Context(out=tmp_path, quick=False))
+    res = run_pipeline(steps, Context(out=tmp_path, mode="full"))
     assert calls == [True, False, False] and res["s"]["value"] == 1
 
 

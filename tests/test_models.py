@@ -105,6 +105,50 @@ def test_lucent_spec_error_or_load():
     m = fvtrust.load_model("lucent:inceptionv1", weights="random")
     assert m.input_shape == (3, 224, 224)
     assert any(i.name == "mixed4a" for i in fvtrust.list_layers(m))
+    # 1000 standard-order logits (issue 19): not lucid's 1008 softmax outputs
+    assert m.num_classes == 1000 and len(m.class_names) == 1000 and m.class_names[278] == "kit fox"
+    with torch.no_grad():
+        out = m(torch.rand(1, 3, 224, 224))
+    assert out.shape == (1, 1000) and not torch.allclose(out.sum(1), torch.ones(1))  # logits, no softmax
+
+
+def test_lucid_to_standard_class_order():
+    """Issue 19, defect 2: lucid's output i (0 dummy, 1..1000 devkit order, 1001..1007 unused) -> standard k."""
+    from torchvision.models import ResNet50_Weights
+
+    from fvtrust.models import lucid_labels as L
+
+    lucid = L.lucid_synsets()
+    assert len(lucid) == 1008 and lucid[0] is None and lucid[1001:] == [None] * 7
+    std = L.standard_synsets()
+    assert len(std) == len(set(std)) == 1000 and std == sorted(std)
+    index = L.standard_to_lucid()
+    assert sorted(index.tolist()) == list(range(1, 1001))  # a bijection onto the 1000 class outputs
+    # a fake model output whose value is lucid's output index: the mapping must pick, per standard class,
+    # the lucid output of the same synset
+    fake = torch.arange(1008, dtype=torch.float32).expand(2, 1008)
+    got = L.to_standard_order(fake)
+    assert got.shape == (2, 1000)
+    spot = {0: ("n01440764", 449, "tench"), 1: ("n01443537", 450, "goldfish"),
+            207: ("n02099601", 125, "golden retriever"), 212: ("n02100735", 2, "English setter"),
+            278: ("n02119789", 1, "kit fox"), 543: ("n03255030", 1000, "dumbbell"),
+            999: ("n15075141", 889, "toilet tissue")}
+    names = L.standard_class_names()
+    for k, (wnid, lucid_i, name) in spot.items():
+        assert std[k] == wnid and lucid[lucid_i] == wnid and int(got[0, k]) == lucid_i and names[k] == name
+    assert names == ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    # the shipped devkit names agree with torchvision's at every standard position but its 2 renamed duplicates
+    devkit = {w: n.replace("_", " ") for _, w, n in L._table()}
+    differ = [k for k in range(1000) if devkit[std[k]] != names[k]]
+    assert [names[k] for k in differ] == ["crane bird", "maillot tank suit"]
+    head = torch.nn.Linear(16, 1008)
+    new = L.standard_order_head(head)
+    x = torch.randn(3, 16)
+    assert torch.allclose(new(x), L.to_standard_order(head(x)), atol=1e-6)
+    with pytest.raises(FvtrustError, match="--class-index in lucid's order"):
+        L.to_standard_order(torch.zeros(1, 1000))
+    with pytest.raises(FvtrustError, match="--class-index in lucid's order"):
+        L.lucid_synsets("1 n01440764 tench\n")
 
 
 def test_evaluate_tiny(random_fashion):

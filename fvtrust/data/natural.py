@@ -113,8 +113,16 @@ class NaturalData:
             return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
         return torch.cat(xs), torch.cat(ys)
 
-    def images(self, limit: int | None = None) -> torch.Tensor:
-        return self.tensors(limit)[0]
+    def images(self, limit: int | None = None, desc: str | None = None) -> torch.Tensor:
+        return self.tensors(limit, desc=desc)[0]
+
+    def targets(self) -> torch.Tensor:
+        """Every image's label (model class index, -1 = unlabelled) without reading any image."""
+        return _targets(self.dataset)
+
+    def select(self, indices, role: str | None = None) -> "NaturalData":
+        """The images at `indices` (e.g. the first 50 of each class), as a NaturalData."""
+        return self._part(indices, role or self.role)
 
     def batches(self, batch_size: int = 256, limit: int | None = None, num_workers: int = 0):
         """Stream (images, labels) batches; nothing larger than a batch is held in memory."""
@@ -143,6 +151,17 @@ class NaturalData:
                            self.label_rule)
 
 
+def _targets(ds: Dataset) -> torch.Tensor:
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1]
+    if isinstance(ds, Subset):
+        return _targets(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    known = getattr(ds, "targets_in_model_order", None)
+    if known is not None:
+        return known
+    return torch.as_tensor([ds[i][1] for i in range(len(ds))], dtype=torch.long)
+
+
 def _subset(ds: Dataset, indices) -> Dataset:
     idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     if isinstance(ds, TensorDataset):
@@ -157,11 +176,11 @@ def _capped(n: int, limit) -> int:
 def _split(root: NaturalData, *, seed: int, fit_fraction: float, limit) -> NaturalData:
     """fit/held-out = a seeded disjoint split of one pool; evaluation = the whole pool (capped)."""
     n = len(root)
-    if n < 2:
-        raise FvtrustError(f"natural data {root.source} has {n} image(s); need at least 2 for a fit and a "
-                           "held-out part")
+    if n == 0:
+        raise FvtrustError(f"natural data {root.path or root.source} has no images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    n_fit = min(n - 1, max(1, int(round(n * fit_fraction))))
+    # one image: it is the fit part, and the held-out part is empty (checks that need it say so)
+    n_fit = 1 if n == 1 else min(n - 1, max(1, int(round(n * fit_fraction))))
     fit, held = order[:n_fit], order[n_fit:]
     # cap in the seeded order (a representative subset, not the first classes), then read in file order
     root.parts = {"fit": root._part(np.sort(fit[:_capped(len(fit), limit)]), "fit"),
@@ -293,3 +312,16 @@ def _folder(path: Path, shape, names, n_classes, class_index, limit, seed, fit_f
     root = NaturalData(ds, "folder", "all", str(path.resolve()), None if mapping else rule,
                        rule if mapping else None)
     return _split(root, seed=seed, fit_fraction=fit_fraction, limit=limit)
+
+
+def batches_of(data, batch_size: int = 256):
+    """(images, labels) batches from a NaturalData, an (images, labels) pair or an images tensor (labels -1)."""
+    if isinstance(data, NaturalData):
+        yield from data.batches(batch_size)
+        return
+    if isinstance(data, (tuple, list)):
+        x, y = data
+    else:
+        x, y = data, torch.full((len(data),), -1, dtype=torch.long)
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]

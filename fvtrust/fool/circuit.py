@@ -241,12 +241,10 @@ def _resolve_picture(picture, shape) -> tuple[torch.Tensor, str]:
 
 
 def default_natural(model, n: int = 10000) -> torch.Tensor:
-    """Natural images for the bounds: Fashion-MNIST training images, else pictures and crops."""
-    from ..data import load_fashion_mnist, natural_pictures
+    """Natural images for the bounds: the first n of the fit part of the model's own data source."""
+    from ..data import natural
 
-    if tuple(model.input_shape) == (1, 28, 28):
-        return load_fashion_mnist("train")[0][:n]
-    return natural_pictures(model.input_shape, crops_per_picture=2, seed=0)[:n]
+    return natural(None, model=model).fit.images(n)
 
 
 @torch.no_grad()
@@ -289,7 +287,7 @@ def measure_bounds(fooled: CircuitModel, natural: torch.Tensor, visual: torch.Te
 
 def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, units=None, k=None,
                     mode: str = "split", gate: str = "hard", margin: float = 2.0, picture_center: bool = True,
-                    natural: torch.Tensor | None = None, visualizations: torch.Tensor | None = None,
+                    natural=None, visualizations: torch.Tensor | None = None,
                     bound_steps: int = 256, bound_units: int = 64, seed: int = 0) -> CircuitModel:
     """A new model (`model` untouched) whose `layer` units answer like themselves but visualize as a target.
 
@@ -315,8 +313,11 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
     from .detector import load_detector
     from .detector_data import snapshot_steps
 
+    from ..models import as_model
+
     if (mapping is None) == (picture is None):
         raise FvtrustError("give exactly one of mapping (a permutation / offset) or picture")
+    model = as_model(model, example=natural)
     if isinstance(model, CircuitModel):
         raise FvtrustError(f"{model.spec} already contains a fooling circuit (on {model.circuit_layer}); "
                            "start from the original model")
@@ -368,7 +369,14 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
         layer_mod.k.fill_(float(k))
         info.update(k=float(k), k_source="given")
     else:
-        nat = natural if natural is not None else default_natural(model)
+        if natural is None:
+            nat = default_natural(model)
+        elif isinstance(natural, torch.Tensor):
+            nat = natural
+        else:
+            from ..data import natural as resolve_natural
+
+            nat = resolve_natural(natural, model=model).fit.images(10000)
         pick = units if len(units) <= bound_units else sorted(
             np.random.default_rng(seed).choice(units, size=bound_units, replace=False).tolist())
         fooled.force_gate = 0.0  # visualize the manipulated units as a perfect detector would let them

@@ -1,6 +1,8 @@
 """`fvtrust fool circuit`: the fooling circuit of §2.1 on a layer, with a report and Figure 1/2."""
 import click
 
+from ..cli_common import data_options
+
 from .detector_cli import budget_options
 
 
@@ -28,10 +30,11 @@ from .detector_cli import budget_options
 @click.option("--seed", default=0, show_default=True)
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+@data_options
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def circuit_command(spec, layer, offset, picture, units, detector_dir, budget, cache, runs, det_steps, max_units,
                     epochs, steps, mode, gate, margin, bound_steps, harden_rounds, k_value, no_picture_center, seed,
-                    weights, device, out):
+                    weights, device, data, class_index, natural_limit, data_dir, out):
     """Units of LAYER that answer like themselves on natural images but visualize as another unit or a picture.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/detector, OUT/report.json and
@@ -39,21 +42,23 @@ def circuit_command(spec, layer, offset, picture, units, detector_dir, budget, c
     """
     import sys
 
-    import torch
-
     from ..errors import FvtrustError
     from ..models import load_model
     from .circuit_report import circuit_experiment
 
     if (offset is None) == (picture is None):
         raise FvtrustError("give exactly one of --offset N or --picture NAME|PATH")
-    model = load_model(spec, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..cli_common import device_of, load_natural
+
+    model = load_model(spec, weights=weights, device=device_of(device))
+    natural = load_natural(model, data, class_index, natural_limit, data_dir, seed=seed)
     report = circuit_experiment(
         model, layer, mapping=offset, picture=picture, units=units, detector=detector_dir, budget=budget,
         cache_dir=cache, steps=steps, seed=seed, mode=mode, gate=gate, margin=margin, k=k_value,
         bound_steps=bound_steps, harden=harden_rounds, picture_center=not no_picture_center, out=out, spec=spec,
         command=" ".join(["fvtrust"] + sys.argv[1:]),
-        budget_overrides={"runs": runs, "steps": det_steps, "max_units": max_units, "epochs": epochs})
+        budget_overrides={"runs": runs, "steps": det_steps, "max_units": max_units, "epochs": epochs},
+        natural=natural)
     d = report["detector"].get("heldout", {})
     hard = (report["detector"].get("hardening") or {}).get("heldout_after")
     after = (f" (after hardening: {hard['natural']:.4f}, {hard['visualization']:.4f})" if hard else "")

@@ -71,15 +71,18 @@ def _unit_response(model, images: torch.Tensor, layer: str) -> torch.Tensor:
     return y.flatten(2).mean(2).cpu() if y.dim() > 2 else y.cpu()
 
 
-def natural_test_data(model):
-    """(images, labels) for the before/after check: Fashion-MNIST test, else held-out picture crops
-    labelled by the original model (no labelled data offline)."""
-    from ..data import load_fashion_mnist, natural_pictures
+def natural_test_data(model, natural=None):
+    """(images, labels) of the held-out part of the natural data, for the before/after check.
 
-    if tuple(model.input_shape) == (1, 28, 28):
-        return load_fashion_mnist("test")
-    x = natural_pictures(model.input_shape, crops_per_picture=2, seed=1)
-    return x, predict(model, x).argmax(1)
+    Unlabelled images (pictures) are labelled by the original model's own
+    predictions, so top-1 there is agreement with the original.
+    """
+    from ..data import natural as resolve_natural
+
+    x, y = resolve_natural(natural, model=model).heldout.tensors(desc="read held-out images")
+    if (y < 0).any():
+        y = predict(model, x).argmax(1)
+    return x, y
 
 
 def natural_check(original, fooled, data) -> dict:
@@ -185,11 +188,13 @@ def _summary(rows, is_perm: bool) -> dict:
 
 def circuit_report(original, fooled, *, data=None, units=None, steps: int = 512, seed: int = 0,
                    picture=None, detector_report: dict | None = None) -> tuple[dict, dict]:
-    """(report dict, images for the figure); see module doc."""
+    """(report dict, images for the figure); see module doc. `data`: (images, labels) or a data source."""
     info = {k: v for k, v in fooled.circuit_info.items() if k != "bounds"}
+    if data is None or not isinstance(data, tuple):
+        data = natural_test_data(original, data)
     report = {"circuit": info, "k": fooled.circuit_info.get("k"), "bounds": fooled.circuit_info.get("bounds"),
               "detector": detector_report or {},
-              "natural": natural_check(original, fooled, data if data is not None else natural_test_data(original))}
+              "natural": natural_check(original, fooled, data)}
     vis, images = visualization_check(original, fooled, units=units, steps=steps, seed=seed, picture=picture)
     report["visualizations"] = vis
     return report, images
@@ -215,9 +220,13 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
                        budget="quick", cache_dir=None, steps: int = 512, seed: int = 0, mode: str = "split",
                        gate: str = "hard", margin: float = 2.0, k=None, picture_center: bool = True,
                        bound_steps: int = 256, harden: int = 2, report_units=None, out=None, spec: str | None = None,
-                       command: str | None = None, budget_overrides: dict | None = None) -> dict:
+                       command: str | None = None, budget_overrides: dict | None = None, natural=None) -> dict:
     """Detector (built or given), circuit, hardening, report; with `out`, write model/, detector/, report.json
     and the figure.
+
+    natural: the data source (see fvtrust.data.natural; default: the model's
+    own). Its fit part trains the detector's natural class and bounds k; its
+    held-out part tests the detector and checks that natural behaviour is kept.
 
     `harden` rounds of `detector_harden.harden_detector` run when the
     detector is built here (its training data is at hand); 0 disables.
@@ -226,11 +235,20 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     from .detector import build_detector, detector_data, load_detector
     from .detector_harden import harden_detector
 
-    _check_inputs(model, layer, units=units, picture=picture, steps=steps, bound_steps=bound_steps)
+    from ..data import natural as resolve_natural
+    from ..models import as_model
+
     t0 = time.time()
+    source = resolve_natural(natural, model=as_model(model, example=natural))
+    model = as_model(model, example=source)
+    model.get_layer(layer)  # an unknown layer fails before any image is read
+    _check_inputs(model, layer, units=units, picture=picture, steps=steps, bound_steps=bound_steps)
+    fit_x = source.fit.images(desc="read fit images")
+    held = natural_test_data(model, source)
     data = None
     if detector is None:
-        data = detector_data(model, layer, budget=budget, cache_dir=cache_dir, seed=seed, **(budget_overrides or {}))
+        data = detector_data(model, layer, budget=budget, cache_dir=cache_dir, seed=seed, natural=(fit_x, held[0]),
+                             **(budget_overrides or {}))
         det, det_report = build_detector(model, layer, seed=seed, data=data)
     elif isinstance(detector, (str, Path)):
         det, det_report = load_detector(detector)
@@ -239,7 +257,7 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     t_det = time.time() - t0
     fooled = fooling_circuit(model, layer, det, mapping=mapping, picture=picture, units=units, k=k, mode=mode,
                              gate=gate, margin=margin, picture_center=picture_center, seed=seed,
-                             bound_steps=bound_steps)
+                             bound_steps=bound_steps, natural=fit_x[:10000])
     det_report = dict(det_report)
     if harden and data is not None:
         t1 = time.time()
@@ -251,8 +269,12 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     vis_units = report_units
     if vis_units is None and len(fooled.circuit_info["units"]) > 32:
         vis_units = sorted(np.random.default_rng(seed).choice(fooled.circuit_info["units"], 32, replace=False).tolist())
-    report, images = circuit_report(model, fooled, units=vis_units, steps=steps, seed=seed, picture=pic,
+    report, images = circuit_report(model, fooled, data=held, units=vis_units, steps=steps, seed=seed, picture=pic,
                                     detector_report=det_report)
+    report["natural_data"] = {**source.describe(), "fit": source.fit.describe(), "heldout": source.heldout.describe(),
+                              "used_for": {"fit": "detector natural class (training) and the bounds for k "
+                                                  "(first 10,000)",
+                                           "heldout": "detector test and the before/after natural check"}}
     report.update(spec=spec or getattr(model, "base_spec", model.spec), layer=fooled.circuit_layer,
                   command=command, seconds={"detector": round(t_det, 1), "total": round(time.time() - t0, 1)})
     if out is not None:

@@ -239,15 +239,22 @@ class DetectorData:
 
 def detector_data(model, layer: str, *, budget="quick", layers=None, natural=None, cache_dir=None, seed: int = 0,
                   chunk_size: int | None = None, **overrides) -> DetectorData:
-    """Units (split 90/10 by unit), their snapshots (cached, resumable) and natural train/test images."""
+    """Units (split 90/10 by unit), their snapshots (cached, resumable) and natural train/test images.
+
+    natural: (train, test) image tensors, or a data source whose fit / held-out
+    parts become train / test (default: the model's own data source).
+    """
+    from ..models import as_model
+
+    model = as_model(model, example=natural if not isinstance(natural, tuple) else natural[0])
     b = resolve_budget(budget, **overrides)
     units = detector_units(model, layer, layers=layers, max_units=b.max_units, min_units=b.min_units, seed=seed)
     train_u, test_u = split_units(len(units), b.test_fraction, seed)
     vis = generate_visualizations(model, units, runs=b.runs, steps=b.steps, snapshots=b.snapshots, seed=seed,
                                   cache_dir=cache_dir, chunk_size=chunk_size)
-    if natural is None:
-        nat_train, nat_test = natural_sets(model, seed=seed)
-        nat_key = f"default:{len(nat_train)}:{len(nat_test)}"
+    if natural is None or not isinstance(natural, tuple):
+        nat_train, nat_test = natural_sets(model, seed=seed, natural=natural)
+        nat_key = hashlib.sha256(nat_train.numpy().tobytes() + nat_test.numpy().tobytes()).hexdigest()[:16]
     else:
         nat_train, nat_test = natural
         nat_key = hashlib.sha256(nat_train.numpy().tobytes() + nat_test.numpy().tobytes()).hexdigest()[:16]
@@ -264,7 +271,10 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
     `cache_dir` (default `detector_data.default_cache_root()`), so a second
     call with the same settings returns at once.
     """
+    from ..models import as_model
+
     t0 = time.time()
+    model = as_model(model, example=natural if not isinstance(natural, tuple) else natural[0])
     if data is None:
         data = detector_data(model, layer, budget=budget, layers=layers, natural=natural, cache_dir=cache_dir,
                              seed=seed, chunk_size=chunk_size, **overrides)

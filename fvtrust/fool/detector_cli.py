@@ -1,6 +1,8 @@
 """`fvtrust fool detector`: build (or resume building) the visualization detector E alone."""
 import click
 
+from ..cli_common import data_options
+
 
 def budget_options(f):
     """Options shared with `fvtrust fool circuit`: how much work the detector gets."""
@@ -28,19 +30,23 @@ def budget_options(f):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--weights", default=None)
 @click.option("--device", default=None)
+@data_options
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def detector_command(spec, layer, budget, cache, runs, det_steps, max_units, epochs, seed, weights, device, out):
+def detector_command(spec, layer, budget, cache, runs, det_steps, max_units, epochs, seed, weights, device, data,
+                     class_index, natural_limit, data_dir, out):
     """Train E (natural vs visualization, Table 3 CNN) for SPEC; write OUT/detector.* and report.json."""
-    import torch
-
     from ..io import atomic_write_json, staged_dir
     from ..models import load_model
     from .detector import build_detector, save_detector
 
-    model = load_model(spec, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..cli_common import device_of, load_natural
+
+    model = load_model(spec, weights=weights, device=device_of(device))
+    natural = load_natural(model, data, class_index, natural_limit, data_dir, seed=seed)
     det, report = build_detector(model, layer, budget=budget, cache_dir=cache, seed=seed, runs=runs,
-                                 steps=det_steps, max_units=max_units, epochs=epochs)
-    report = dict(report, spec=spec)
+                                 steps=det_steps, max_units=max_units, epochs=epochs, natural=natural)
+    report = dict(report, spec=spec, natural_data={**natural.describe(), "fit (detector train)": natural.fit.describe(),
+                                                   "heldout (detector test)": natural.heldout.describe()})
     with staged_dir(out) as stage:
         save_detector(det, stage, report)
         atomic_write_json(stage / "report.json", report)

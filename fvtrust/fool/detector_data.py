@@ -226,23 +226,14 @@ def _generate_chunks(model, units, plan, out, key, config, *, runs, steps, th, s
     return parts
 
 
-def natural_sets(model, *, n_train: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) natural images for the detector: Fashion-MNIST for 1x28x28 models.
+def natural_sets(model, *, n_train: int | None = None, seed: int = 0, natural=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) natural images for the detector: the fit and held-out parts of the data source
+    (`natural`, default the model's own; see fvtrust.data.natural). They are disjoint by construction."""
+    from ..data import natural as resolve_natural
 
-    Other models get scikit-image pictures and random crops (no labelled data
-    offline); train and test use different crops (seeds), so the test set is
-    not the training images, though crops of one picture can look alike.
-    """
-    from ..data import load_fashion_mnist, natural_pictures
-
-    shape = tuple(model.input_shape)
-    if shape == (1, 28, 28):
-        train = load_fashion_mnist("train")[0]
-        test = load_fashion_mnist("test")[0]
-    else:
-        train = natural_pictures(shape, crops_per_picture=8, seed=seed)
-        test = natural_pictures(shape, crops_per_picture=2, seed=seed + 1)
-        test = test[torch.arange(len(test)) % 3 != 0]  # drop the full pictures, which train also has
+    data = resolve_natural(natural, model=model)
+    train = data.fit.images()
+    test = data.heldout.images()
     if n_train is not None and n_train < len(train):
         train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_train]]
     return train, test

@@ -7,24 +7,33 @@ natural images, so Δy is exactly 0 on natural input (outputs bit-identical:
 y + 0.0 == y) while visualizations, which reach far higher activations, are
 dominated by Δy and show the target.
 
-Implementation: the block's conv is replaced by `SilentConv` (the original
-conv plus the silent filters, computed from the same input) and its BN by
-`SilentBN`, which returns ReLU(BN(z)) + Δy. The block's own ReLU that follows
-is then a no-op on a non-negative tensor, so this works both for fvtrust's
-ConvBNReLU and for torchvision's Bottleneck (`layer4.1.conv2` / `bn2`), where
-the ReLU is applied in the block's forward.
+Implementation: the conv is replaced by `SilentConv` (the original conv plus
+the silent filters, computed from the same input) and its BN by `SilentBN`,
+which returns ReLU(BN(z)) + Δy. The ReLU that follows is then a no-op on a
+non-negative tensor (ReLU(ReLU(v) + 0) == ReLU(v) bit for bit). That is only
+true when the BN's output goes straight into a ReLU, so the sequence is found
+by tracing the forward pass (fvtrust.models.trace): fvtrust's ConvBNReLU, a
+plain ``nn.Sequential`` (``features.0``), torchvision's Bottleneck
+``conv1``/``conv2`` qualify; a BN followed by a residual addition
+(BasicBlock ``conv2``, Bottleneck ``conv3``) is refused. A Conv→ReLU without
+BN gets ReLU(z) + Δy from SilentConv directly.
 
 The paper writes b = −(α/β)·ȳ_max,nat; we follow the authors' code: b is minus
-the largest natural response of the *constructed* filter, times (1 + margin).
+the largest natural response ȳ_max of the *constructed* filter, moved a further
+margin·|ȳ_max| down: b = −ȳ_max − margin·|ȳ_max|. The absolute value matters when
+ȳ_max < 0: −(1 + margin)·ȳ_max would then be a positive bias above −ȳ_max, and
+Δy would fire on exactly the natural images that calibrated it.
 
 Receptive field (`pool`): "local" is the paper's per-position Conv(x, Θ̄). It
 needs visualizations to beat natural images *at a position*; on ImageNet
 networks they do by far, but on the 28-px fashion-cnn they reach only ~1.2x
 the natural per-position maximum, so a local silent unit never switches on.
-"global" (default) averages Conv(x, Θ̄) over positions (a conv whose kernel
-covers the whole map, like the picture unit of the fooling circuit) and adds
-Δy at every position; channel means of visualizations reach ~3x the natural
-maximum there, which is the gap the construction needs.
+"map" (default) gives each unit one kernel over the conv's whole input map (like
+the picture unit of the fooling circuit): its α part is the full-map kernel of
+the mean of Conv(x, Θ) over positions, its β part the target's input map, and Δy
+is added at every position of the unit's channel. A visualization can raise
+that one number far above its natural maximum, which is the gap the
+construction needs.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FvtrustError, nearest
+from ..data.natural import batches_of
+from ..errors import FvtrustError
 from ..models.hooks import LayerTap
 from ..progress import progress
 
@@ -42,10 +52,11 @@ from ..progress import progress
 class SilentConv(nn.Module):
     """The original conv, plus Δy = ReLU(Conv(x, Θ̄) + b) for the chosen units, kept for SilentBN."""
 
-    def __init__(self, conv: nn.Conv2d, units: list[int], pool: str = "global"):
+    def __init__(self, conv: nn.Conv2d, units: list[int], pool: str = "map", fuse_relu: bool = False):
         super().__init__()
         self.conv = conv
         self.pool = pool
+        self.fuse_relu = fuse_relu  # Conv→ReLU without BN: emit ReLU(z) + Δy here (the ReLU after is then a no-op)
         k = len(units)
         self.register_buffer("units", torch.as_tensor(units, dtype=torch.long))
         self.register_buffer("weight_bar", torch.zeros(k, *conv.weight.shape[1:]))
@@ -65,6 +76,8 @@ class SilentConv(nn.Module):
         pre = self.raw_silent(x) + self.bias_bar.view(1, -1, 1, 1)
         delta = torch.zeros_like(z)
         delta[:, self.units] = torch.relu(pre).expand(-1, -1, *z.shape[2:])
+        if self.fuse_relu:
+            return torch.relu(z) + delta
         self.delta = delta
         return z
 
@@ -89,34 +102,18 @@ def _set(root: nn.Module, name: str, module: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def conv_bn_pairs(model) -> list[tuple[str, str, str]]:
-    """(layer name users give, conv path, bn path) for every Conv-BN-ReLU block of the model."""
-    out = []
-    for name, mod in model.net.named_modules():
-        kids = dict(mod.named_children())
-        if not any(isinstance(m, nn.ReLU) for m in kids.values()):
-            continue
-        for cname, c in kids.items():
-            if not cname.startswith("conv") or not isinstance(c, (nn.Conv2d, SilentConv)):
-                continue
-            bname = "bn" + cname[4:]
-            if isinstance(kids.get(bname), (nn.BatchNorm2d, SilentBN)):
-                prefix = f"{name}." if name else ""
-                out.append((f"{prefix}{cname}", f"{prefix}{cname}", f"{prefix}{bname}"))
-                if cname == "conv" and name:  # fvtrust's ConvBNReLU: the block name works too
-                    out.append((name, f"{prefix}{cname}", f"{prefix}{bname}"))
-    return out
+def resolve_block(model, layer: str) -> tuple[str, str | None]:
+    """(conv path, BN path or None) of the Conv→(BN→)ReLU sequence `layer` names.
 
+    Found by tracing the forward pass (fvtrust.models.trace), so a BN followed
+    by a residual addition rather than a ReLU (BasicBlock ``conv2``, Bottleneck
+    ``conv3``) is refused: Δy behind a ReLU that is not there would change
+    natural outputs.
+    """
+    from ..models.trace import resolve_conv_block
 
-def resolve_block(model, layer: str) -> tuple[str, str]:
-    layer = layer[4:] if layer.startswith("net.") else layer
-    pairs = conv_bn_pairs(model)
-    for given, conv, bn in pairs:
-        if given == layer:
-            return conv, bn
-    choices = [p[0] for p in pairs]
-    raise FvtrustError(f"{layer!r} is not a Conv-BN-ReLU block of {model.spec}; "
-                       f"valid: {nearest(layer, choices, 8)}")
+    block = resolve_conv_block(model, layer)
+    return block.conv, block.bn
 
 
 def rebuild(base, *, layer: str, units: list[int], pool: str = "map", map_size: int = 0, **_ignored):
@@ -126,11 +123,11 @@ def rebuild(base, *, layer: str, units: list[int], pool: str = "map", map_size: 
     model = copy.deepcopy(base)
     conv_name, bn_name = resolve_block(model, layer)
     conv = model.net.get_submodule(conv_name)
-    bn = model.net.get_submodule(bn_name)
-    sconv = SilentConv(conv, list(units), pool)
+    sconv = SilentConv(conv, list(units), pool, fuse_relu=bn_name is None)
     sconv.map_bar = torch.zeros(len(units), map_size)
     _set(model.net, conv_name, sconv)
-    _set(model.net, bn_name, SilentBN(bn, sconv))
+    if bn_name is not None:
+        _set(model.net, bn_name, SilentBN(model.net.get_submodule(bn_name), sconv))
     model.eval()
     return model
 
@@ -179,7 +176,7 @@ def target_filter(model, layer: str, target, conv: nn.Conv2d) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quiet_subspace(model, conv_name: str, natural: torch.Tensor, fraction: float = 0.25,
+def quiet_subspace(model, conv_name: str, natural, fraction: float = 0.25,
                    max_images: int = 2000) -> torch.Tensor:
     """Orthonormal basis (D x k) of the input-patch directions natural images barely use.
 
@@ -194,8 +191,8 @@ def quiet_subspace(model, conv_name: str, natural: torch.Tensor, fraction: float
     second = None
     try:
         with LayerTap(model, [conv_name]) as tap:
-            for i in range(0, min(len(natural), max_images), 250):
-                tap(natural[i:i + 250].to(model.device))
+            for xb, _ in batches_of(_first(natural, max_images), 250):
+                tap(xb.to(model.device))
                 cols = F.unfold(captured["x"], conv.kernel_size, conv.dilation, conv.padding, conv.stride)
                 cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double().cpu()
                 m2 = cols.T @ cols
@@ -207,7 +204,9 @@ def quiet_subspace(model, conv_name: str, natural: torch.Tensor, fraction: float
     return evecs[:, :k].float()  # smallest second moments first
 
 
-def _conv_input(model, conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+def _conv_input(model, conv: nn.Conv2d, images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        images = images.images()
     captured = {}
     h = conv.register_forward_pre_hook(lambda m, inp: captured.setdefault("x", inp[0].detach()))
     try:
@@ -227,7 +226,7 @@ def _map_filters(model, conv_name, conv, units, target, natural):
     picture, or the original model's visualization of unit N), mean-removed,
     so every manipulated unit's visualization is pulled towards that one map.
     """
-    x0 = _conv_input(model, conv, natural[:1])
+    x0 = _conv_input(model, conv, natural)
     _, cin, h, w = x0.shape
     probe = torch.zeros(1, cin, h, w, requires_grad=True)
     out = F.conv2d(probe, conv.weight.detach().cpu(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -247,6 +246,12 @@ def _map_filters(model, conv_name, conv, units, target, natural):
     return theta_map, (tmap - tmap.mean())[None]
 
 
+def silent_bias(ymax: torch.Tensor, margin: float) -> torch.Tensor:
+    """b = −ȳ_max − margin·|ȳ_max|: below −ȳ_max also when the natural maximum is negative
+    (−(1 + margin)·ȳ_max would then be *above* it and Δy would fire on the calibration images)."""
+    return -ymax - margin * ymax.abs()
+
+
 def orthogonalize(delta: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """ΔΘ⊥ per unit: remove the Θ component (Gram–Schmidt), rescale to ‖Θ‖. Shapes (U, ...)."""
     d = delta.reshape(len(delta), -1).double()
@@ -256,8 +261,21 @@ def orthogonalize(delta: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return d.reshape(delta.shape).float()
 
 
+def _first(data, n: int):
+    """The first n images of a tensor or a NaturalData (streamed later, never all loaded)."""
+    from torch.utils.data import Subset
+
+    from ..data.natural import NaturalData
+
+    if isinstance(data, NaturalData):
+        if len(data) <= n:
+            return data
+        return NaturalData(Subset(data.dataset, range(n)), data.source, data.role, data.path, data.labels_note)
+    return data[:n]
+
+
 @torch.no_grad()
-def natural_max(model, conv_name: str, natural: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def natural_max(model, conv_name: str, natural, batch_size: int = 500) -> torch.Tensor:
     """Largest value of the silent pre-activation Conv(x, Θ̄) per unit over natural images and positions."""
     sconv = model.net.get_submodule(conv_name)
     best = torch.full((len(sconv.units),), -float("inf"))
@@ -265,8 +283,9 @@ def natural_max(model, conv_name: str, natural: torch.Tensor, batch_size: int = 
     h = sconv.register_forward_pre_hook(lambda m, inp: captured.__setitem__("x", inp[0]))
     try:
         with LayerTap(model, [conv_name]) as tap:
-            for i in progress(range(0, len(natural), batch_size), desc="natural maxima", unit="batch"):
-                tap(natural[i:i + batch_size].to(model.device))
+            for xb, _ in progress(batches_of(natural, batch_size), total=-(-len(natural) // batch_size),
+                                  desc="natural maxima", unit="batch"):
+                tap(xb.to(model.device))
                 raw = sconv.raw_silent(captured["x"])
                 best = torch.maximum(best, raw.amax(dim=(0, 2, 3)).cpu())  # over images and positions
     finally:
@@ -274,31 +293,38 @@ def natural_max(model, conv_name: str, natural: torch.Tensor, batch_size: int = 
     return best
 
 
-def silent_units(model, layer: str, *, target="unit:0", natural: torch.Tensor, alpha: float = 1.0,
+def silent_units(model, layer: str, *, target="unit:0", natural, alpha: float = 1.0,
                  beta: float = 30.0, units=None, margin: float = 0.1, quiet_fraction: float = 0.25,
                  pool: str = "map"):
     """A copy of `model` whose chosen units of `layer` are silent-unit manipulated.
 
-    natural: [0, 1] images used to measure ȳ_max,nat (keep held-out images apart
-    to check for leaks). margin ≥ 0 puts b that fraction further below the
-    natural maximum: safer on unseen images, weaker takeover of visualizations.
+    model: a spec, an FvModel or a plain nn.Module (its input shape is read
+    from `natural`). natural: where ȳ_max,nat is measured — a data source
+    (``fashion-mnist``, a folder, ``pictures``; its *fit* part is used, so its
+    held-out part stays free for the leak check) or a tensor of [0, 1] images
+    (used whole). margin ≥ 0 puts b further below the natural maximum: safer on
+    unseen images, weaker takeover of visualizations.
     """
+    from ..data import natural as resolve_natural
+    from ..models import as_model
     from ..models.layers import parse_units
+
+    model = as_model(model, example=natural)
 
     if alpha < 0 or beta <= 0:
         raise FvtrustError(f"need alpha >= 0 and beta > 0, got alpha={alpha}, beta={beta}")
     if margin < 0:
         raise FvtrustError(f"margin must be >= 0, got {margin}")
-    if natural is None or len(natural) == 0:
+    if natural is None or (isinstance(natural, torch.Tensor) and len(natural) == 0):
         raise FvtrustError("silent units need natural images to measure the natural maximum")
-    if tuple(natural.shape[1:]) != tuple(model.input_shape):
-        raise FvtrustError(f"natural images have shape {tuple(natural.shape[1:])}, the model expects "
-                           f"{tuple(model.input_shape)}")
+    data = resolve_natural(natural, model=model)
+    fit = data.fit
+    natural = fit.images() if fit.source == "tensor" else fit
     conv_name, _ = resolve_block(model, layer)
     conv = model.net.get_submodule(conv_name)
     units = parse_units(units if units is not None else "all", conv.out_channels, layer)
     if pool == "map":
-        theta_map, delta_map = _map_filters(model, conv_name, conv, units, target, natural)
+        theta_map, delta_map = _map_filters(model, conv_name, conv, units, target, _first(natural, 1))
         delta_perp = orthogonalize(delta_map.expand_as(theta_map).clone(), theta_map)
         new = rebuild(model, layer=layer, units=units, pool=pool, map_size=theta_map.shape[1])
         sconv = new.net.get_submodule(conv_name)
@@ -316,9 +342,10 @@ def silent_units(model, layer: str, *, target="unit:0", natural: torch.Tensor, a
         sconv = new.net.get_submodule(conv_name)
         sconv.weight_bar.copy_(alpha * theta + beta * delta_perp)
     ymax = natural_max(new, conv_name, natural)
-    sconv.bias_bar.copy_(-(1.0 + margin) * ymax)
+    sconv.bias_bar.copy_(silent_bias(ymax, margin))
     new.silent_info = {"layer": layer, "conv": conv_name, "units": units, "alpha": alpha, "beta": beta,
                        "margin": margin, "pool": pool,
                        "map_size": int(sconv.map_bar.shape[1]), "quiet_fraction": quiet_fraction, "target": target if isinstance(target, str) else "tensor",
-                       "natural_max": ymax.tolist(), "n_natural": len(natural)}
+                       "natural_max": ymax.tolist(), "n_natural": len(natural),
+                       "natural": fit.describe()}
     return new

@@ -1,6 +1,8 @@
 """`fvtrust fool silent`: silent units on a Conv-BN-ReLU layer, with a report and a figure."""
 import click
 
+from ..cli_common import data_options
+
 
 @click.command("silent")
 @click.argument("spec")
@@ -11,35 +13,36 @@ import click
 @click.option("--beta", default=30.0, show_default=True)
 @click.option("--margin", default=0.1, show_default=True, help="b this fraction below the natural maximum.")
 @click.option("--pool", default="map", show_default=True, type=click.Choice(["map", "local"]))
-@click.option("--natural", "n_natural", default=20000, show_default=True, help="Training images for the natural maximum.")
+@data_options
 @click.option("--vis-units", default=None, help="Units to visualize before/after (default: the first 16 manipulated).")
 @click.option("--steps", default=256, show_default=True, help="Visualization steps for the before/after check.")
 @click.option("--weights", default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natural, vis_units, steps, weights, out):
-    """Make every chosen unit of LAYER visualize TARGET while natural outputs stay identical."""
+def silent_command(spec, layer, target, units, alpha, beta, margin, pool, data, class_index, natural_limit, data_dir,
+                   vis_units, steps, weights, device, out):
+    """Make every chosen unit of LAYER visualize TARGET while natural outputs stay identical.
+
+    The natural maximum is measured on the fit part of --data; bit-identity, leaks and accuracy on its
+    held-out part (fashion-mnist: train / test; a folder: a seeded half each), each capped at
+    --natural-limit (default here 20,000).
+    """
+    import sys
+
     import matplotlib.pyplot as plt
 
-    from ..data import load_fashion_mnist, natural_pictures
+    from ..cli_common import device_of, load_natural
     from ..errors import FvtrustError
     from ..io import atomic_save_figure, atomic_write_json, staged_dir
     from ..models import load_model, save_model
     from .silent import silent_units
     from .silent_report import figure5, silent_report
 
-    model = load_model(spec, weights=weights)
-    if tuple(model.input_shape) == (1, 28, 28):
-        natural = load_fashion_mnist("train")[0][:n_natural]
-        heldout = load_fashion_mnist("test")
-    else:  # no labelled data offline: pictures and crops; held-out = a second, differently seeded crop set
-        natural = natural_pictures(model.input_shape, crops_per_picture=2, seed=0)
-        held = natural_pictures(model.input_shape, crops_per_picture=1, seed=1)
-
-        heldout = (held, model(held).argmax(1).detach())  # labels: the original model's own predictions
-    if len(natural) == 0:
-        raise FvtrustError("no natural images available")
     if steps < 1:
         raise FvtrustError(f"--steps must be >= 1, got {steps}")
+    model = load_model(spec, weights=weights, device=device_of(device))
+    # 20,000 fit images bound the natural maximum unless told otherwise (the measured default; README)
+    data = load_natural(model, data, class_index, 20000 if natural_limit is None else natural_limit, data_dir)
     shown = None
     if vis_units is not None:  # checked before the (slow) construction
         from ..models.layers import layer_units, parse_units
@@ -50,12 +53,11 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, n_natu
         missing = sorted(set(shown) - set(manipulated))
         if missing:
             raise FvtrustError(f"--vis-units {missing[:5]} are not manipulated units (--units {units})")
-    fooled = silent_units(model, layer, target=target, natural=natural, alpha=alpha, beta=beta, units=units,
+    fooled = silent_units(model, layer, target=target, natural=data.fit, alpha=alpha, beta=beta, units=units,
                           margin=margin, pool=pool)
-    report, vis = silent_report(model, fooled, heldout, vis_units=shown, steps=steps)
-    report["command"] = (f"fvtrust fool silent {spec} --layer {layer} --target {target} --units {units} "
-                         f"--alpha {alpha} --beta {beta} --margin {margin} --pool {pool} --natural {n_natural} "
-                         f"--steps {steps} --out {out}")
+    report, vis = silent_report(model, fooled, data.heldout, vis_units=shown, steps=steps)
+    report["natural_data"] = {"fit": data.fit.describe(), "heldout": data.heldout.describe(), **data.describe()}
+    report["command"] = " ".join(["fvtrust"] + sys.argv[1:])
     with staged_dir(out) as stage:
         save_model(fooled, stage / "model", manipulation="silent_units",
                    args={"layer": layer, "units": fooled.silent_info["units"], "pool": pool,

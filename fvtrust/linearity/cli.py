@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..cli_common import data_options
 from ..errors import FvtrustError
 
 
@@ -18,9 +19,7 @@ from ..errors import FvtrustError
 @click.argument("spec")
 @click.argument("layer")
 @click.option("--units", default="all", show_default=True, help="0,1,2 or 0-9 or all.")
-@click.option("--data", default=None,
-              help="fashion-mnist[:train|test] (default for fashion-cnn: test), pictures, or an ImageNet-style folder.")
-@click.option("--data-dir", default=None, type=click.Path(), help="Folder with the Fashion-MNIST IDX files.")
+@data_options
 @click.option("--m", "m", default=20, show_default=True, help="Most activating natural images per unit (starts).")
 @click.option("--steps", default=512, show_default=True, help="Optimization steps N per path.")
 @click.option("--scores", default=None, type=click.Path(), help="CSV 'unit,score' of interpretability scores.")
@@ -38,12 +37,10 @@ from ..errors import FvtrustError
 @click.option("--weights", default=None, help="Weights: default, random, a torchvision enum name or a file.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
-def linearity_command(spec, layer, units, data, data_dir, m, steps, scores, objective, param, transforms, lr, optimizer,
+def linearity_command(spec, layer, units, data, class_index, natural_limit, data_dir, m, steps, scores, objective, param, transforms, lr, optimizer,
                       seed, group_size, line_mode, batch_size, weights, device, out):
     """Gradient angles and line distances of visualization paths started at natural images."""
-    import torch
-
-    from ..data import load_data
+    from ..cli_common import device_of, load_natural
     from ..io import atomic_save_figure, atomic_write_json, staged_dir
     from ..models import load_model
     from ..models.layers import layer_units, parse_units
@@ -54,7 +51,7 @@ def linearity_command(spec, layer, units, data, data_dir, m, steps, scores, obje
 
     check_path_options(steps=steps, lr=lr)  # before ranking natural images and before OUT exists
     table = load_scores_csv(scores) if scores else None  # a bad CSV fails before any compute
-    model = load_model(spec, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(spec, weights=weights, device=device_of(device))
     unit_list = parse_units(units, layer_units(model, layer), layer)
     if table is not None:
         missing = [u for u in unit_list if u not in table]
@@ -62,16 +59,14 @@ def linearity_command(spec, layer, units, data, data_dir, m, steps, scores, obje
             raise FvtrustError(f"{scores} has no score for unit(s) {', '.join(map(str, missing))}; "
                                f"it scores units {', '.join(map(str, sorted(table)[:20]))}"
                                f"{' ...' if len(table) > 20 else ''}")
-    if data is None and tuple(model.input_shape) != (1, 28, 28):
-        raise FvtrustError(f"{spec} needs --data (an ImageNet-style folder, or 'pictures')")
-    ds = load_data(data, input_shape=model.input_shape, data_dir=data_dir)
-    top = top_activating_many(model, layer, unit_list, ds, m, objective=objective, batch_size=batch_size)
+    source = load_natural(model, data, class_index, natural_limit, data_dir)
+    top = top_activating_many(model, layer, unit_list, source.evaluation.dataset, m, objective=objective, batch_size=batch_size)
     metrics = path_metrics(model, layer, unit_list, top.images, steps=steps, objective=objective, param=param,
                            transforms=transforms, lr=lr, optimizer=optimizer, seed=seed, group_size=group_size,
                            line_mode=line_mode, cache_dir=Path(out) / ".linearity-cache")
     corr = correlate(metrics, table) if table is not None else None
     title = f"{spec} {layer}: {len(unit_list)} units, M={m}, N={steps}"
-    doc = {"spec": spec, "layer": layer, "data": data or "fashion-mnist:test", "scores_file": scores,
+    doc = {"spec": spec, "layer": layer, "data": source.evaluation.describe(), "scores_file": scores,
            "top_activating": top.to_dict(), "metrics": metrics.to_dict(), "correlation": corr}
     with staged_dir(out) as stage:
         atomic_write_json(stage / "linearity.json", doc)

@@ -316,6 +316,9 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
     model weights, settings and its starts; verified by `fvtrust.cache`, so
     a damaged or foreign entry is recomputed) and skipped on rerun.
     """
+    from ..models import as_model
+
+    model = as_model(model, example=starts[0] if isinstance(starts, torch.Tensor) and starts.dim() == 5 else None)
     units = parse_units(units, layer_units(model, layer), layer)
     if len(set(units)) != len(units):
         raise FvtrustError(f"units must be distinct, got duplicates in {units}")

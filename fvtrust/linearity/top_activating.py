@@ -105,8 +105,16 @@ def top_activating_many(model, layer: str, units, data, m: int = 20, *, objectiv
 
     Returns images (U, m, C, H, W), values (U, m) and dataset indices (U, m),
     sorted best first. `data`: a tensor N x C x H x W in [0, 1], an
-    (images, labels) pair, or a Dataset of (image, label).
+    (images, labels) pair, a Dataset of (image, label), or a data source
+    (fvtrust.data.natural: its evaluation part is ranked).
     """
+    from ..data import NaturalData, natural
+    from ..models import as_model
+
+    if isinstance(data, (str, NaturalData)) or data is None:
+        model = as_model(model, example=data if isinstance(data, NaturalData) else None)
+        data = natural(data, model=model).evaluation.dataset
+    model = as_model(model, example=data if isinstance(data, (torch.Tensor, tuple)) else None)
     if objective not in UNIT_OBJECTIVES:
         raise FvtrustError(f"unknown objective {objective!r} for ranking images; nearest: "
                            f"{nearest(objective, UNIT_OBJECTIVES)}")

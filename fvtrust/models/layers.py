@@ -22,6 +22,9 @@ class LayerInfo:
 @torch.no_grad()
 def list_layers(model) -> list[LayerInfo]:
     """One dummy forward with hooks on every named module inside `model.net`."""
+    from .wrappers import as_model
+
+    model = as_model(model)
     shapes: dict[str, tuple] = {}
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]

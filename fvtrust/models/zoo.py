@@ -236,20 +236,36 @@ def py_model(target: str, weights=None) -> FvModel:
 
 
 def lucent_model(name: str, weights=None) -> FvModel:
+    """lucent's port of lucid's Inception-V1 (the paper's model), with 1000 standard-order logits.
+
+    lucid's network has 1008 outputs in lucid's label order (0 a dummy,
+    1..1000 the classes in the ILSVRC2012 devkit order, 1001..1007 unused)
+    and ends in a softmax. Natural labels (ImageFolder, torchvision) are in
+    the standard order (sorted synsets), so here the classifier
+    ``softmax2_pre_activation_matmul`` becomes a 1024 -> 1000 linear layer
+    whose unit k is standard class k (lucid's rows re-ordered; the dummy and
+    unused outputs dropped, see :mod:`fvtrust.models.lucid_labels`), and
+    ``softmax2`` passes the logits through, like torchvision's models.
+    Layer names stay lucid's. ``class_names`` are torchvision's.
+    """
     try:
         from lucent.modelzoo import inceptionv1
     except ImportError:
         raise FvtrustError("lucent:inceptionv1 needs torch-lucent (pip install torch-lucent)") from None
     if name != "inceptionv1":
         raise FvtrustError(f"unknown lucent model {name!r}; available: inceptionv1")
+    from .lucid_labels import standard_class_names, standard_order_head
+
     try:
         net = inceptionv1(pretrained=weights != "random")
     except Exception as e:  # noqa: BLE001
         raise FvtrustError(f"cannot load lucent inceptionv1 weights ({type(e).__name__}); "
                            "offline, use --weights random") from None
+    net.softmax2_pre_activation_matmul = standard_order_head(net.softmax2_pre_activation_matmul)
+    net.softmax2 = torch.nn.Identity()  # logits out, as every other model fvtrust hands out
     # lucid's Inception-V1 expects x*255 - 117: mean 117/255, std 1/255
     return FvModel(net, mean=(117 / 255,) * 3, std=(1 / 255,) * 3, input_shape=(3, 224, 224),
-                   spec="lucent:inceptionv1", num_classes=1008)
+                   spec="lucent:inceptionv1", num_classes=1000, class_names=standard_class_names())
 
 
 def resolve_device(device=None) -> torch.device:

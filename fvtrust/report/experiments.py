@@ -1,7 +1,10 @@
-"""The paper's experiments on the embedded default, one function per step.
+"""The paper's experiments on one model and its natural data, one function per step.
 
 Each returns a JSON-able dict: measured numbers, the paper's numbers for
-comparison, and figure paths relative to the report directory.
+comparison, and figure paths relative to the report directory. What the
+experiments run on — model, data, layers, classes — is decided once, in
+`setting.Setting` (the embedded default offline, or any classifier with its
+folder); nothing here names a particular model or dataset.
 """
 from __future__ import annotations
 
@@ -13,26 +16,21 @@ import torch
 from ..io import atomic_save_figure
 from .pipeline import Context
 
-SPEC = "fashion-cnn"
-
 
 def _rel(ctx: Context, path: Path) -> str:
     return str(Path(path).resolve().relative_to(ctx.out.resolve()))
 
 
 def model(ctx: Context):
-    if "model" not in ctx.cache:
-        from ..models import load_model
-
-        ctx.cache["model"] = load_model(SPEC)
-    return ctx.cache["model"]
+    return ctx.setting.model
 
 
 def test_data(ctx: Context):
+    """(images, labels) of the evaluation part, read once per process (capped by --natural-limit)."""
     if "test" not in ctx.cache:
-        from ..data import load_fashion_mnist
-
-        ctx.cache["test"] = load_fashion_mnist("test")
+        part = ctx.setting.natural.evaluation
+        part.require_labels("reproduce")
+        ctx.cache["test"] = part.tensors(desc="read evaluation images")
     return ctx.cache["test"]
 
 
@@ -40,14 +38,16 @@ def run_accuracy(ctx: Context, sdir: Path) -> dict:
     """Natural accuracy of the unmodified default: the baseline every manipulation is compared to."""
     from ..evaluate import evaluate
 
+    st = ctx.setting
     res = evaluate(model(ctx), test_data(ctx))
-    return {"spec": SPEC, "n": res["n"], "top1": res["top1"], "top5": res["top5"],
-            "sentence": "The embedded fashion-cnn (Conv-BN-ReLU blocks, trained by fvtrust's own recipe) is the "
-                        "model every experiment below manipulates or analyses; these are its natural accuracies.",
-            "summary": [{"quantity": "top-1 on the 10,000 Fashion-MNIST test images", "measured": res["top1"],
-                         "paper": "Inception-V1: 0.69146 (ImageNet val)"},
+    return {"spec": st.spec, "n": res["n"], "top1": res["top1"], "top5": res["top5"],
+            "natural_data": st.natural.describe(),
+            "sentence": f"{st.spec} is the model every experiment below manipulates or analyses; these are its "
+                        f"natural accuracies on {st.data_label}.",
+            "summary": [{"quantity": f"top-1 on the {res['n']:,} evaluation images ({st.data_label})",
+                         "measured": res["top1"], "paper": "Inception-V1: 0.69146 (ImageNet val)"},
                         {"quantity": "top-5", "measured": res["top5"], "paper": "Inception-V1: 0.88858"}],
-            "command": "fvtrust evaluate fashion-cnn --json"}
+            "command": f"fvtrust evaluate {st.cli} --json"}
 
 
 def run_trajectories(ctx: Context, sdir: Path) -> dict:
@@ -58,34 +58,36 @@ def run_trajectories(ctx: Context, sdir: Path) -> dict:
     from ..visualize import visualize
     from ..visualize.output import grid_figure
 
+    st = ctx.setting
     m = model(ctx)
     x, y = test_data(ctx)
     thresholds = (1, 8, 32, 128, 512)
     steps = ctx.budget(512, 512, smoke=32)
     thresholds = tuple(t for t in thresholds if t < steps) + (steps,)
-    res = visualize(m, "fc", "all", steps=steps, thresholds=thresholds, seed=ctx.seed)
-    logits = predict(m, x, batch_size=1000)
+    units = st.classes
+    res = visualize(m, st.logits_layer, units, steps=steps, thresholds=thresholds, seed=ctx.seed)
+    logits = predict(m, x, batch_size=250)[:, units]
     natural_max, top_idx = logits.max(0)
     with torch.no_grad():
-        pred = m(res.final).argmax(1)
+        pred = m(res.final.to(m.device)).argmax(1).cpu()
     rows = [list(res.images[i]) for i in range(len(thresholds))] + [[x[j] for j in top_idx.tolist()]]
     labels = [f"step {t}" for t in thresholds] + ["top natural"]
-    names = m.class_names or [str(u) for u in res.units]
-    fig = grid_figure(rows, labels, [names[u] for u in res.units],
-                      title="fashion-cnn last layer: optimization snapshots vs most activating natural image")
+    names = m.class_names or [str(u) for u in range(m.num_classes)]
+    fig = grid_figure(rows, labels, [names[u][:14] for u in res.units],
+                      title=f"{st.spec} {st.logits_layer}: optimization snapshots vs most activating natural image")
     path = atomic_save_figure(fig, sdir / "figure3.png", dpi=110)
     plt.close(fig)
     final = res.objective[-1]
     ratio = (final / natural_max)
-    own = int((pred == torch.arange(len(res.units))).sum())
+    own = int((pred == torch.as_tensor(res.units)).sum())
     return {
         "sentence": "Optimization moves each unit's visualization far beyond anything natural images reach: the "
-                    "final activation is a multiple of the unit's largest activation on all 10,000 test images, "
-                    "which is what lets a circuit tell visualizations from natural input.",
+                    f"final activation is a multiple of the unit's largest activation on all {len(x):,} evaluation "
+                    "images, which is what lets a circuit tell visualizations from natural input.",
         "figures": [{"path": _rel(ctx, path), "caption": "Rows: snapshots after 1, 8, 32, 128, 512 steps; last "
                      "row: the test image with the highest logit for that class."}],
-        "summary": [{"quantity": "visualizations classified as their own class", "measured": f"{own}/10",
-                     "paper": None},
+        "summary": [{"quantity": "visualizations classified as their own class",
+                     "measured": f"{own}/{len(res.units)}", "paper": None},
                     {"quantity": "min / mean ratio of final activation to natural maximum",
                      "measured": f"{ratio.min().item():.2f} / {ratio.mean().item():.2f}", "paper": None}],
         "figure": _rel(ctx, path), "thresholds": list(thresholds), "units": res.units,
@@ -93,7 +95,8 @@ def run_trajectories(ctx: Context, sdir: Path) -> dict:
         "ratio_final_to_natural_max": (final / natural_max).tolist(),
         "classified_as_own_class": own,
         "all_exceed_natural_max": bool((final > natural_max).all()),
-        "command": "fvtrust visualize fashion-cnn fc --units all --thresholds 1,8,32,128,512 --out DIR",
+        "command": f"fvtrust visualize {st.cli_model} {st.logits_layer} --units {','.join(map(str, units))} "
+                   "--thresholds 1,8,32,128,512 --out DIR",
     }
 
 
@@ -132,26 +135,36 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
     """Figure 5: silent units on block3 make the units' visualizations alike; natural outputs unchanged."""
     import matplotlib.pyplot as plt
 
-    from ..data import load_fashion_mnist
+    from torch.utils.data import Subset
+
+    from ..data import NaturalData
     from ..fool.silent import silent_units
     from ..fool.silent_report import figure5, silent_report
 
+    st = ctx.setting
     m = model(ctx)
-    natural = load_fashion_mnist("train")[0][:ctx.budget(10000, 60000, smoke=2000)]
-    fooled = silent_units(m, "block3", target="coffee", natural=natural, units="0-15")
-    rep, vis = silent_report(m, fooled, test_data(ctx), steps=ctx.budget(256, 256, smoke=32), seed=ctx.seed,
-                             margins=(0.0, 0.1, 0.5) if ctx.quick else (0.0, 0.05, 0.1, 0.25, 0.5))
-    fig = figure5(rep, vis, title="fashion-cnn block3 (target: coffee)")
+    fit = st.natural.fit
+    n_fit = min(len(fit), ctx.budget(10000, 60000, smoke=2000))
+    fit = NaturalData(Subset(fit.dataset, range(n_fit)), fit.source, "fit", fit.path, fit.labels_note)
+    held = st.natural.heldout
+    layer, units = st.silent_layer, st.silent_units
+    fooled = silent_units(m, layer, target="coffee", natural=fit, units=units)
+    rep, vis = silent_report(m, fooled, held, steps=ctx.budget(256, 256, smoke=32), seed=ctx.seed,
+                             margins=(0.0, 0.1, 0.5) if ctx.quick or ctx.smoke else (0.0, 0.05, 0.1, 0.25, 0.5))
+    rep["natural_data"] = {"fit": fit.describe(), "heldout": held.describe()}
+    fig = figure5(rep, vis, title=f"{st.spec} {layer} (target: coffee)")
     ind = rep["independent_starts"]
     path = atomic_save_figure(fig, sdir / "figure5.png", dpi=110)
     plt.close(fig)
     rows = "".join(f"<tr><td>{t['margin']}</td><td>{t['fraction_images_with_leak']:.4%}</td>"
                    f"<td>{t['mean_pairwise_correlation']:.3f}</td></tr>" for t in rep["margin_tradeoff"])
     return {"report": rep,
-            "sentence": "Adding a silent unit to each of 16 block3 units, b just below the natural maximum, changes "
-                        "nothing on held-out natural images but makes the units' visualizations show the same "
-                        "picture.",
-            "figures": [{"path": _rel(ctx, path), "caption": "Top: original visualizations of block3 units 0-15; "
+            "sentence": f"Adding a silent unit to each of {len(fooled.silent_info['units'])} {layer} units, b just "
+                        f"below the natural maximum measured on {len(fit):,} fit images, changes nothing on "
+                        f"{rep['heldout_images']:,} held-out natural images but makes the units' visualizations "
+                        "show the same picture.",
+            "figures": [{"path": _rel(ctx, path), "caption": f"Top: original visualizations of {layer} units "
+                         f"{rep['visualized_units'][0]}-{rep['visualized_units'][-1]}; "
                          "middle: the same units after the silent-unit manipulation, every unit started from the "
                          "same noise; bottom: manipulated units, each from its own noise (r = mean pairwise "
                          "Pearson correlation of the row's images)."}],
@@ -172,13 +185,15 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
                              f"(ceiling {ind['same_unit_ceiling']:.3f})", "paper": "-"}],
             "html_tables": ["<table><tr><th>margin on b</th><th>held-out images leaking</th>"
                             "<th>mean pairwise correlation</th></tr>" + rows + "</table>"],
-            "notes": ["fvtrust's silent unit for small models uses one full-map kernel (pool=map): visualizations of "
-                      "this 28-px network exceed natural activations only ~1.2x per position, too little for the "
-                      "paper's per-position form (pool=local), but ~3x on the channel mean.",
+            "notes": [f"Natural maximum fitted on {fit.describe()['source']} (fit part, {len(fit):,} images); "
+                      f"checks on its held-out part ({rep['heldout_images']:,} images).",
+                      "The silent unit here uses one full-map kernel (pool=map): on small networks visualizations "
+                      "exceed natural activations only slightly per position, too little for the paper's "
+                      "per-position form (pool=local), but clearly on the channel mean.",
                       "Visualizations from different starting noise differ in the phase of fine stripes even for one "
                       "and the same unit, which caps the own-start correlation (the 'ceiling' above); the shared-start "
                       "row removes that noise so the number measures the units alone."],
-            "command": "fvtrust fool silent fashion-cnn --layer block3 --units 0-15 --target coffee --out DIR"}
+            "command": f"fvtrust fool silent {st.cli} --layer {layer} --units {units} --target coffee --out DIR"}
 
 
 def standin_scores(m, layer: str, units, top_images: torch.Tensor, steps: int, seed: int) -> dict:
@@ -208,15 +223,16 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
     from ..linearity import correlate, path_metrics, top_activating_many
     from ..linearity.plots import figure12
 
+    st = ctx.setting
     m = model(ctx)
     x, _ = test_data(ctx)
-    layer, units = "block3", list(range(16))
+    layer, units = st.linearity_layer, list(range(min(16, st.linearity_units)))
     mm, steps = ctx.budget(5, 20, smoke=2), ctx.budget(128, 512, smoke=16)
     top = top_activating_many(m, layer, units, x, m=mm)
     metrics = path_metrics(m, layer, units, top.images, steps=steps, seed=ctx.seed, cache_dir=sdir / "cache")
     scores = standin_scores(m, layer, units, top.images, steps=ctx.budget(256, 256, smoke=16), seed=ctx.seed)
     corr = correlate(metrics, scores)
-    fig = figure12(corr, "fashion-cnn block3: Spearman r of path measures with STAND-IN scores")
+    fig = figure12(corr, f"{st.spec} {layer}: Spearman r of path measures with STAND-IN scores")
     path = atomic_save_figure(fig, sdir / "figure12.png", dpi=110)
     return {"metrics": metrics.to_dict(), "correlation": corr, "scores": scores, "m": mm, "steps": steps,
             "sentence": "Along each unit's visualization path from its most activating natural images, we "
@@ -224,7 +240,7 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
                         "(ALDP/ALD), and correlate both with per-unit scores.",
             "figures": [{"path": _rel(ctx, path), "caption": "Spearman r against the number of steps n considered. "
                          "Scores are a STAND-IN (no human data offline): each unit's mean Spearman similarity "
-                         "between its visualization and its top natural images at block3."}],
+                         f"between its visualization and its top natural images at {layer}."}],
             "summary": [
                 {"quantity": "units / starts per unit / steps", "measured": f"{len(units)} / {mm} / {steps}",
                  "paper": "84 / 20 / 512"},
@@ -236,22 +252,28 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
                  f"{float(np.nanmean(metrics.aga)):.2f} / {float(np.nanmean(metrics.ald)):.4f}", "paper": None}],
             "notes": ["The scores here are a clearly labelled stand-in, not human interpretability data; give real "
                       "scores with `fvtrust linearity ... --scores scores.csv`."],
-            "command": f"fvtrust linearity fashion-cnn {layer} --units 0-15 --m {mm} --steps {steps} --out DIR"}
+            "command": f"fvtrust linearity {st.cli} {layer} --units 0-{len(units) - 1} --m {mm} --steps {steps} "
+                       "--out DIR"}
 
 
 def run_circuit(ctx: Context, sdir: Path) -> dict:
     """Figures 1-2: a detector-gated circuit permutes the last layer's visualizations or shows a picture."""
     from ..fool.circuit_report import circuit_experiment
 
+    st = ctx.setting
     m = model(ctx)
-    budget = "tiny" if ctx.smoke else ("quick" if ctx.quick else "standard")
+    budget = {"smoke": "tiny", "quick": "quick", "full": "standard", "paper": "paper"}[ctx.mode]
     steps = ctx.budget(256, 512, smoke=16)
-    common = dict(budget=budget, cache_dir=sdir / "detector_cache", steps=steps, seed=ctx.seed, spec=SPEC,
-                  bound_steps=ctx.budget(128, 256, smoke=8), harden=ctx.budget(1, 2, smoke=0))
-    perm = circuit_experiment(m, "fc", mapping=5, out=sdir / "permutation",
-                              command="fvtrust fool circuit fashion-cnn --layer fc --offset 5 --out DIR", **common)
-    pic = circuit_experiment(m, "fc", picture="camera", out=sdir / "picture",
-                             command="fvtrust fool circuit fashion-cnn --layer fc --picture camera --out DIR", **common)
+    layer, offset = st.logits_layer, st.circuit_offset
+    common = dict(budget=budget, cache_dir=sdir / "detector_cache", steps=steps, seed=ctx.seed, spec=st.spec,
+                  bound_steps=ctx.budget(128, 256, smoke=8), harden=ctx.budget(1, 2, smoke=0), natural=st.natural,
+                  report_units=st.circuit_report_units)
+    perm = circuit_experiment(m, layer, mapping=offset, out=sdir / "permutation",
+                              command=f"fvtrust fool circuit {st.cli} --layer {layer} --offset {offset} --out DIR",
+                              **common)
+    pic = circuit_experiment(m, layer, picture="camera", out=sdir / "picture",
+                             command=f"fvtrust fool circuit {st.cli} --layer {layer} --picture camera --out DIR",
+                             **common)
     det = perm["detector"].get("heldout", {})
     ps, qs = perm["visualizations"]["summary"], pic["visualizations"]["summary"]
     nat_p, nat_q = perm["natural"], pic["natural"]
@@ -260,7 +282,7 @@ def run_circuit(ctx: Context, sdir: Path) -> dict:
                         "another unit or a picture filter (visualizations): natural behaviour stays that of the "
                         "original network, while feature visualizations show whatever the circuit routes in.",
             "figures": [{"path": _rel(ctx, sdir / "permutation" / "figure2.png"),
-                         "caption": "Permutation (offset 5): original visualizations, manipulated ones, and the "
+                         "caption": f"Permutation (offset {offset}): original visualizations, manipulated ones, and the "
                                     "targets they should now match."},
                         {"path": _rel(ctx, sdir / "picture" / "figure1.png"),
                          "caption": "Picture: every logit now visualizes as the 'camera' picture."}],
@@ -288,18 +310,23 @@ def run_circuit(ctx: Context, sdir: Path) -> dict:
                 {"quantity": "picture units: mean / min Pearson r with the picture",
                  "measured": f"{qs.get('pearson_picture', float('nan')):.3f} / "
                              f"{qs.get('min_pearson_picture', float('nan')):.3f}", "paper": "visually identical"}],
-            "command": "fvtrust fool circuit fashion-cnn --layer fc (--offset 5 | --picture camera) --out DIR"}
+            "natural_data": perm.get("natural_data"),
+            "command": f"fvtrust fool circuit {st.cli} --layer {layer} (--offset {offset} | --picture camera) --out DIR"}
 
 
 def run_sanity(ctx: Context, sdir: Path) -> dict:
     """Figures 6-11: are visualizations processed like natural images of their class, layer by layer?"""
     from ..sanity import sanity_check
 
+    st = ctx.setting
     m = model(ctx)
     per_class = ctx.budget(10, 10, smoke=2)
-    res = sanity_check(m, out=sdir / "sanity", natural=test_data(ctx), per_class=per_class,
+    pairs = "paper" if ctx.mode == "paper" else "all"
+    res = sanity_check(m, out=sdir / "sanity", natural=st.natural, classes=st.classes, per_class=per_class,
                        per_class_natural=ctx.budget(50, 50, smoke=6), steps=ctx.budget(512, 512, smoke=16),
-                       all_pairs=True, command="fvtrust sanity-check fashion-cnn --all-pairs --out DIR")
+                       all_pairs=pairs == "all",
+                       command=f"fvtrust sanity-check {st.cli} --classes {','.join(map(str, st.classes))}"
+                               + (" --all-pairs" if pairs == "all" else "") + " --out DIR")
     figures, rows = [], []
     for metric, block in res["metrics"].items():
         curve = block["normalized"]
@@ -312,11 +339,12 @@ def run_sanity(ctx: Context, sdir: Path) -> dict:
                      "measured": vals[-1] if vals else None, "paper": "rises only in the last layers"})
         for kind in ("normalized", "absolute"):
             figures.append({"path": _rel(ctx, sdir / "sanity" / f"{kind}_{metric}.png"),
-                            "caption": f"{kind.capitalize()} {metric} similarity per layer (all pairs)."})
+                            "caption": f"{kind.capitalize()} {metric} similarity per layer ({pairs} pairs)."})
     return {"result_file": _rel(ctx, sdir / "sanity" / "similarity.json"), "per_class": per_class,
             "sentence": "Layer by layer, natural images of a class resemble each other (normalized 1) more than "
                         "images of different classes (0); a class's feature visualizations fall below even the "
                         "different-class level in most layers, i.e. the network processes them unlike natural "
                         "images of that class until its last layers.",
             "figures": figures, "summary": rows,
-            "command": "fvtrust sanity-check fashion-cnn --all-pairs --out DIR"}
+            "natural_data": res.get("natural_data"),
+            "command": f"fvtrust sanity-check {st.cli} --classes {','.join(map(str, st.classes))} --out DIR"}

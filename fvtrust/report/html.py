@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 
 SECTIONS = [
-    ("accuracy", "The embedded default model"),
+    ("accuracy", "The model and its natural data"),
     ("circuit", "§2.1 Fooling circuit (Figures 1 and 2)"),
     ("silent", "§2.2 Silent units (Figure 5)"),
     ("trajectories", "§3 Visualizations are far outside the natural range (Figure 3)"),
@@ -48,7 +48,16 @@ def _img(out: Path, rel: str) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _section(out: Path, key: str, title: str, res: dict | None) -> str:
+def _setting_text(meta: dict) -> str:
+    st = meta.get("setting") or {}
+    spec = st.get("spec") or "fashion-cnn"
+    nd = st.get("natural_data") or {}
+    data = nd.get("path") or nd.get("source") or st.get("data") or "its default data"
+    weights = f" ({st['weights']} weights)" if st.get("weights") else ""
+    return f"{spec}{weights} with natural images from {data}"
+
+
+def _section(out: Path, key: str, title: str, res: dict | None, spec: str = "the model") -> str:
     parts = [f'<section id="{key}"><h2>{html.escape(title)}</h2>']
     if res is None:
         parts.append('<p class="status-skipped">Not run.</p></section>')
@@ -65,7 +74,7 @@ def _section(out: Path, key: str, title: str, res: dict | None) -> str:
                      f'<figcaption>{html.escape(fig.get("caption", ""))}</figcaption></figure>')
     rows = res.get("summary", [])
     if rows:
-        parts.append("<table><tr><th>quantity</th><th>measured (fvtrust, fashion-cnn)</th>"
+        parts.append(f"<table><tr><th>quantity</th><th>measured (fvtrust, {html.escape(str(spec))})</th>"
                      "<th>paper (Inception-V1 / ResNet-50, ImageNet)</th></tr>")
         for r in rows:
             parts.append(f"<tr><td>{html.escape(r['quantity'])}</td><td>{_fmt(r.get('measured'))}</td>"
@@ -96,12 +105,12 @@ def render(out: Path, results: dict) -> str:
     nav = " · ".join(f'<a href="#{k}">{html.escape(t.split(" (")[0])}</a>' for k, t in SECTIONS)
     body = ["<h1>fvtrust report: can we trust these feature visualizations?</h1>",
             f'<p class="note">Reproduction of Geirhos et al., “Don’t trust your eyes: on the (un)reliability of '
-            f'feature visualizations” (ICML 2024) on fvtrust’s embedded default (a small CNN on Fashion-MNIST). '
+            f'feature visualizations” (ICML 2024) on {html.escape(_setting_text(meta))}. '
             f'Mode: {_fmt(meta.get("mode"))}; seed {_fmt(meta.get("seed"))}; fvtrust {_fmt(meta.get("fvtrust"))}, '
             f'torch {_fmt(meta.get("torch"))}; experiments took {_fmt(meta.get("compute_seconds"))} s to compute'
             f'{_cached_note(meta)}. '
             f'All numbers are also in <code>results.json</code>.</p>', f"<p>{nav}</p>"]
     for key, title in SECTIONS:
-        body.append(_section(out, key, title, steps.get(key)))
+        body.append(_section(out, key, title, steps.get(key), (meta.get("setting") or {}).get("spec", "the model")))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fvtrust report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

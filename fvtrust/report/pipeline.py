@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,20 +31,33 @@ class Step:
 @dataclass
 class Context:
     out: Path
-    quick: bool
+    mode: str = "quick"  # smoke (tests of the pipeline itself) | quick | full | paper
     seed: int = 0
-    smoke: bool = False  # tiny budgets, for tests of the pipeline itself (not a reproduction)
+    setting: object = None  # report.setting.Setting: model, data, layers, classes
     cache: dict = field(default_factory=dict)  # objects shared between steps in one process
     results: dict = field(default_factory=dict)  # results of finished steps, by name
 
     def settings(self) -> dict:
-        """Everything that decides the steps' results (every field but where and what was computed)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "cache", "results")}
+        """What decides the steps' results when no Setting is given (tests of the pipeline itself)."""
+        return {"mode": self.mode, "seed": self.seed}
+
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.setting.fingerprint() if self.setting is not None else None
 
     def budget(self, quick, full, smoke=None):
+        """The value for this run's budget: `full` also for the paper's budget."""
         if self.smoke and smoke is not None:
             return smoke
-        return quick if self.quick or self.smoke else full
+        return quick if self.mode in ("quick", "smoke") else full
 
 
 def _log(msg: str):
@@ -68,7 +81,7 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         sdir = root / step.name
         done = sdir / "result.json"
         selected = not only or step.name in only
-        key = fingerprint(ctx.settings(), step.name)
+        key = fingerprint(ctx.fingerprint or ctx.settings(), step.name)
         prev = None if (force and selected) else read_entry(done, "json", key)
         if prev is not None:
             ctx.results[step.name] = {**prev, "cached": True}
@@ -95,6 +108,7 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=6)}
         res["seconds"] = round(time.perf_counter() - t0, 1)
+        res["setting"] = ctx.fingerprint
         ctx.results[step.name] = res
         if res["status"] == "ok":
             write_entry(done, "json", res, key)

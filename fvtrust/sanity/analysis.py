@@ -9,30 +9,34 @@ activations, three conditions:
   the last-layer unit of class c.
 
 Natural images the model misclassifies (wrong top-1) are excluded, as in the
-paper. Per layer we report the mean, std (ddof=0) and number of pairs of each
-condition, pooled over all computed pairs (pairs whose similarity is undefined,
-e.g. an all-zero post-ReLU activation, are counted in ``n_undefined`` and left
-out of the mean), and per-class means of the class-wise conditions.
+paper. Per layer we report, for each condition, ``mean``: the average over
+classes of the per-class means ("the results are averaged across classes",
+§3; for different classes, class c's mean is the average over the other
+classes c' of the mean over the pairs of c and c'), ``per_class_mean``,
+and over all pairs pooled ``pooled_mean``, ``std`` (ddof=0), ``n_pairs``.
+Pairs whose similarity is undefined (e.g. an all-zero post-ReLU activation)
+are counted in ``n_undefined`` and left out of every mean; a class without a
+defined pair is left out of the class average. Averaging per class gives
+every class the same weight even when misclassified images were excluded
+unevenly; with equal counts, all pairs and none undefined it equals the
+pooled mean.
 
-**Pair enumeration and sub-sampling** (paper: every 10th same-class pair, every
-100th different-class pair, every 5th natural-vs-visualization pair for
-Spearman and Pearson; every pair for cosine). Each condition's pairs are
-listed in one fixed order and every s-th entry is kept, starting with the
-first, counting across class blocks:
-
-* same class: classes in the given order; within a class, natural rows i < j
-  in row-major order ((0,1), (0,2), ..., (1,2), ...);
-* different class: class pairs (c, c') with c before c' in the given order;
-  within, natural rows of c (outer) x natural rows of c' (inner);
-* natural vs visualization: classes in order; natural rows of c (outer) x
-  visualizations of c (inner).
-
-Natural rows of a class are in dataset order; visualizations in replicate
-order. ``pair_stride="all"`` (CLI ``--all-pairs``) keeps every pair: with the
-rank-once engine that is cheap, which is the point of it.
+**Pair sub-sampling** (paper: every 10th same-class pair, every 100th
+different-class pair, every 5th natural-vs-visualization pair for Spearman
+and Pearson; every pair for cosine). The pairs form blocks: one per class
+(natural pairs i < j; natural rows x visualizations) and one per class pair
+(natural rows of c x of c'). Each block keeps the share of its pairs that
+"every s-th", counted across the blocks in class order, would keep, but
+spread evenly over the block's images under a seeded relabelling
+(``pair_seed``), so every visualization and nearly every natural image
+takes part: see :func:`enumerate_pairs` for why a literal stride does not.
+The selection does not depend on the metric. ``pair_stride="all"`` (CLI
+``--all-pairs``) keeps every pair: with the rank-once engine that is cheap,
+which is the point of it.
 
 **Normalization** (Figures 6, 8, 10): per layer, (x - different) / (same -
-different), so same class = 1 and different class = 0, from the pooled means.
+different), so same class = 1 and different class = 0, from the class-averaged
+means.
 Layers whose same- and different-class means differ by strictly less than
 ``drop_below`` = 0.01 (or are undefined) are dropped. The remaining normalized
 natural-vs-visualization values are smoothed with
@@ -155,62 +159,155 @@ def random_classes(num_classes: int, n: int, seed: int = 42) -> list[int]:
 # --------------------------------------------------------- pairs and strides
 
 
-def _block_positions(pos: int, size: int, stride: int) -> torch.Tensor:
-    """Local positions q in [0, size) whose global position pos + q is a multiple of stride."""
-    first = (-pos) % stride
-    if first >= size:
-        return torch.empty(0, dtype=torch.long)
-    return torch.arange(first, size, stride, dtype=torch.long)
+def _kept_count(pos: int, size: int, stride: int) -> int:
+    """How many of a block's pairs the paper's global stride keeps: the multiples of stride in [pos, pos + size)."""
+    return (pos + size + stride - 1) // stride - (pos + stride - 1) // stride
 
 
-def _tri_pairs(n: int, q: torch.Tensor) -> torch.Tensor:
-    """Pairs i < j of n rows at row-major positions q."""
-    if len(q) == 0:
+def _generator(seed: int, condition: str) -> torch.Generator:
+    """One generator per condition, from the seed and the condition's name."""
+    digest = hashlib.sha256(f"{int(seed)}|{condition}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _rect_order(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Entry t of the order of the a x b pairs whose every prefix uses rows and columns evenly
+    (use counts differ by <= 1); elementwise over blocks.
+
+    Torus diagonals: t -> (t mod a, (t + t // L) mod b) with L = lcm(a, b). Within one
+    diagonal (L entries) the map is the Chinese-remainder bijection onto the pairs with
+    i = j (mod gcd); the shift t // L moves to the next residue class, so [0, a b) covers
+    every pair once.
+    """
+    lcm = a * b // torch.gcd(a, b).clamp_min(1)
+    return torch.stack([t % a, (t + torch.div(t, lcm.clamp_min(1), rounding_mode="floor")) % b], dim=1)
+
+
+def _permutations(sizes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A uniform random permutation of range(size) per row (rows padded to the largest size)."""
+    width = int(sizes.max()) if len(sizes) else 0
+    keys = torch.rand(len(sizes), width, generator=gen)
+    keys[torch.arange(width) >= sizes[:, None]] = 2.0  # padding sorts last
+    return keys.argsort(dim=1)
+
+
+def _sample_rect_blocks(shapes: list[tuple[int, int]], keep: list[int], gen: torch.Generator,
+                        chunk: int = 4096) -> list[torch.Tensor]:
+    """Kept local pairs of many a x b blocks at once: the first k of :func:`_rect_order`, rows and
+    columns relabelled by random permutations. A block that keeps every pair keeps them row-major."""
+    out = []
+    for start in range(0, len(shapes), chunk):
+        sh = torch.tensor(shapes[start:start + chunk], dtype=torch.long).reshape(-1, 2)
+        a, b = sh[:, 0], sh[:, 1]
+        k = torch.minimum(torch.tensor(keep[start:start + chunk], dtype=torch.long), a * b)
+        rows, cols = _permutations(a, gen), _permutations(b, gen)
+        blk = torch.arange(len(sh)).repeat_interleave(k)
+        t = torch.arange(len(blk)) - (torch.cumsum(k, 0) - k).repeat_interleave(k)
+        full = (k == a * b)[blk]
+        order = _rect_order(a[blk], b[blk], t)
+        i = torch.where(full, torch.div(t, b[blk].clamp_min(1), rounding_mode="floor"), rows[blk, order[:, 0]])
+        j = torch.where(full, t % b[blk].clamp_min(1), cols[blk, order[:, 1]])
+        out += list(torch.stack([i, j], dim=1).split(k.tolist()))
+    return out
+
+
+def _tri_order(n: int) -> torch.Tensor:
+    """All pairs i < j of n rows, ordered so that every prefix uses the rows evenly (counts differ by <= 2).
+
+    Round robin by difference: for d = 1, 2, ... the pairs {i, (i + d) mod n}, each row
+    twice per round (the last round, d = n/2 for even n, has n/2 pairs, each row once).
+    """
+    if n < 2:
         return torch.empty((0, 2), dtype=torch.long)
-    return torch.triu_indices(n, n, 1).T[q]
+    rounds = []
+    for d in range(1, n // 2 + 1):
+        i = torch.arange(n // 2 if 2 * d == n else n, dtype=torch.long)
+        j = (i + d) % n
+        rounds.append(torch.stack([torch.minimum(i, j), torch.maximum(i, j)], dim=1))
+    return torch.cat(rounds)
 
 
-def _rect_pairs(b: int, q: torch.Tensor) -> torch.Tensor:
-    return torch.stack([torch.div(q, b, rounding_mode="floor"), q % b], dim=1)
+def _sample_tri(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    if k >= n * (n - 1) // 2:
+        return torch.triu_indices(n, n, 1).T.contiguous()  # every pair, row-major
+    pairs = torch.randperm(n, generator=gen)[_tri_order(n)[:k]]
+    return torch.sort(pairs, dim=1).values
 
 
-def enumerate_pairs(nat_counts: list[int], vis_counts: list[int], strides: dict) -> dict:
-    """The kept pairs of each condition as blocks (see the module docstring for the order).
+def enumerate_pairs(nat_counts: list[int], vis_counts: list[int], strides: dict, seed: int = 0) -> dict:
+    """The kept pairs of each condition, block by block.
 
-    Returns {condition: [(a_block, b_block or None, class position(s), local pairs (k, 2))]}
-    where a block is ("nat" | "vis", class position). Only kept pairs are materialized.
+    A block is one class (same class: natural pairs i < j; natural vs
+    visualization: natural rows x visualizations) or one class pair c < c'
+    (natural rows of c x natural rows of c'). Returns
+    {condition: [(a_block, b_block or None, class position(s), local pairs (k, 2))]}
+    where a block is ("nat" | "vis", class position); only kept pairs are made.
+
+    **How many** pairs a block keeps is what the paper's "every s-th
+    comparison" keeps of it when the comparisons of a condition are counted
+    across blocks in class order: the multiples of s among the block's
+    global positions. So each condition keeps ceil(N / s) of its N pairs, and
+    each block size / s of its own, rounded up or down.
+
+    **Which** pairs: every s-th pair of a row-major list locks onto it when the
+    block's row length shares a factor with s (10 visualizations and s = 5
+    keep visualizations #0 and #5 only; 50 x 50 blocks and s = 100 keep one
+    image of the second class). Instead each block keeps a prefix of an
+    order that spreads the pairs evenly over its images (:func:`_rect_order`,
+    :func:`_tri_order`: row and column use counts differ by at most 1, resp.
+    2), under a random relabelling of the block's images (one generator per
+    condition, seeded from ``seed``). The relabelling makes every pair of a block
+    equally likely to be kept (an unbiased sample, like the stride on
+    arbitrary dataset order), the order makes every image contribute as
+    equally as the count allows (every visualization and natural image takes
+    part wherever the count reaches the number of images), and different
+    blocks use different images where they cannot all take part (as for
+    different classes with s = 100). Strides coprime with the block sizes
+    would spread the pairs too but change the paper's fraction; a plain
+    random subset keeps the fraction but may leave images out by chance.
+
+    A block that keeps every pair (stride 1) keeps them in row-major order.
+    The pairs depend on the counts, strides and seed only, never on the
+    metric, so metrics with the same strides compare the same pairs.
+    Different-class blocks are drawn in chunks of tensor ops (499,500 of
+    them for 1000 classes).
     """
     n_cls = len(nat_counts)
     out = {c: [] for c in CONDITIONS}
-    pos = 0
-    s = strides["same_class"]
+    pos, s, gen = 0, strides["same_class"], _generator(seed, "same_class")
     for k in range(n_cls):
         n = nat_counts[k]
         size = n * (n - 1) // 2
-        q = _block_positions(pos, size, s)
-        out["same_class"].append((("nat", k), None, k, _tri_pairs(n, q)))
+        out["same_class"].append((("nat", k), None, k, _sample_tri(n, _kept_count(pos, size, s), gen)))
         pos += size
-    pos = 0
+    blocks = [(k, k2) for k in range(n_cls) for k2 in range(k + 1, n_cls)]
+    shapes = [(nat_counts[k], nat_counts[k2]) for k, k2 in blocks]
+    starts = np.cumsum([0] + [a * b for a, b in shapes])
     s = strides["different_class"]
-    for k in range(n_cls):
-        for k2 in range(k + 1, n_cls):
-            size = nat_counts[k] * nat_counts[k2]
-            q = _block_positions(pos, size, s)
-            out["different_class"].append((("nat", k), ("nat", k2), (k, k2), _rect_pairs(nat_counts[k2], q)))
-            pos += size
-    pos = 0
+    keep = [_kept_count(int(p), a * b, s) for p, (a, b) in zip(starts, shapes)]
+    local = _sample_rect_blocks(shapes, keep, _generator(seed, "different_class"))
+    out["different_class"] = [(("nat", k), ("nat", k2), (k, k2), q) for (k, k2), q in zip(blocks, local)]
+    shapes = list(zip(nat_counts, vis_counts))
+    starts = np.cumsum([0] + [a * b for a, b in shapes])
     s = strides["natural_vs_visualization"]
-    for k in range(n_cls):
-        size = nat_counts[k] * vis_counts[k]
-        q = _block_positions(pos, size, s)
-        out["natural_vs_visualization"].append((("nat", k), ("vis", k), k, _rect_pairs(vis_counts[k], q)))
-        pos += size
+    keep = [_kept_count(int(p), a * b, s) for p, (a, b) in zip(starts, shapes)]
+    local = _sample_rect_blocks(shapes, keep, _generator(seed, "natural_vs_visualization"))
+    out["natural_vs_visualization"] = [(("nat", k), ("vis", k), k, q) for k, q in enumerate(local)]
     return out
 
 
 def count_pairs(nat_counts, vis_counts, strides: dict) -> dict:
-    """Number of kept pairs per condition (no similarity computed)."""
-    return {c: sum(len(b[3]) for b in blocks) for c, blocks in enumerate_pairs(nat_counts, vis_counts, strides).items()}
+    """Number of kept pairs per condition (no similarity computed, no pairs made)."""
+    out = {}
+    for cond in CONDITIONS:
+        if cond == "same_class":
+            sizes = [n * (n - 1) // 2 for n in nat_counts]
+        elif cond == "different_class":
+            sizes = [a * b for i, a in enumerate(nat_counts) for b in nat_counts[i + 1:]]
+        else:
+            sizes = [a * b for a, b in zip(nat_counts, vis_counts)]
+        out[cond] = -(-sum(sizes) // strides[cond])  # ceil(N / s): the multiples of s in [0, N)
+    return out
 
 
 # ----------------------------------------------------------- one layer's stats
@@ -220,6 +317,31 @@ def _summarize(values: torch.Tensor) -> dict:
     v = values[~torch.isnan(values)]
     return {"mean": float(v.mean()) if len(v) else math.nan, "std": float(v.std(correction=0)) if len(v) else math.nan,
             "n_pairs": len(values), "n_undefined": int(len(values) - len(v))}
+
+
+def _nanmean_by(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean of the defined values of each group (NaN for a group without any), one scatter."""
+    ok = ~torch.isnan(values)
+    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups[ok], values[ok].double())
+    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups[ok], torch.ones(int(ok.sum()),
+                                                                                         dtype=torch.float64))
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+
+def _class_means(cond: str, vals: list, live: list, n_cls: int) -> torch.Tensor:
+    """Per class: the mean over its pairs (same class, natural vs visualization), or the mean over the
+    other classes of the mean over that class pair's pairs (different class)."""
+    if not live:
+        return torch.full((n_cls,), math.nan, dtype=torch.float64)
+    lengths = torch.tensor([len(blk[3]) for blk in live])
+    block_of = torch.arange(len(live)).repeat_interleave(lengths)
+    block_mean = _nanmean_by(torch.cat(vals), block_of, len(live))
+    if cond != "different_class":
+        out = torch.full((n_cls,), math.nan, dtype=torch.float64)
+        out[torch.tensor([blk[2] for blk in live])] = block_mean
+        return out
+    ends = torch.tensor([blk[2] for blk in live])  # (blocks, 2): the two classes of each class pair
+    return _nanmean_by(block_mean.repeat(2), torch.cat([ends[:, 0], ends[:, 1]]), n_cls)
 
 
 def layer_conditions(prepared, offsets: dict, pairs: dict, *, blockwise: bool = False, **engine) -> dict:
@@ -242,6 +364,7 @@ def layer_conditions(prepared, offsets: dict, pairs: dict, *, blockwise: bool = 
         return prepared[a:b]
 
     n = len(prepared)
+    n_cls = len(pairs["same_class"])
     total = sum(len(blk[3]) for blocks in pairs.values() for blk in blocks)
     dense = None
     if not blockwise and n <= DENSE_ROWS and total * DOT_COST >= n * n // 2:
@@ -264,10 +387,11 @@ def layer_conditions(prepared, offsets: dict, pairs: dict, *, blockwise: bool = 
             vals = list(allv.split([len(blk[3]) for blk in live]))
         allv = torch.cat(vals) if vals else torch.empty(0, dtype=torch.float64)
         stats = _summarize(allv)
-        if cond != "different_class":
-            per_class = {blk[2]: v for blk, v in zip(live, vals)}
-            stats["per_class_mean"] = [_summarize(per_class[k])["mean"] if k in per_class else math.nan
-                                       for k in range(len(blocks))]
+        per_class = _class_means(cond, vals, live, n_cls)
+        defined = per_class[~torch.isnan(per_class)]
+        stats["pooled_mean"] = stats["mean"]
+        stats["mean"] = float(defined.mean()) if len(defined) else math.nan  # the paper: averaged across classes
+        stats["per_class_mean"] = per_class.tolist()
         out[cond] = stats
     return out
 
@@ -461,7 +585,8 @@ def _nan(x):
 def run(model, natural, visualizations, classes=None, per_class: int | None = None, *,
         per_class_natural: int | None = None, layers="all", metrics=METRICS, pair_stride="paper",
         dtype="float32", batch_size: int = 128, budget_bytes: int = BUDGET_BYTES, cache_dir=None, spill_dir=None,
-        drop_below: float = DROP_BELOW, smoothing_window: int = SMOOTHING_WINDOW, std_window: int = STD_WINDOW) -> dict:
+        drop_below: float = DROP_BELOW, smoothing_window: int = SMOOTHING_WINDOW, std_window: int = STD_WINDOW,
+        pair_seed: int = 0) -> dict:
     """The sanity check on ``model``; returns a JSON-able dict (see :mod:`fvtrust.sanity.analysis`).
 
     ``natural``: (images, labels), [0, 1] images of the model's input shape;
@@ -472,8 +597,9 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     ``classes``: indices or class names (default: all classes of the model).
     ``layers``: "all" or layer names (see :mod:`fvtrust.sanity.activations`).
     ``pair_stride``: "paper" (10 / 100 / 5 for Spearman and Pearson, all pairs
-    for cosine), "all", or see :func:`resolve_strides`. ``cache_dir`` makes
-    the run resumable (finished layers are skipped on rerun).
+    for cosine), "all", or see :func:`resolve_strides`; ``pair_seed`` draws
+    which pairs a sub-sampled block keeps (:func:`enumerate_pairs`).
+    ``cache_dir`` makes the run resumable (finished layers are skipped on rerun).
     """
     t0 = time.time()
     metrics = check_metrics(metrics)
@@ -482,6 +608,8 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     for name, w in (("smoothing_window", smoothing_window), ("std_window", std_window), ("batch_size", batch_size)):
         if not isinstance(w, (int, np.integer)) or w < 1:
             raise FvtrustError(f"{name} must be a positive integer, got {w!r}")
+    if not isinstance(pair_seed, (int, np.integer)) or isinstance(pair_seed, bool):
+        raise FvtrustError(f"pair_seed must be an integer, got {pair_seed!r}")
     n_classes_model = model.num_classes or 0
     classes = resolve_classes(classes, n_classes_model, model.class_names)
     if per_class is not None and per_class < 1:
@@ -522,14 +650,19 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     probe = images[torch.tensor(sorted({0, n_nat // 2, n_nat, len(images) - 1}))]
     found = discover_layers(model, probe, layers)
     names = [lay.name for lay in found]
-    pairs = {m: enumerate_pairs(nat_counts, vis_counts, strides[m]) for m in metrics}
+    by_stride = {}  # metrics with the same strides share one (identical) selection
+    for m in metrics:
+        key = tuple(strides[m][c] for c in CONDITIONS)
+        if key not in by_stride:
+            by_stride[key] = enumerate_pairs(nat_counts, vis_counts, strides[m], pair_seed)
+    pairs = {m: by_stride[tuple(strides[m][c] for c in CONDITIONS)] for m in metrics}
 
     cache = _LayerCache(cache_dir, {"fingerprint": weights_digest(model, images), "dtype": str(dt),
                                     "counts": [nat_counts, vis_counts]})
     results: dict[str, dict] = {m: {} for m in metrics}
 
     def cached(lay: Layer) -> bool:
-        hits = {m: cache.get(lay.name, f"{m}-{_stride_tag(strides[m])}") for m in metrics}
+        hits = {m: cache.get(lay.name, f"{m}-{_stride_tag(strides[m], pair_seed)}") for m in metrics}
         if all(h is not None for h in hits.values()):
             for m, h in hits.items():
                 results[m][lay.name] = h
@@ -540,12 +673,12 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     from ..cache import locked
 
     with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="sanity cache"):
-        for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt,
-                            budget_bytes=budget_bytes, spill_dir=spill_dir, skip=cached, desc="sanity"):
+        for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt, budget_bytes=budget_bytes,
+                            spill_dir=spill_dir, skip=cached, desc="sanity"):
             for m in metrics:
                 stats = layer_conditions(rows.prepared[m], offsets, pairs[m], blockwise=rows.spilled, **engine)
                 results[m][rows.layer.name] = stats
-                cache.put(rows.layer.name, f"{m}-{_stride_tag(strides[m])}", _clean(stats))
+                cache.put(rows.layer.name, f"{m}-{_stride_tag(strides[m], pair_seed)}", _clean(stats))
             del rows
 
     out_metrics = {}
@@ -553,10 +686,9 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
         per_layer = [results[m][n] for n in names]
         conds = {}
         for c in CONDITIONS:
-            conds[c] = {k: [_nan(s[c][k]) if k in ("mean", "std") else s[c][k] for s in per_layer]
-                        for k in ("mean", "std", "n_pairs", "n_undefined")}
-            if c != "different_class":
-                conds[c]["per_class_mean"] = [[_nan(v) for v in s[c]["per_class_mean"]] for s in per_layer]
+            conds[c] = {k: [_nan(s[c][k]) if k in ("mean", "pooled_mean", "std") else s[c][k] for s in per_layer]
+                        for k in ("mean", "pooled_mean", "std", "n_pairs", "n_undefined")}
+            conds[c]["per_class_mean"] = [[_nan(v) for v in s[c]["per_class_mean"]] for s in per_layer]
         curve = normalized_curve(conds["same_class"]["mean"], conds["different_class"]["mean"],
                                  conds["natural_vs_visualization"]["mean"], names, drop_below=drop_below,
                                  window=smoothing_window, std_window=std_window)
@@ -580,7 +712,11 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
             "classified_as_their_class": float((vis_pred == vis_target).float().mean()),
             "predicted": vis_pred.view(-1).tolist(),
         },
-        "settings": {"metrics": metrics, "pair_stride": strides,
+        "settings": {"metrics": metrics, "pair_stride": strides, "pair_seed": int(pair_seed),
+                     "pair_sampling": "per block: the paper's share of pairs, spread evenly over its images "
+                                      "under a seeded relabelling",
+                     "condition_mean": "mean over classes of per-class means (different class: over class "
+                                       "pairs); pooled_mean and std are over all pairs",
                      "all_pairs": all(v == 1 for s in strides.values() for v in s.values()),
                      "dtype": str(dt).replace("torch.", ""), "smoothing_window": smoothing_window,
                      "smoothing": "scipy.ndimage.convolve(x, np.ones(w) / w), mode='reflect'",
@@ -592,5 +728,6 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     return _clean(result)
 
 
-def _stride_tag(strides: dict) -> str:
-    return "s" + "-".join(str(strides[c]) for c in CONDITIONS)
+def _stride_tag(strides: dict, seed: int) -> str:
+    """Cache tag of the pair selection; "v2": balanced per-block pairs and per-class means (issue 19)."""
+    return "v2-s" + "-".join(str(strides[c]) for c in CONDITIONS) + f"-seed{int(seed)}"

@@ -12,13 +12,11 @@ Output folder::
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-from ..cache import output_lock
 from ..errors import FvtrustError
 from ..io import atomic_write_json, staged_dir
 from .analysis import random_classes, resolve_classes, run, weights_digest
@@ -26,22 +24,25 @@ from .inputs import (
     final_layer,
     generate_visualizations,
     load_visualizations,
-    select_natural_dataset,
 )
 from .plots import save_plots
 from .similarity import METRICS
 
 
-def _natural(model, data, data_dir, classes, per_class_natural):
-    from ..data import load_data
+def _natural(model, data, data_dir, classes, per_class_natural, class_index=None, natural_limit=None):
+    """(images, labels): the first `per_class_natural` evaluation images of each class (nothing else is read)."""
+    from ..data import natural
 
-    if data is None and tuple(model.input_shape) != (1, 28, 28):
-        raise FvtrustError(f"{model.spec} needs natural images: give data (an ImageNet-style folder)")
-    ds = load_data(data, input_shape=model.input_shape, split="test", data_dir=data_dir)
-    x, y = select_natural_dataset(ds, classes, per_class_natural)
-    if bool((torch.as_tensor(y) < 0).all()):
-        raise FvtrustError(f"data {data!r} has no class labels; the sanity check needs labelled natural images")
-    return x, y
+    source = natural(data, model=model, data_dir=data_dir, class_index=class_index, limit=natural_limit)
+    part = source.evaluation
+    part.require_labels("the sanity check")
+    from .inputs import class_indices
+
+    idx = class_indices(part.targets(), classes, per_class_natural)
+    if len(idx) == 0:
+        raise FvtrustError(f"natural data {part.source} has no images of the chosen classes")
+    x, y = part.select(idx.tolist()).tensors(desc="read natural images")
+    return x, y, source.describe()
 
 
 def _png_digests(vdir: Path) -> dict:
@@ -93,18 +94,23 @@ def sanity_check(model, *, out=None, natural=None, data=None, data_dir=None, cla
                  per_class_natural: int | None = 50, visualizations=None, unit_layer: str | None = None,
                  steps: int = 512, vis_seed: int = 0, visualize_options: dict | None = None, metrics=METRICS,
                  all_pairs: bool = False, pair_stride=None, layers="all", batch_size: int = 128, dtype="float32",
-                 command: str | None = None, **run_options) -> dict:
+                 command: str | None = None, class_index=None, natural_limit: int | None = None,
+                 **run_options) -> dict:
     """Run the sanity check on a loaded model and (with ``out``) write similarity.json and the figures.
 
     ``classes`` (indices or names) or ``n_random_classes`` drawn like the
     paper with ``class_seed``; default all classes. ``natural`` = (images,
-    labels) or ``data``/``data_dir`` for :func:`fvtrust.data.load_data`
-    (Fashion-MNIST test split for 28-px models). ``visualizations``: a
+    labels), or a data source for :func:`fvtrust.data.natural` (also as
+    ``data``; its evaluation part is read: the Fashion-MNIST test split for the
+    embedded default, every image of a folder), default the model's own. ``visualizations``: a
     folder written by ``fvtrust visualize`` or a tensor (classes x k x C x H
     x W); default: generated with ``steps`` steps. ``all_pairs`` disables the
     paper's sub-sampling. Returns the result dict.
     """
+    from ..models import as_model
+
     t0 = time.time()
+    model = as_model(model, example=natural)
     if classes is not None and n_random_classes is not None:
         raise FvtrustError("give either classes or n_random_classes, not both")
     if not model.num_classes:
@@ -119,17 +125,11 @@ def sanity_check(model, *, out=None, natural=None, data=None, data_dir=None, cla
         raise FvtrustError(f"layer {unit_layer!r} has {layer_units(model, unit_layer)} units, not one per class "
                            f"({model.num_classes}); pick the logits layer")
     out = None if out is None else Path(out)
-    with contextlib.nullcontext() if out is None else output_lock(out):  # one run per OUT (re-entrant)
-        return _sanity_check(model, out, natural, data, data_dir, classes, per_class, per_class_natural,
-                             visualizations, unit_layer, steps, vis_seed, visualize_options, metrics, all_pairs,
-                             pair_stride, layers, batch_size, dtype, command, run_options, t0)
-
-
-def _sanity_check(model, out, natural, data, data_dir, classes, per_class, per_class_natural, visualizations,
-                  unit_layer, steps, vis_seed, visualize_options, metrics, all_pairs, pair_stride, layers,
-                  batch_size, dtype, command, run_options, t0) -> dict:
-    if natural is None:
-        natural = _natural(model, data, data_dir, classes, per_class_natural)
+    natural_info = {"source": "given"}
+    if natural is None or not isinstance(natural, tuple):
+        *natural, natural_info = _natural(model, natural if data is None else data, data_dir, classes,
+                                          per_class_natural, class_index, natural_limit)
+        natural = tuple(natural)
     if visualizations is None:
         vis, vis_info = _visualizations(model, out, classes, per_class, steps, vis_seed, unit_layer, model.spec,
                                         visualize_options or {})
@@ -145,6 +145,7 @@ def _sanity_check(model, out, natural, data, data_dir, classes, per_class, per_c
                  metrics=metrics, pair_stride=stride, dtype=dtype, batch_size=batch_size,
                  cache_dir=None if out is None else out / ".cache", **run_options)
     result["visualizations"].update(unit_layer=unit_layer, **vis_info)
+    result["natural_data"] = natural_info
     result["command"] = command
     result["total_runtime_s"] = time.time() - t0
     if out is not None:

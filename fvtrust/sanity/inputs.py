@@ -132,18 +132,3 @@ def load_visualizations(path, classes, per_class: int | None, *, input_shape, la
         k = min(counts)
         out = [v[:k] for v in out]
     return torch.stack(out), meta
-
-
-def select_natural_dataset(ds, classes, per_class: int | None):
-    """(images, labels) of the first ``per_class`` images of each class in a Dataset, without loading the rest."""
-    from torch.utils.data import TensorDataset
-
-    if isinstance(ds, TensorDataset):
-        x, y = ds.tensors
-        return x, y
-    targets = getattr(ds, "targets", None)
-    if targets is None:
-        targets = [ds[i][1] for i in range(len(ds))]
-    idx = class_indices(torch.as_tensor(targets), classes, per_class).tolist()
-    items = [ds[i] for i in idx]
-    return torch.stack([a for a, _ in items]), torch.as_tensor([b for _, b in items])

@@ -62,7 +62,7 @@ def _subtitle(result: dict, metric: str) -> str:
 
 
 def plot_absolute(result: dict, metric: str):
-    """Figure 7/9/11: the three conditions per layer, mean +/- std over pairs."""
+    """Figure 7/9/11: the three conditions per layer, class-averaged mean +/- std over all pairs."""
     names = [lay["name"] for lay in result["layers"]]
     conds = result["metrics"][metric]["conditions"]
     fig, ax = _axes(len(names), f"Absolute similarity ({METRIC_LABEL[metric]})\n{_subtitle(result, metric)}")
@@ -71,7 +71,7 @@ def plot_absolute(result: dict, metric: str):
         mean, std = _arr(conds[c]["mean"]), _arr(conds[c]["std"])
         ax.plot(x, mean, "o-", color=COLORS[c], ms=3.5, lw=1.2, label=LABELS[c])
         ax.fill_between(x, mean - std, mean + std, color=COLORS[c], alpha=0.15, lw=0)
-    ax.set_ylabel(f"{METRIC_LABEL[metric]} similarity")
+    ax.set_ylabel(f"{METRIC_LABEL[metric]} similarity (mean over classes, ± std over pairs)")
     _layer_ticks(ax, names)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -109,6 +109,9 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     >= 64 px) for the length of the call (see fastpath.py) and hands it back
     exactly as it was.
     """
+    from ..models import as_model
+
+    model = as_model(model, example=start)
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
         bad = [u for u in units if not 0 <= int(u) < n_units]

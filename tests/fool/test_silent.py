@@ -31,7 +31,7 @@ def test_bias_formula_and_silence_on_natural(random_fashion, pool):
                           pool=pool)
     sconv = fooled.net.block3.conv
     ymax = torch.tensor(fooled.silent_info["natural_max"])
-    assert torch.allclose(sconv.bias_bar, -1.1 * ymax)
+    assert torch.allclose(sconv.bias_bar, -ymax - 0.1 * ymax.abs())
     # recompute the natural maximum by brute force
     captured = {}
     h = sconv.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0]))
@@ -42,6 +42,35 @@ def test_bias_formula_and_silence_on_natural(random_fashion, pool):
     assert torch.allclose(raw.amax((0, 2, 3)), ymax, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(fooled(natural), random_fashion(natural))  # bit-identical
+
+
+@pytest.mark.parametrize("pool", ["map", "local"])
+def test_bias_stays_silent_when_every_natural_response_is_negative(random_fashion, pool):
+    """Defect 3 of issue 19: with ymax < 0, b = -(1 + margin) * ymax lies *above* -ymax and Δy fires on the
+    calibration images themselves. b = -ymax - margin * |ymax| keeps Conv(x, Θ̄) + b < 0 on every one."""
+    import copy
+
+    base = copy.deepcopy(random_fashion)
+    conv = base.net.block3.conv
+    with torch.no_grad():  # units 0-3 see only negative weights; block3's input is post-ReLU, so >= 0
+        conv.weight[:4] = -conv.weight[:4].abs() - 0.01
+    natural = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 0.5 + 0.1
+    # beta tiny: Θ̄ ≈ Θ, all negative, so every natural response of the silent filter is < 0
+    fooled = silent_units(base, "block3", target="coffee", natural=natural, units="0-3", alpha=1.0, beta=1e-3,
+                          margin=0.1, pool=pool)
+    sconv = fooled.net.block3.conv
+    ymax = torch.tensor(fooled.silent_info["natural_max"])
+    assert (ymax < 0).all(), ymax
+    captured = {}
+    h = sconv.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0]))
+    with torch.no_grad():
+        out = fooled(natural)
+    h.remove()
+    pre = sconv.raw_silent(captured["x"]) + sconv.bias_bar.view(1, -1, 1, 1)
+    assert pre.amax() < 0  # Δy = ReLU(pre) never fires on the calibration images
+    assert torch.allclose(pre.amax((0, 2, 3)), 0.1 * ymax, rtol=1e-3)  # b sits margin * |ymax| below -ymax
+    with torch.no_grad():
+        assert torch.equal(out, base(natural))
 
 
 def test_visualizations_change_and_original_untouched(setup):

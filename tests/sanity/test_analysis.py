@@ -104,8 +104,14 @@ def ref_metric(metric, a, b):
         return np.nan if na == 0 or nb == 0 else float(a @ b / (na * nb))
 
 
-def brute_force(model, x, y, vis, classes, per_nat, layer, metric, strides):
-    """Independent reference: Python loops over pairs in the documented order, scipy per pair."""
+def brute_force(model, x, y, vis, classes, per_nat, layer, metric, strides, seed=0):
+    """Independent reference: Python loops over the pairs, scipy per pair, per-class means averaged.
+
+    Every pair of each condition is listed from the paper's definitions; the sub-sampled ones must be
+    among them (with stride 1 they are all of them), and the statistics are recomputed here: the condition
+    mean is the average over classes of per-class means (different classes: class c's mean is the average
+    over c' of the mean over the pairs of c and c'), std and n_pairs over all kept pairs pooled.
+    """
     with torch.no_grad():
         pred = model(x).argmax(1)
     nat = []
@@ -114,26 +120,43 @@ def brute_force(model, x, y, vis, classes, per_nat, layer, metric, strides):
         nat.append([i for i in idx if pred[i] == c])
     act = activations(model, x, layer)
     vact = activations(model, vis.flatten(0, 1), layer).reshape(len(classes), vis.shape[1], -1)
-    lists = {c: [] for c in A.CONDITIONS}
+    every = {c: set() for c in A.CONDITIONS}  # (class(es), dataset or vis index pair) from the definitions
     for k in range(len(classes)):
-        for a in range(len(nat[k])):
-            for b in range(a + 1, len(nat[k])):
-                lists["same_class"].append((act[nat[k][a]], act[nat[k][b]]))
-    for k in range(len(classes)):
+        every["same_class"] |= {(k, a, b) for ai, a in enumerate(nat[k]) for b in nat[k][ai + 1:]}
+        every["natural_vs_visualization"] |= {(k, i, v) for i in nat[k] for v in range(vis.shape[1])}
         for k2 in range(k + 1, len(classes)):
-            for i in nat[k]:
-                for j in nat[k2]:
-                    lists["different_class"].append((act[i], act[j]))
-    for k in range(len(classes)):
-        for i in nat[k]:
-            for v in range(vis.shape[1]):
-                lists["natural_vs_visualization"].append((act[i], vact[k, v]))
+            every["different_class"] |= {((k, k2), i, j) for i in nat[k] for j in nat[k2]}
+    kept = A.enumerate_pairs([len(n) for n in nat], [vis.shape[1]] * len(classes), strides, seed)
     out = {}
-    for c, pairs in lists.items():
-        kept = pairs[::strides[c]]
-        vals = np.array([ref_metric(metric, a, b) for a, b in kept])
-        ok = vals[~np.isnan(vals)]
-        out[c] = {"mean": ok.mean(), "std": ok.std(), "n_pairs": len(kept), "n_undefined": int(np.isnan(vals).sum())}
+    for c in A.CONDITIONS:
+        per_block, pooled = {}, []
+        for _, _, where, local in kept[c]:
+            vals = []
+            for i, j in local.tolist():
+                if c == "same_class":
+                    key, a, b = (where, nat[where][i], nat[where][j]), act[nat[where][i]], act[nat[where][j]]
+                elif c == "different_class":
+                    key = (where, nat[where[0]][i], nat[where[1]][j])
+                    a, b = act[nat[where[0]][i]], act[nat[where[1]][j]]
+                else:
+                    key, a, b = (where, nat[where][i], j), act[nat[where][i]], vact[where, j]
+                assert key in every[c], (c, key)
+                vals.append(ref_metric(metric, a, b))
+            per_block[where] = np.array(vals)
+            pooled += vals
+        n_kept = sum(len(v) for v in per_block.values())
+        assert len({tuple(p) for blk in kept[c] for p in [(blk[2], *q) for q in blk[3].tolist()]}) == n_kept
+        if all(s == 1 for s in strides.values()):
+            assert n_kept == len(every[c])
+        block_mean = {w: np.nanmean(v) if (~np.isnan(v)).any() else np.nan for w, v in per_block.items()}
+        if c == "different_class":
+            per_class = [np.nanmean([m for w, m in block_mean.items() if k in w]) for k in range(len(classes))]
+        else:
+            per_class = [block_mean.get(k, np.nan) for k in range(len(classes))]
+        pooled = np.array(pooled)
+        ok = pooled[~np.isnan(pooled)]
+        out[c] = {"mean": np.nanmean(per_class), "pooled_mean": ok.mean(), "std": ok.std(), "n_pairs": len(pooled),
+                  "n_undefined": int(np.isnan(pooled).sum()), "per_class_mean": per_class}
     return out
 
 
@@ -169,21 +192,22 @@ def test_conditions_match_scipy_brute_force(tiny, stride, path, monkeypatch):
     res = A.run(m, (x, y), vis, classes=[0, 1, 2], per_class_natural=6, pair_stride=stride, dtype="float64")
     names = [lay["name"] for lay in res["layers"]]
     assert names == ["conv", "relu", "pool", "fc"]  # flatten repeats pool: merged
-    strides = A.resolve_strides(stride, ["spearman"])["spearman"]
-    for metric in ("spearman", "pearson", "cosine"):
-        if stride != "all" and metric != "spearman":
-            continue
+    differs = False
+    for metric in ("spearman", "pearson", "cosine"):  # with a common stride, cosine compares the same pairs
         s = A.resolve_strides(stride, [metric])[metric]
+        assert s == ({"same_class": 1, "different_class": 1, "natural_vs_visualization": 1} if stride == "all"
+                     else {"same_class": 2, "different_class": 3, "natural_vs_visualization": 4})
         for li, layer in enumerate(names):
             want = brute_force(m, x, y, vis, [0, 1, 2], 6, layer, metric, s)
             got = res["metrics"][metric]["conditions"]
             for c in A.CONDITIONS:
                 assert got[c]["n_pairs"][li] == want[c]["n_pairs"], (metric, layer, c)
                 assert got[c]["n_undefined"][li] == want[c]["n_undefined"]
-                assert abs(got[c]["mean"][li] - want[c]["mean"]) < TOL, (metric, layer, c)
-                assert abs(got[c]["std"][li] - want[c]["std"]) < TOL, (metric, layer, c)
-    assert strides == ({"same_class": 1, "different_class": 1, "natural_vs_visualization": 1} if stride == "all"
-                       else {"same_class": 2, "different_class": 3, "natural_vs_visualization": 4})
+                for key in ("mean", "pooled_mean", "std"):
+                    assert abs(got[c][key][li] - want[c][key]) < TOL, (metric, layer, c, key)
+                np.testing.assert_allclose(got[c]["per_class_mean"][li], want[c]["per_class_mean"], atol=TOL)
+                differs |= abs(want[c]["mean"] - want[c]["pooled_mean"]) > 1e-4
+    assert differs  # uneven classes (misclassified images excluded): class averaging is not pooling
 
 
 def test_float32_default_close_to_float64(tiny):
@@ -213,7 +237,7 @@ def test_misclassified_natural_images_are_excluded(tiny):
     assert res["metrics"]["cosine"]["conditions"]["same_class"]["n_pairs"][0] == n_same
 
 
-def test_stride_counts_and_order():
+def test_stride_counts():
     paper = A.resolve_strides("paper", ["spearman", "cosine"])
     assert paper["spearman"] == {"same_class": 10, "different_class": 100, "natural_vs_visualization": 5}
     assert paper["cosine"] == {"same_class": 1, "different_class": 1, "natural_vs_visualization": 1}
@@ -221,15 +245,82 @@ def test_stride_counts_and_order():
     assert counts == {"same_class": 1225, "different_class": 1125, "natural_vs_visualization": 1000}
     assert A.count_pairs([50] * 10, [10] * 10, paper["cosine"]) == {
         "same_class": 12250, "different_class": 112500, "natural_vs_visualization": 5000}
-    # the stride counts across class blocks: [3, 4] natural -> 3 + 6 same-class pairs, every 2nd -> 5
-    pairs = A.enumerate_pairs([3, 4], [2, 2], {"same_class": 2, "different_class": 5, "natural_vs_visualization": 3})
-    same = [(blk[2], tuple(p)) for blk in pairs["same_class"] for p in blk[3].tolist()]
-    assert same == [(0, (0, 1)), (0, (1, 2)), (1, (0, 2)), (1, (1, 2)), (1, (2, 3))]
-    diff = [tuple(p) for blk in pairs["different_class"] for p in blk[3].tolist()]
-    assert diff == [(0, 0), (1, 1), (2, 2)]  # 3 x 4 rows, every 5th of row-major order
-    natvis = [(blk[2], tuple(p)) for blk in pairs["natural_vs_visualization"] for p in blk[3].tolist()]
-    # 6 + 8 pairs, every 3rd: global positions 0, 3 | 6, 9, 12 -> class 1 local 0, 3, 6
-    assert natvis == [(0, (0, 0)), (0, (1, 1)), (1, (0, 0)), (1, (1, 1)), (1, (3, 0))]
+    # stride 1 keeps every pair, in row-major order
+    pairs = A.enumerate_pairs([3, 4], [2, 2], paper["cosine"])
+    assert pairs["same_class"][1][3].tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    assert pairs["natural_vs_visualization"][0][3].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+
+
+def _usage(pairs, nat_counts, vis_counts):
+    """How often each natural image / visualization takes part, per condition (from the kept pairs)."""
+    nat = {c: [np.zeros(n, int) for n in nat_counts] for c in A.CONDITIONS}
+    vis = [np.zeros(n, int) for n in vis_counts]
+    for c, blocks in pairs.items():
+        for _, _, where, local in blocks:
+            i, j = local[:, 0].numpy(), local[:, 1].numpy()
+            if c == "same_class":
+                np.add.at(nat[c][where], np.concatenate([i, j]), 1)
+            elif c == "different_class":
+                np.add.at(nat[c][where[0]], i, 1)
+                np.add.at(nat[c][where[1]], j, 1)
+            else:
+                np.add.at(nat[c][where], i, 1)
+                np.add.at(vis[where], j, 1)
+    return nat, vis
+
+
+@pytest.mark.parametrize("nat_counts", [[50] * 10, [44, 50, 48, 45, 46, 50, 40, 49, 49, 45]])
+def test_paper_strides_spread_over_every_image(nat_counts):
+    """Issue 19, defect 1: the paper keeps every 10th / 100th / 5th comparison, i.e. a fraction 1/s of the
+    pairs; those pairs must come from all images, not lock onto fixed positions of a row-major list
+    (there, 10 visualizations and s = 5 used visualizations #0 and #5 of every class only)."""
+    vis_counts = [10] * len(nat_counts)
+    strides = A.resolve_strides("paper", ["spearman"])["spearman"]
+    pairs = A.enumerate_pairs(nat_counts, vis_counts, strides)
+    sizes = {"same_class": [n * (n - 1) // 2 for n in nat_counts],
+             "different_class": [a * b for i, a in enumerate(nat_counts) for b in nat_counts[i + 1:]],
+             "natural_vs_visualization": [a * b for a, b in zip(nat_counts, vis_counts)]}
+    for c, blocks in pairs.items():
+        s, n = strides[c], [len(b[3]) for b in blocks]
+        assert sum(n) == -(-sum(sizes[c]) // s) == A.count_pairs(nat_counts, vis_counts, strides)[c]  # ceil(N/s)
+        assert all(abs(k - size / s) < 1 for k, size in zip(n, sizes[c])), c  # each block: its share, +-1
+        for (a_blk, b_blk, _, local) in blocks:  # distinct, in range, i < j within a class
+            assert len({tuple(p) for p in local.tolist()}) == len(local)
+            a = nat_counts[a_blk[1]]
+            b = a if b_blk is None else (nat_counts if b_blk[0] == "nat" else vis_counts)[b_blk[1]]
+            assert (local[:, 0] < a).all() and (local[:, 1] < b).all() and (local >= 0).all()
+            if b_blk is None:
+                assert (local[:, 0] < local[:, 1]).all()
+    nat, vis = _usage(pairs, nat_counts, vis_counts)
+    for k, used in enumerate(vis):  # every visualization, equally often (100 pairs over 10 of them: 10 each)
+        assert used.min() >= 1 and used.max() - used.min() <= 1, (k, used)
+    for k in range(len(nat_counts)):
+        assert nat["natural_vs_visualization"][k].min() >= 1  # 2 pairs per natural image
+        assert np.ptp(nat["natural_vs_visualization"][k]) <= 1
+        assert nat["same_class"][k].min() >= 1  # ~122 pairs over 50 images
+        assert np.ptp(nat["same_class"][k]) <= 3
+    # different classes, every 100th: 25 pairs per class pair, so no block reaches all 50 images of a class,
+    # but each class meets 9 others with different images: nearly every image takes part
+    used = np.concatenate([u > 0 for u in nat["different_class"]])
+    assert used.mean() >= 0.95, used.mean()
+
+
+def test_pair_selection_is_seeded_and_metric_free():
+    strides = {"same_class": 3, "different_class": 7, "natural_vs_visualization": 4}
+
+    def flat(p):
+        return [(c, str(b[2]), b[3].tolist()) for c, blocks in p.items() for b in blocks]
+
+    a = A.enumerate_pairs([9, 8, 10], [5, 5, 5], strides)
+    assert flat(a) == flat(A.enumerate_pairs([9, 8, 10], [5, 5, 5], strides, seed=0))
+    assert flat(a) != flat(A.enumerate_pairs([9, 8, 10], [5, 5, 5], strides, seed=1))
+    res = A.resolve_strides((3, 7, 4), ["spearman", "pearson", "cosine"])
+    assert res["spearman"] == res["pearson"] == res["cosine"] == strides  # same strides -> same pairs
+    # tiny blocks may keep no pair at all (a fraction of a pair), never more than they have
+    p = A.enumerate_pairs([2, 1], [1, 1], {"same_class": 5, "different_class": 5, "natural_vs_visualization": 5})
+    assert sum(len(b[3]) for blocks in p.values() for b in blocks) == 3
+    with pytest.raises(FvtrustError, match="pair_seed"):
+        A.run(tiny_model(), (torch.rand(3, 1, 6, 6), torch.zeros(3)), tiny_vis(), pair_seed="x")
 
 
 def test_normalize_and_drop_rule():

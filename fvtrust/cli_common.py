@@ -1,0 +1,42 @@
+"""Options every command shares, declared once: the model (weights, device) and the natural data.
+
+Each command that reads natural images takes the same ``--data``,
+``--class-index`` and ``--natural-limit`` and hands them to
+`fvtrust.data.natural`, so a user's folder means the same thing everywhere.
+"""
+from __future__ import annotations
+
+import click
+
+DATA_HELP = ("Natural images: fashion-mnist[:train|test] (the embedded default's), an ImageNet-style folder "
+             "(one sub-folder per class; synset folders are mapped to the model's classes), or pictures "
+             "(scikit-image, unlabelled). Default: the model's own data (fashion-cnn: Fashion-MNIST).")
+
+
+def data_options(f):
+    """--data, --class-index, --natural-limit, --data-dir."""
+    opts = [
+        click.option("--data", default=None, help=DATA_HELP),
+        click.option("--class-index", default=None, type=click.Path(dir_okay=False),
+                     help='JSON {"folder name": class index} mapping --data folders to the model\'s outputs.'),
+        click.option("--natural-limit", default=None, type=int,
+                     help="Use at most N natural images from each part (fit / held-out / evaluation)."),
+        click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+                     help="Folder with the Fashion-MNIST IDX files (default: the Debian package's)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def load_natural(model, data, class_index=None, natural_limit=None, data_dir=None, seed: int = 0):
+    """The NaturalData for a command's options (see fvtrust.data.natural)."""
+    from .data import natural
+
+    return natural(data, model=model, limit=natural_limit, class_index=class_index, data_dir=data_dir, seed=seed)
+
+
+def device_of(device):
+    from .models import resolve_device
+
+    return resolve_device(device)
