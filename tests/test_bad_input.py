@@ -42,33 +42,42 @@ class Cmd:
 COMMANDS = [
     Cmd("models", ("models", "{extra}")),
     Cmd("layers", ("layers", "{spec}", "{extra}")),
-    Cmd("evaluate", ("evaluate", "{spec}", "--data", "{data}", "{datadir}", "--limit", "8", "{extra}")),
+    Cmd("evaluate", ("evaluate", "{spec}", "--data", "{data}", "{datadir}", "--natural-limit", "{limit}", "{cindex}",
+                     "--limit", "8", "{extra}")),
     Cmd("train-default", ("train-default", "{datadir}", "--epochs", "{steps}", "--out", "{out}", "{extra}")),
     Cmd("visualize", ("visualize", "{spec}", "{layer}", "--units", "{units}", "--steps", "{steps}", "--thresholds",
                       "{thresholds}", "--lr", "{lr}", "--out", "{out}", "{extra}")),
     Cmd("theory", ("theory", "--samples", "{steps}", "--out", "{out}", "{extra}")),
     Cmd("fool circuit", ("fool", "circuit", "{spec}", "--layer", "{layer}", "--picture", "{picture}", "--units",
-                         "{units}", "--budget", "tiny", "--steps", "{steps}", "--cache", "{cache}", "--out", "{out}",
-                         "{extra}"), conflict=("--offset", "1")),
+                         "{units}", "--budget", "{budget}", "--steps", "{steps}", "--natural-limit", "{limit}", "{cindex}",
+                         "--cache", "{cache}", "--out", "{out}", "{extra}"), conflict=("--offset", "1")),
     Cmd("fool silent", ("fool", "silent", "{spec}", "--layer", "{conv}", "--target", "{picture}", "--units",
-                        "{units}", "--steps", "{steps}", "--natural", "64", "--out", "{out}", "{extra}")),
-    Cmd("fool detector", ("fool", "detector", "{spec}", "--layer", "{layer}", "--budget", "tiny", "--det-steps",
-                          "{steps}", "--cache", "{cache}", "--out", "{out}", "{extra}")),
+                        "{units}", "--steps", "{steps}", "--natural-limit", "{limit}", "{cindex}", "--out", "{out}",
+                        "{extra}")),
+    Cmd("fool detector", ("fool", "detector", "{spec}", "--layer", "{layer}", "--budget", "{budget}", "--det-steps",
+                          "{steps}", "--natural-limit", "{limit}", "{cindex}", "--cache", "{cache}", "--out", "{out}",
+                          "{extra}")),
     Cmd("sanity-check", ("sanity-check", "{spec}", "--classes", "{classes}", "--per-class", "1",
-                         "--per-class-natural", "2", "--steps", "{steps}", "--data", "{data}", "{vis}", "--out",
-                         "{out}", "{extra}"), conflict=("--random-classes", "2")),
+                         "--per-class-natural", "2", "--steps", "{steps}", "--data", "{data}", "--natural-limit", "{limit}",
+                         "{cindex}", "{vis}", "--out", "{out}", "{extra}"), conflict=("--random-classes", "2")),
     Cmd("linearity", ("linearity", "{spec}", "{conv}", "--units", "{units}", "--m", "2", "--steps", "{steps}",
-                      "--lr", "{lr}", "--data", "{data}", "--group-size", "1", "--out", "{out}", "{extra}")),
-    Cmd("reproduce", ("reproduce", "--only", "{only}", "--out", "{out}", "{extra}")),
+                      "--lr", "{lr}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}", "--group-size",
+                      "1", "--out", "{out}", "{extra}")),
+    Cmd("reproduce", ("reproduce", "--model", "{spec}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}",
+                      "--budget", "{rbudget}", "--only", "{only}", "--out", "{out}", "{extra}")),
 ]
 
 # Good values ({case} is the case's own empty folder, {fx} the shared fixtures).
 GOOD = {"spec": "fashion-cnn", "layer": "fc", "conv": "block3", "units": "0", "classes": "0,1", "steps": "2",
         "thresholds": "1,2", "lr": "0.05", "data": "fashion-mnist", "datadir": [], "picture": "camera", "vis": [],
-        "only": "theory", "out": "{case}/out", "cache": "{case}/cache", "extra": []}
+        "only": "theory", "out": "{case}/out", "cache": "{case}/cache", "extra": [], "limit": "64", "cindex": [],
+        "budget": "tiny", "rbudget": "smoke"}
 
 INPUTS = {
     "unknown model": {"spec": "no-such-model"},
+    "py: spec, file missing": {"spec": "py:{fx}/no_such_file.py:make"},
+    "py: spec, file raises": {"spec": "py:{fx}/raises.py:make"},
+    "py: spec, factory gives no model": {"spec": "py:{fx}/not_a_model.py:make"},
     "model saved by another fvtrust version": {"spec": "{fx}/model-format-99"},
     "saved model whose weights do not fit": {"spec": "{fx}/model-misfit"},
     "unknown layer": {"layer": "no_such_layer", "conv": "no_such_layer"},
@@ -90,6 +99,10 @@ INPUTS = {
     "--out under a file": {"out": "{fx}/a-file/out"},
     "unknown option": {"extra": ["--no-such-option"]},
     "unknown reproduce step": {"only": "no-such-step"},
+    "unknown budget": {"budget": "huge", "rbudget": "huge"},
+    "natural limit zero": {"limit": "0"},
+    "missing class index": {"cindex": ["--class-index", "{fx}/no-such-index.json"]},
+    "corrupt class index": {"cindex": ["--class-index", "{fx}/not-an-image.png"]},
 }
 
 
@@ -133,6 +146,8 @@ def fixtures(tmp_path_factory, trained_fashion):
     (fx / "empty").mkdir()
     (fx / "a-file").write_text("not a directory\n")
     (fx / "not-an-image.png").write_text("this is text, not a PNG\n")
+    (fx / "raises.py").write_text("raise RuntimeError('a broken model file')\n")
+    (fx / "not_a_model.py").write_text("def make():\n    return 42\n")
     # An ImageNet-style folder whose images are garbage.
     for cls in ("a", "b"):
         (fx / "corrupt-images" / cls).mkdir(parents=True)

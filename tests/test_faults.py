@@ -22,22 +22,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from faults import Pipeline, kill_and_resume  # noqa: E402
 
-REPRODUCE_DRIVER = ("import sys; from fvtrust.report.reproduce import reproduce; "
-                    "reproduce(sys.argv[1], quick=True, smoke=True, only=sys.argv[2].split(','))")
-
 PIPELINES = [
     Pipeline("detector", ("fool", "detector", "fashion-cnn", "--layer", "fc", "--budget", "tiny", "--max-units", "12",
-                          "--det-steps", "8", "--epochs", "1", "--cache", "{cache}", "--out", "{out}"),
+                          "--det-steps", "8", "--epochs", "1", "--natural-limit", "2000", "--cache", "{cache}",
+                          "--out", "{out}"),
              ("report.json", "detector.json", "detector.safetensors")),
-    Pipeline("reproduce", ("{out}", "accuracy,trajectories,theory,linearity"),
+    Pipeline("reproduce", ("reproduce", "--budget", "smoke", "--only", "accuracy,trajectories,theory,linearity",
+                           "--out", "{out}"),
              ("results.json", "steps/accuracy/result.json", "steps/trajectories/result.json",
-              "steps/theory/result.json", "steps/linearity/result.json", "steps/trajectories/figure3.png"),
-             driver=REPRODUCE_DRIVER),
+              "steps/theory/result.json", "steps/linearity/result.json", "steps/trajectories/figure3.png")),
     Pipeline("sanity-check", ("sanity-check", "fashion-cnn", "--classes", "0,1,2", "--per-class", "2",
                               "--per-class-natural", "4", "--steps", "8", "--out", "{out}"),
              ("similarity.json", "normalized_spearman.png", "absolute_cosine.png")),
     Pipeline("linearity", ("linearity", "fashion-cnn", "block3", "--units", "0-5", "--m", "2", "--steps", "8",
-                           "--group-size", "1", "--out", "{out}"),
+                           "--natural-limit", "500", "--group-size", "1", "--out", "{out}"),
              ("linearity.json", "path_curves.png")),
 ]
 
