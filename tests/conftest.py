@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     s = getattr(config, "_fvtrust_sweep", None)
     if s:
         terminalreporter.write_line(f"bad-input sweep: {s['commands']} commands x {s['inputs']} inputs -> "
-                                    f"{s['cases']} applicable cases run, {s['passed']} passed")
+                                    f"{s['cases']} applicable cases run, {s['passed']} passed, {s['exempt']} exempt (EXEMPT lists why)")
     for rec in getattr(config, "_fvtrust_faults", []):
         same = sum(not v.startswith("DIFFERENT") for v in rec.get("outputs", {}).values())
         terminalreporter.write_line(
