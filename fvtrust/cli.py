@@ -220,7 +220,7 @@ def _guarded(callback):
 
 
 def guard_outputs(group: click.Group) -> None:
-    """Every command (here and in sub-groups) with an --out directory gets `_guarded`: one place, not one per command."""
+    """Every command (here and in sub-groups) with an --out gets `_guarded`: one place, not one per command."""
     for cmd in group.commands.values():
         if isinstance(cmd, click.Group):
             guard_outputs(cmd)
