@@ -8,7 +8,8 @@ seconds, cached flags, cache paths, the command line) are dropped.
 
 To add a pipeline (the audit, the slingshot fine-tune), add a `Pipeline` row.
 FVTRUST_FAULT_KILLS (default 5) and FVTRUST_FAULT_SEED (default 0) choose
-how many kill points and which.
+how many kill points and which; FVTRUST_FAULT_REPORT=FILE appends each
+pipeline's record (kill points, chain, output comparison) as a JSON line.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def test_kill_and_resume(pipeline, tmp_path, request):
     seed = int(os.environ.get("FVTRUST_FAULT_SEED", "0"))
     rec = kill_and_resume(pipeline, tmp_path, kills=kills, seed=seed)
     RESULTS.append(rec)
+    if os.environ.get("FVTRUST_FAULT_REPORT"):  # one JSON line per pipeline, for notes and CI artifacts
+        with open(os.environ["FVTRUST_FAULT_REPORT"], "a") as f:
+            f.write(json.dumps(rec) + "\n")
     request.config._fvtrust_faults = RESULTS
     summary = json.dumps({k: v for k, v in rec.items() if k != "chain"}, indent=1)
     assert rec["reference_rc"] == 0, f"reference run failed:\n{rec['reference_stderr']}"
