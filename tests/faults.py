@@ -100,6 +100,13 @@ def strip_volatile(obj, volatile):
     return obj
 
 
+def _unwrap(doc):
+    """A verified cache entry's payload (its envelope's checksum covers the volatile keys too)."""
+    if isinstance(doc, dict) and set(doc) == {"fvtrust_cache", "data"}:
+        return doc["data"]
+    return doc
+
+
 def compare_outputs(pipeline: Pipeline, ref: Path, got: Path) -> dict:
     """{file: "identical" | "equal (volatile keys aside)" | "DIFFERENT ..."} for each compared output."""
     volatile = VOLATILE | pipeline.volatile
@@ -112,7 +119,7 @@ def compare_outputs(pipeline: Pipeline, ref: Path, got: Path) -> dict:
         if a.read_bytes() == b.read_bytes():
             res[rel] = "identical"
         elif rel.endswith(".json"):
-            ja, jb = (strip_volatile(json.loads(p.read_text()), volatile) for p in (a, b))
+            ja, jb = (strip_volatile(_unwrap(json.loads(p.read_text())), volatile) for p in (a, b))
             res[rel] = "equal (volatile keys aside)" if ja == jb else f"DIFFERENT: {_first_diff(ja, jb)}"
         else:
             res[rel] = "DIFFERENT bytes"
