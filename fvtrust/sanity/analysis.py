@@ -663,19 +663,20 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
 
     def cached(lay: Layer) -> bool:
         hits = {m: cache.get(lay.name, f"{m}-{_stride_tag(strides[m], pair_seed)}") for m in metrics}
-        if all(h is not None for h in hits.values()):
-            for m, h in hits.items():
+        for m, h in hits.items():
+            if h is not None:  # a layer killed between its metrics keeps the finished ones
                 results[m][lay.name] = h
-            return True
-        return False
+        return all(h is not None for h in hits.values())
 
     engine = {"dtype": dt}
     from ..cache import locked
 
     with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="sanity cache"):
-        for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt, budget_bytes=budget_bytes,
-                            spill_dir=spill_dir, skip=cached, desc="sanity"):
+        for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt,
+                            budget_bytes=budget_bytes, spill_dir=spill_dir, skip=cached, desc="sanity"):
             for m in metrics:
+                if rows.layer.name in results[m]:  # cached: computed before an interruption
+                    continue
                 stats = layer_conditions(rows.prepared[m], offsets, pairs[m], blockwise=rows.spilled, **engine)
                 results[m][rows.layer.name] = stats
                 cache.put(rows.layer.name, f"{m}-{_stride_tag(strides[m], pair_seed)}", _clean(stats))
