@@ -10,7 +10,8 @@ from .evaluate import evaluate, predict
 from .data import natural
 from .models import as_model, list_layers, list_specs, load_model, save_model, wrap
 from .visualize import visualize
+from .audit import audit  # the function (as visualize); fvtrust.audit.core etc. stay importable
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "wrap", "as_model", "natural", "list_layers", "list_specs", "save_model", "visualize", "evaluate", "predict",
+__all__ = ["load_model", "wrap", "as_model", "natural", "list_layers", "list_specs", "save_model", "visualize", "audit", "evaluate", "predict",
            "FvtrustError", "__version__"]

@@ -57,6 +57,9 @@ COMMANDS = [
     Cmd("fool detector", ("fool", "detector", "{spec}", "--layer", "{layer}", "--budget", "{budget}", "--det-steps",
                           "{steps}", "--natural-limit", "{limit}", "{cindex}", "--cache", "{cache}", "--out", "{out}",
                           "{extra}")),
+    Cmd("fool slingshot", ("fool", "slingshot", "{spec}", "--layer", "{layer}", "--unit", "{unit}", "--target",
+                           "{picture}", "--lr", "{lr}", "--epochs", "1", "--steps", "{steps}", "--natural-limit",
+                           "{limit}", "--out", "{out}", "{extra}")),
     Cmd("sanity-check", ("sanity-check", "{spec}", "--classes", "{classes}", "--per-class", "1",
                          "--per-class-natural", "2", "--steps", "{steps}", "--data", "{data}", "--natural-limit",
                          "{limit}", "{cindex}", "{vis}", "--out", "{out}", "{extra}"), conflict=("--random-classes", "2")),
@@ -69,7 +72,7 @@ COMMANDS = [
 
 # Good values ({case} is the case's own empty folder, {fx} the shared fixtures).
 GOOD = {"spec": "fashion-cnn", "layer": "fc", "conv": "block3", "units": "0", "classes": "0,1", "steps": "2",
-        "thresholds": "1,2", "lr": "0.05", "data": "fashion-mnist", "datadir": [], "picture": "camera", "vis": [],
+        "unit": "0", "thresholds": "1,2", "lr": "0.05", "data": "fashion-mnist", "datadir": [], "picture": "camera", "vis": [],
         "only": "theory", "out": "{case}/out", "cache": "{case}/cache", "extra": [], "limit": "64", "cindex": [],
         "budget": "tiny", "rbudget": "smoke"}
 
@@ -81,8 +84,8 @@ INPUTS = {
     "model saved by another fvtrust version": {"spec": "{fx}/model-format-99"},
     "saved model whose weights do not fit": {"spec": "{fx}/model-misfit"},
     "unknown layer": {"layer": "no_such_layer", "conv": "no_such_layer"},
-    "unknown unit": {"units": "abc", "classes": "no-such-class"},
-    "unit out of range": {"units": "999", "classes": "99"},
+    "unknown unit": {"units": "abc", "classes": "no-such-class", "unit": "abc"},
+    "unit out of range": {"units": "999", "classes": "99", "unit": "999"},
     "thresholds beyond steps": {"thresholds": "1,999"},
     "zero steps": {"steps": "0"},
     "steps not a number": {"steps": "many"},

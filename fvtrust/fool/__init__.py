@@ -1,6 +1,6 @@
-"""Fooling feature visualizations (paper §2): the fooling circuit and silent units.
+"""Fooling feature visualizations: the fooling circuit and silent units (paper §2), gradient slingshots.
 
-Both return a *new* model (the original is untouched) that behaves like the
+All return a *new* model (the original is untouched) that behaves like the
 original on natural input, and save to directories `fvtrust.load_model` reloads.
 """
 
@@ -19,4 +19,13 @@ def silent_units(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["fooling_circuit", "silent_units"]
+def __getattr__(name):
+    """`fvtrust.fool.slingshot` (a callable subpackage) is imported on first use, like the functions above."""
+    if name == "slingshot":
+        import importlib
+
+        return importlib.import_module(".slingshot", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["fooling_circuit", "silent_units", "slingshot"]

@@ -1,4 +1,4 @@
-"""`fvtrust fool circuit|silent|detector`: each subcommand lives beside its method."""
+"""`fvtrust fool circuit|silent|detector|slingshot`: each subcommand lives beside its method."""
 import click
 
 from ..commands import register_commands
@@ -11,4 +11,5 @@ def fool_group():
 
 register_commands(fool_group, [("circuit", "fvtrust.fool.circuit_cli", "circuit_command"),
                                ("silent", "fvtrust.fool.silent_cli", "silent_command"),
-                               ("detector", "fvtrust.fool.detector_cli", "detector_command")])
+                               ("detector", "fvtrust.fool.detector_cli", "detector_command"),
+                               ("slingshot", "fvtrust.fool.slingshot.cli", "slingshot_command")])

@@ -95,7 +95,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
               lr: float = 0.05, optimizer: str = "adam", seed: int = 0, start: torch.Tensor | None = None,
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
               directions=None, groups=None, on_step=None, progress_desc: str | None = None,
-              shared_start: bool = False, fast: bool = True) -> VisualizationResult:
+              shared_start: bool = False, fast: bool = True, grad_clip: float | None = None) -> VisualizationResult:
     """Feature visualization by activation maximization, batched over units.
 
     `units` may repeat a unit (e.g. several starts per unit); each entry gets its
@@ -107,8 +107,12 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     not from their starts — the controlled way to compare units' visualizations.
     `fast` runs the model with verified Conv-BN folding (and NHWC on CPU at
     >= 64 px) for the length of the call (see fastpath.py) and hands it back
-    exactly as it was.
+    exactly as it was. `grad_clip` clips each image's parameter gradient to
+    that L2 norm before the optimizer step (a defense against manipulated
+    gradient landscapes, e.g. gradient slingshots).
     """
+    if grad_clip is not None and not grad_clip > 0:
+        raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
     from ..models import as_model
 
     model = as_model(model, example=start)
@@ -156,7 +160,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
                images=torch.empty(len(thresholds), n, c, *hw), values=torch.empty(len(thresholds), n),
                grads=torch.empty(steps, n, c, *hw) if record_gradients else None,
                traj=torch.empty(steps + 1, n, c, *hw) if record_images else None, on_step=on_step,
-               channels_last=fast and _nhwc_pays(device, crop or hw))
+               channels_last=fast and _nhwc_pays(device, crop or hw), grad_clip=grad_clip)
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
@@ -188,7 +192,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
-                "shared_start": shared_start, "fast": fast}
+                "shared_start": shared_start, "fast": fast, "grad_clip": grad_clip}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
@@ -214,6 +218,7 @@ class _Run:
     traj: torch.Tensor | None
     on_step: object
     channels_last: bool = False
+    grad_clip: float | None = None
     bar: object = None
 
     def chunk(self, sl: slice, units, keys, groups, start):
@@ -242,7 +247,11 @@ class _Run:
                         self.grads[step - 1, sl] = g_img.cpu()
                     if self.on_step is not None:
                         self.on_step(step, img.detach(), g_img, sl)
-                prm.tensor.grad = grads[0]
+                g = grads[0]
+                if self.grad_clip is not None:
+                    norm = g.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+                    g = g * (self.grad_clip / norm).clamp(max=1.0).view(n, *([1] * (g.dim() - 1)))
+                prm.tensor.grad = g
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if step in t_index:

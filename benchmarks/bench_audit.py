@@ -1,0 +1,242 @@
+"""Does `fvtrust.audit` find manipulated units? Every attack fvtrust has, on fashion-cnn, plus the clean model.
+
+Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *train*, the audit *test*):
+
+* circuit-permutation: fooling circuit at `fc`, units 0,2,4,6,8 visualize as unit (u + 5) mod 10;
+* circuit-picture:     fooling circuit at `fc`, units 1,3,5,7,9 visualize as the 'camera' picture;
+* silent-picture:      silent units on `block3` (Conv-BN-ReLU, 64 units), 16 random units, target 'coffee';
+* silent-unit:         silent units on `block3`, 16 other random units, target `unit:N` (N untouched);
+* clean:               the original model, audited at fc, block3 and block4 (128 units).
+
+Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
+the clean model's units of the same layer (negatives); TPR at the fixed threshold (score >= FLAG_AT); the
+model-level verdict. Clean model: FPR on every audited layer. Time: the 128-unit block4 audit, `--repeats`
+times, wall and CPU seconds, against a plain `fvtrust.visualize` of the same units in the same run (ratio).
+
+The circuit needs a trained visualization detector: built once per `--detector-budget` and cached under
+`--cache` (as are finished audits, so an interrupted run resumes).
+
+    python benchmarks/bench_audit.py                      # everything
+    python benchmarks/bench_audit.py --repeats 3 --only timing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
+import torch  # noqa: E402
+
+import fvtrust  # noqa: E402
+from fvtrust.audit import FLAG_AT, audit  # noqa: E402
+from fvtrust.audit.core import rescore  # noqa: E402
+from fvtrust.data import load_fashion_mnist  # noqa: E402
+
+
+# detector budgets: `quick` (as `fvtrust reproduce --quick`), and `cut`, which fits a heavily shared 2-core machine
+# but does not recognise the audit's 128-step visualizations (0/10 gated in the run of the closing note), so the
+# circuit then stays on F for them: a dormant attack. Circuit results are cached per budget.
+DETECTOR_BUDGETS = {"quick": {},
+                    "cut": dict(runs=1, steps=64, snapshots=8, max_units=12, min_units=12, epochs=2,
+                                natural_per_epoch=3000)}
+DETECTOR_BUDGET = "quick"
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def auroc(pos, neg) -> float:
+    """P(score_pos > score_neg) + ½ P(=): the Mann-Whitney U statistic divided by n_pos·n_neg."""
+    u = scipy.stats.mannwhitneyu(pos, neg, alternative="greater").statistic
+    return float(u) / (len(pos) * len(neg))
+
+
+def detector(model, cache: Path):
+    from fvtrust.fool.detector import build_detector, load_detector, save_detector
+
+    d = cache / f"detector-{DETECTOR_BUDGET}"
+    if (d / "detector.json").exists():
+        det, rep = load_detector(d)
+    else:
+        det, rep = build_detector(model, "fc", budget="quick", seed=0, **DETECTOR_BUDGETS[DETECTOR_BUDGET])
+        save_detector(det, d, rep)
+    print(f"  detector (budget {DETECTOR_BUDGET}): held-out accuracy {rep.get('heldout')}", flush=True)
+    return det
+
+
+ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit")
+
+
+def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
+    """(layer, fooled model, manipulated units) for one attack."""
+    from fvtrust.fool.circuit import fooling_circuit
+    from fvtrust.fool.silent import silent_units
+
+    perm = np.random.default_rng(seed).permutation(64).tolist()
+    silent_a, silent_b = sorted(perm[:16]), sorted(perm[16:32])
+    target_n = perm[32]  # an untouched unit
+    if name == "circuit-permutation":
+        pm = {u: (u + 5) % 10 for u in (0, 2, 4, 6, 8)}
+        return "fc", fooling_circuit(model, "fc", detector(model, cache), mapping=pm, natural=train[:10000],
+                                     bound_steps=128, seed=seed), sorted(pm)
+    if name == "circuit-picture":
+        units = [1, 3, 5, 7, 9]
+        return "fc", fooling_circuit(model, "fc", detector(model, cache), picture="camera", units=units,
+                                     bound_steps=128, natural=train[:10000], seed=seed), units
+    if name == "silent-picture":
+        return "block3", silent_units(model, "block3", target="coffee", natural=train[:20000], units=silent_a), silent_a
+    if name == "silent-unit":
+        return "block3", silent_units(model, "block3", target=f"unit:{target_n}", natural=train[:20000],
+                                      units=silent_b), silent_b
+    raise SystemExit(f"unknown attack {name}")
+
+
+def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
+    f = cache / f"audit-{name}-{layer}.json"
+    if f.exists():
+        return rescore(json.loads(f.read_text()))  # scores always under the current fixed thresholds
+    if callable(model):  # build lazily: a cached audit needs no model
+        model = model() if not isinstance(model, torch.nn.Module) else model
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = audit(model, layer, data=data, **kw)
+    from fvtrust.audit.report import save_audit
+
+    save_audit(result, cache / f"page-{name}-{layer}", command=f"benchmarks/bench_audit.py ({name}, {layer})")
+    res = result.to_dict()
+    res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    if hasattr(model, "gate_values"):  # ground truth for the reader, not used by the audit: did E gate?
+        with torch.no_grad():
+            res["detector_on_audit"] = {
+                "visualizations_gated_to_0": float((model.gate_values(result.visualizations) < 0.5).float().mean()),
+                "natural_gated_to_1": float((model.gate_values(data[:2000]) > 0.5).float().mean())}
+    f.write_text(json.dumps(res))
+    return res
+
+
+def timing(model, data, repeats: int, steps: int) -> dict:
+    """The 128-unit block4 audit vs a plain visualization of the same units (same settings), `repeats` times."""
+    from fvtrust.visualize import visualize
+
+    rows = []
+    for r in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        visualize(model, "block4", "all", steps=steps, objective="channel", seed=r)
+        vis = (time.perf_counter() - t0, time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = audit(model, "block4", data=data, steps=steps, seed=r)
+        aud = (time.perf_counter() - t0, time.process_time() - c0)
+        rows.append({"visualize_wall": vis[0], "visualize_cpu": vis[1], "audit_wall": aud[0], "audit_cpu": aud[1],
+                     "stages": res.seconds, "load": os.getloadavg()[0]})
+        print(f"  repeat {r + 1}: audit {aud[0]:.1f} s wall ({aud[1]:.1f} s CPU), plain visualize {vis[0]:.1f} s "
+              f"wall ({vis[1]:.1f} s CPU), ratio {aud[0] / vis[0]:.2f}, 1-min load {rows[-1]['load']:.1f}",
+              flush=True)
+    return {"repeats": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=".bench_cache/audit", type=Path)
+    ap.add_argument("--repeats", default=3, type=int)
+    ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
+    ap.add_argument("--only", default="attacks,clean,timing")
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
+    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument("--threads", default=2, type=int)
+    ap.add_argument("--detector-budget", default="quick", choices=sorted(DETECTOR_BUDGETS))
+    ap.add_argument("--json", default=None, type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    global DETECTOR_BUDGET
+    DETECTOR_BUDGET = args.detector_budget
+    args.cache.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    kw = {} if args.steps is None else {"steps": args.steps}
+    model = fvtrust.load_model("fashion-cnn")
+    train = load_fashion_mnist("train")[0]
+    data = load_fashion_mnist("test")[0][:5000]
+    out = {"flag_at": FLAG_AT, "threads": args.threads}
+
+    audits = {}
+    if "attacks" in only:  # the attacks' audits first, so a parallel `--only clean` run fills the clean ones
+        for name in args.attacks.split(","):
+            built = {}
+
+            def make(name=name, built=built):
+                built["v"] = build_attack(name, model, args.cache, train, args.seed)
+                return built["v"][1]
+
+            layer = "fc" if name.startswith("circuit") else "block3"
+            key = f"{name}@{DETECTOR_BUDGET}" if name.startswith("circuit") else name
+            r = cached_audit(args.cache, key, make, layer, data, **kw)
+            if "manipulated" not in r:
+                r["manipulated"] = built["v"][2]
+                (args.cache / f"audit-{key}-{layer}.json").write_text(json.dumps(r))
+            audits[name] = (layer, r)
+    clean = {}
+    if only & {"attacks", "clean"}:
+        layers = ("fc", "block3", "block4") if "clean" in only else sorted({layer for layer, _ in audits.values()})
+        for layer in layers:
+            clean[layer] = cached_audit(args.cache, "clean", model, layer, data, **kw)
+        print("clean model (negatives everywhere):")
+        for layer, r in clean.items():
+            s = np.array([u["score"] for u in r["units"]])
+            print(f"  {layer:7s} units {len(s):4d}  FPR {np.mean(s >= FLAG_AT):.4f}  max score {s.max():.3f}  "
+                  f"verdict {r['verdict']}  ({r['bench_wall_s'] / len(s):.2f} s/unit wall, "
+                  f"{r['bench_cpu_s'] / len(s):.2f} s/unit CPU)", flush=True)
+        out["clean"] = {layer: {"fpr": float(np.mean([u["score"] >= FLAG_AT for u in r["units"]])),
+                                "verdict": r["verdict"], "max_score": max(u["score"] for u in r["units"])}
+                        for layer, r in clean.items()}
+    if audits:
+        out["attacks"] = {}
+        print("attacks (positives = manipulated units; negatives = untouched units + clean units of the layer):")
+        for name, (layer, r) in audits.items():
+            man = set(r["manipulated"])
+            # a manipulated unit is *active* in the audit's visualization when any of its measured values differs
+            # from the clean model's (same seed, deterministic pipeline): a dormant one was visualized exactly as
+            # the clean unit, so its visualization is the clean one and there is nothing to flag
+            ref = {u["unit"]: u["signals"] for u in clean[layer]["units"]}
+            keys = ("gradient_agreement", "path_jump", "visualization_activation")
+            active = {u["unit"] for u in r["units"] if u["unit"] in man
+                      and any(u["signals"][k] != ref[u["unit"]][k] for k in keys)}
+            pos_active = [u["score"] for u in r["units"] if u["unit"] in active]
+            pos = [u["score"] for u in r["units"] if u["unit"] in man]
+            neg = [u["score"] for u in r["units"] if u["unit"] not in man]
+            neg_all = neg + [u["score"] for u in clean[layer]["units"]]
+            row = {"layer": layer, "n_pos": len(pos), "n_neg": len(neg_all), "auroc": auroc(pos, neg_all),
+                   "auroc_within_model": auroc(pos, neg) if neg else None,
+                   "tpr": float(np.mean(np.array(pos) >= FLAG_AT)),
+                   "n_active": len(pos_active),
+                   "auroc_active": auroc(pos_active, neg_all) if pos_active else None,
+                   "tpr_active": float(np.mean(np.array(pos_active) >= FLAG_AT)) if pos_active else None,
+                   "fpr_untouched": float(np.mean(np.array(neg) >= FLAG_AT)) if neg else None,
+                   "verdict": r["verdict"], "verdict_right": r["verdict"] == "suspicious",
+                   "s_per_unit_wall": r["bench_wall_s"] / len(r["units"]),
+                   "s_per_unit_cpu": r["bench_cpu_s"] / len(r["units"]),
+                   "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit")}
+            out["attacks"][name] = row
+            print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
+                  f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  active in the visualization "
+                  f"{row['n_active']}/{row['n_pos']}: AUROC {_f(row['auroc_active'])} TPR {_f(row['tpr_active'])}  "
+                  f"FPR untouched "
+                  f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
+                  f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
+                  + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else ""), flush=True)
+    if "timing" in only:
+        print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
+        out["timing"] = timing(model, data, args.repeats, args.steps or 128)
+        walls = [r["audit_wall"] for r in out["timing"]["repeats"]]
+        print(f"  audit wall s: min {min(walls):.1f}, median {float(np.median(walls)):.1f}, max {max(walls):.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Write an AuditResult: DIR/audit.json and a self-contained DIR/index.html (images inlined, no network)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_json, atomic_write_text, staged_dir
+from .core import FLAG_AT, THRESHOLDS
+
+BLIND_SPOTS = [
+    "The audit judges the visualization it makes itself (fft parameterization, standard transforms, channel "
+    "objective, the settings recorded below). A manipulation that only shows under other settings, or only "
+    "after more steps, is not seen.",
+    "Both signals compare a unit's behaviour on its top natural images with its behaviour on its visualization. "
+    "An attacker who knows them can build a manipulation that keeps the gradient direction w.r.t. the layer "
+    "input and stays continuous along straight paths (e.g. a soft, smooth takeover spread over the inputs the "
+    "audit probes); such a model is not caught by construction.",
+    "Changes made before the audited layer (in earlier layers, or by fine-tuning the whole network, as "
+    "gradient slingshots do) keep the layer's own mechanism intact; the gradient signal only sees them when they "
+    "change which input features drive the unit on the visualization, and the path signal only when they "
+    "introduce a switch.",
+    "Units that never respond to the natural data given have no mechanism to compare with: their agreement is "
+    "undefined (reported as null) and does not raise the score. Dead units are listed, not flagged.",
+    "A clean unit whose visualization reaches its maximum through a different mechanism than its natural images "
+    "(strongly non-linear units deep in large networks) can be flagged: the threshold was set on clean layers "
+    "of fashion-cnn and a random-init network, not on every architecture.",
+    "The verdict concerns the audited layer and units only, on the natural data given.",
+]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
+font-size:.92em;vertical-align:top}th{background:#f4f4f4}img.px{image-rendering:pixelated;border:1px solid #ddd;
+width:84px;height:84px;margin-right:2px}.verdict-suspicious{color:#b00;font-weight:bold}
+.verdict-clean{color:#070;font-weight:bold}.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .25em}
+"""
+
+
+def _png(image) -> str:
+    from PIL import Image
+
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def histogram_png(scores) -> str:
+    """Histogram of the layer's scores with the flag threshold, as an inline PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.hist(np.asarray(scores, dtype=float), bins=np.linspace(0, 1, 41), color="#4a7ab0")
+    ax.axvline(FLAG_AT, color="#b00", ls="--", lw=1)
+    ax.text(FLAG_AT, ax.get_ylim()[1] * 0.9, " flagged →", color="#b00", fontsize=8)
+    ax.set_xlabel("suspicion score")
+    ax.set_ylabel("units")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return html.escape(str(v))
+
+
+def render_html(result, *, command: str | None = None, max_shown: int = 64) -> str:
+    d = result.to_dict()
+    ev = d["evidence"]
+    parts = [f"<h1>fvtrust audit: {html.escape(str(d['spec']))} · {html.escape(d['layer'])}</h1>",
+             f'<p>Verdict: <span class="verdict-{d["verdict"]}">{d["verdict"]}</span> — {ev["n_flagged"]} of '
+             f'{ev["n_units"]} units flagged (score ≥ {FLAG_AT}); flagged per signal: '
+             + ", ".join(f"{html.escape(k)} {v}" for k, v in ev["flagged_by_signal"].items())
+             + f'. Rule: {html.escape(ev["rule"])}.</p>',
+             f'<p class="note">Natural data: {html.escape(str(d["data"]["source"]))} ({d["data"]["n"]} images). '
+             f'Seconds: {html.escape(str(d["seconds"]))}. All numbers are in <code>audit.json</code>.</p>']
+    if command:
+        parts.append(f'<p class="note">Command: <code>{html.escape(command)}</code></p>')
+    parts.append(f'<h2>Scores over the layer</h2><img src="{histogram_png(result.scores)}" alt="score histogram">')
+    parts.append("<h2>Signals and their fixed thresholds</h2><table><tr><th>signal</th><th>fires when</th>"
+                 "<th>meaning</th></tr>")
+    for name, s in THRESHOLDS.items():
+        cmp = "&gt;" if s.higher_is_suspicious else "&lt;"
+        parts.append(f"<tr><td><code>{name}</code></td><td>{cmp} {s.threshold}</td><td>{html.escape(s.meaning)}"
+                     f"</td></tr>")
+    parts.append("</table><p class=\"note\">Evidence per signal is 0.5 at its threshold and linear over ±width "
+                 "(clipped to [0, 1]); a unit's score is its largest evidence. Thresholds are fixed in the code "
+                 "(fvtrust/audit/core.py), never fitted to the audited model.</p>")
+    flagged = [(i, u) for i, u in enumerate(d["units"]) if u["flagged"]]
+    flagged.sort(key=lambda iu: -iu[1]["score"])
+    parts.append(f"<h2>Flagged units ({len(flagged)})</h2>")
+    if not flagged:
+        parts.append("<p>None.</p>")
+    else:
+        if len(flagged) > max_shown:
+            parts.append(f'<p class="note">Showing the {max_shown} highest scores; all are in audit.json.</p>')
+        parts.append("<table><tr><th>unit</th><th>score</th><th>visualization</th><th>top natural images</th>"
+                     "<th>signals (fired in bold)</th></tr>")
+        for i, u in flagged[:max_shown]:
+            vis = _png(result.visualizations[i]) if result.visualizations is not None else ""
+            tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
+                           for im in (result.top_images[i][:4] if result.top_images is not None else []))
+            sig = "<br>".join((f"<b>{html.escape(k)} = {_fmt(v)}</b>" if k in u["fired"] else
+                               f"{html.escape(k)} = {_fmt(v)}") for k, v in u["signals"].items())
+            parts.append(f"<tr><td>{u['unit']}</td><td>{u['score']:.3f}</td><td><img class=\"px\" src=\"{vis}\" "
+                         f"alt=\"visualization\"></td><td>{tops}</td><td>{sig}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>What this audit can and cannot see</h2><ul>"
+                 + "".join(f"<li>{html.escape(b)}</li>" for b in BLIND_SPOTS) + "</ul>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fvtrust audit</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def save_audit(result, out, *, command: str | None = None) -> Path:
+    """DIR/audit.json and DIR/index.html, staged (all or nothing)."""
+    out = Path(out)
+    payload = dict(result.to_dict(), command=command, blind_spots=BLIND_SPOTS)
+    with staged_dir(out) as stage:
+        atomic_write_json(stage / "audit.json", payload)
+        atomic_write_text(stage / "index.html", render_html(result, command=command))
+    return out

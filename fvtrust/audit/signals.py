@@ -1,0 +1,79 @@
+"""Per-unit signals from probes, batched over units (see fvtrust/audit/__init__.py for the why).
+
+Each function takes stacked tensors with the unit as the first dimension and
+returns one value per unit. None of them looks at the model's modules.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _unit_vectors(v: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v / ||v||, nonzero mask) along the last dimension, in float64 (gradients can be tiny)."""
+    v = v.double()
+    n = v.norm(dim=-1, keepdim=True)
+    ok = n[..., 0] > eps * max(1.0, float(n.max()) if n.numel() else 1.0)
+    return torch.where(ok[..., None], v / n.clamp_min(1e-300), torch.zeros_like(v)), ok
+
+
+def gradient_agreement(natural_grads: torch.Tensor, vis_grads: torch.Tensor) -> dict:
+    """Do the unit's top natural images and its visualization use the same mechanism?
+
+    natural_grads (U, k, D), vis_grads (U, r, D): gradients of the unit w.r.t.
+    the layer's input. Returns per unit `agreement` = cos(mean natural
+    direction, mean visualization direction) — NaN where the unit has no
+    gradient on its own top natural images (nothing to compare with), 0 where
+    the visualization's gradient vanishes but the natural one does not — and
+    `natural_coherence`, the same cosine between the natural directions
+    themselves (how much a unit's mechanism varies over natural images: the
+    reference a low agreement should be read against).
+    """
+    nat, nat_ok = _unit_vectors(natural_grads)
+    vis, vis_ok = _unit_vectors(vis_grads)
+    mean_nat, mn_ok = _unit_vectors(nat.sum(1))
+    mean_vis, mv_ok = _unit_vectors(vis.sum(1))
+    agree = (mean_nat * mean_vis).sum(-1)
+    agree = torch.where(mn_ok, agree, torch.full_like(agree, float("nan")))
+    k = nat.shape[1]
+    if k > 1:
+        gram = nat @ nat.transpose(1, 2)
+        pairs = nat_ok.double()[:, :, None] * nat_ok.double()[:, None, :]
+        pairs = pairs - torch.diag_embed(torch.diagonal(pairs, dim1=1, dim2=2))
+        coherence = (gram * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1)
+        coherence = torch.where(pairs.sum((1, 2)) > 0, coherence, torch.full_like(coherence, float("nan")))
+    else:
+        coherence = torch.full((nat.shape[0],), float("nan"), dtype=torch.float64)
+    return {"agreement": agree.float(), "natural_coherence": coherence.float(),
+            "vis_gradient_zero": (~mv_ok) & mn_ok}
+
+
+def path_jump(values: torch.Tensor, image_grads: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Largest part of the unit's change along a straight path that its gradient cannot account for.
+
+    values (U, P, T+1): the unit at x_t = x_n + t·(x_v − x_n), t = 0, 1/T, …, 1,
+    from P natural starts x_n to the visualization x_v; image_grads
+    (U, P, T+1, D) the gradients there; direction (U, P, D) = x_v − x_n.
+    For a function that is continuous along the path the trapezoid rule
+    predicts each step's change, Δpred_i = ½(g_i + g_{i+1})·d / T, up to the
+    curvature inside a step; a hard gate (a switch the gradient never sees)
+    adds its whole jump to one step. Per start: max_i |Δa_i − Δpred_i| /
+    Σ_i |Δa_i| (in [0, 1]: 1 = the whole change is one unexplained jump);
+    per unit the median over starts. NaN where the unit does not change.
+    """
+    t = values.shape[-1] - 1
+    slope = (image_grads.double() * direction.double()[:, :, None, :]).sum(-1)  # (U, P, T+1)
+    pred = 0.5 * (slope[..., 1:] + slope[..., :-1]) / t
+    delta = values.double()[..., 1:] - values.double()[..., :-1]
+    resid = (delta - pred).abs()
+    total = delta.abs().sum(-1)
+    scale = values.double().abs().amax(-1).clamp_min(1e-30)
+    ratio = resid.amax(-1) / total.clamp_min(1e-30)
+    ratio = torch.where(total > 1e-6 * scale, ratio.clamp(max=1.0), torch.full_like(ratio, float("nan")))
+    return ratio.nanmedian(dim=1).values.float()
+
+
+def evidence(value: torch.Tensor, threshold: float, width: float, higher_is_suspicious: bool) -> torch.Tensor:
+    """Map a signal to [0, 1]: 0.5 exactly at its threshold, linear over ±width, clipped; NaN -> 0."""
+    z = (value - threshold) if higher_is_suspicious else (threshold - value)
+    e = (0.5 + z / (2 * width)).clamp(0, 1)
+    return torch.nan_to_num(e, nan=0.0)

@@ -1,0 +1,158 @@
+"""The two losses of gradient slingshots (Bareeva et al., arXiv 2401.06122), written out.
+
+Fine-tuning minimizes (1 − α)·L_manip + α·L_pres.
+
+L_pres keeps natural behaviour: on natural batches, the fine-tuned layer's
+activations are pulled to the frozen original's,
+
+    L_pres = w · MSE(a_k, a_k^orig) + (1 − w) · MSE(A, A^orig)
+
+with a_k the manipulated unit's activation map and A the whole layer.
+
+L_manip reshapes the unit's activation landscape exactly where feature
+visualization runs: in the visualization's *own parameter space* (the FFT
+spectrum or the pixel logits of `fvtrust.visualize.param`), along a "tunnel"
+from the start noise to the target's parameters x_t,
+
+    x = p · x_t + ε,   p ~ U(0, 1),   ε ~ the visualization's start noise.
+
+Gradient variant (double backprop): MSE(∇ₓ a_k(x), γ · (x_t − x)). The
+field γ·(x_t − x) is the gradient of −γ/2·‖x − x_t‖², a bowl peaking at
+x_t, so gradient ascent from noise — the visualization — is slung to x_t.
+Activation variant (cheaper: no second-order term): MSE(a_k(x), γ · (1 −
+MSE(x, x_t))), the same bowl imposed on the activation itself.
+
+a_k is the visualization objective of the unit (fvtrust's `channel`: the
+spatial mean for conv maps, the feature itself for a linear layer), so the
+landscape that is shaped is the one `fvtrust.visualize` climbs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import FvtrustError
+from ...visualize.param import ImageParam, make_param
+
+VARIANTS = ("gradient", "activation")
+
+
+@dataclass
+class Tunnel:
+    """The target x_t in a visualization parameter space, and the map back to images.
+
+    `kind`: fvtrust's `fft` or `pixel`. `noise_sd` is the visualization's
+    start-noise standard deviation (make_param's sd, 0.01), `width` widens it:
+    ε ~ N(0, (width · noise_sd)²).
+    """
+
+    kind: str
+    target: torch.Tensor          # x_t, shape (1, *leaf_shape)
+    image_shape: tuple            # (C, H, W)
+    decorrelate: bool
+    scale: torch.Tensor | None
+    color: torch.Tensor | None
+    noise_sd: float = 0.01
+    width: float = 1.0
+
+    @classmethod
+    def build(cls, target_image: torch.Tensor, kind: str = "fft", *, decorrelate: bool = True,
+              noise_sd: float = 0.01, width: float = 1.0) -> "Tunnel":
+        """x_t = the parameterization inverted at `target_image` (C x H x W in [0, 1])."""
+        if kind not in ("fft", "pixel"):
+            raise FvtrustError(f"slingshot tunnels live in a visualization parameter space: fft or pixel, not {kind!r}")
+        if target_image.dim() != 3:
+            raise FvtrustError(f"target image must be C x H x W, got shape {tuple(target_image.shape)}")
+        c, h, w = target_image.shape
+        prm = make_param(kind, (1, c, h, w), decorrelate=decorrelate, start=target_image[None].float(),
+                         device=target_image.device)
+        return cls(kind, prm.tensor.detach(), (c, h, w), decorrelate, prm.scale, prm.color, noise_sd, width)
+
+    def to(self, device):
+        mv = (lambda t: None if t is None else t.to(device))
+        return Tunnel(self.kind, self.target.to(device), self.image_shape, self.decorrelate, mv(self.scale),
+                      mv(self.color), self.noise_sd, self.width)
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] for a batch of parameter tensors (differentiable)."""
+        return ImageParam(self.kind, x, (len(x), *self.image_shape), self.decorrelate, self.scale, self.color).image()
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=None) -> torch.Tensor:
+        """x = p · x_t + ε for n draws (p ~ U(0, 1), ε Gaussian start noise), on x_t's device."""
+        dtype = dtype or self.target.dtype
+        p = torch.rand(n, generator=generator, dtype=torch.float64).to(dtype)
+        eps = torch.randn((n, *self.target.shape[1:]), generator=generator, dtype=torch.float64).to(dtype)
+        t = self.target.to(dtype).cpu()
+        x = p.view(-1, *([1] * (t.dim() - 1))) * t + self.width * self.noise_sd * eps
+        return x.to(self.target.device)
+
+
+def start_gradient_rms(forward, tunnel: Tunnel, unit: int, n: int = 16, seed: int = 0) -> float:
+    """RMS of ∇ₓ a_k at the visualization's start noise (p = 0): how steep the original landscape is there."""
+    shape = (n, *tunnel.target.shape[1:])
+    eps = tunnel.noise_sd * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = eps.to(tunnel.target.device).requires_grad_(True)
+    a = unit_activation(forward(tunnel.image(x)), unit)
+    (g,) = torch.autograd.grad(a.sum(), x)
+    return float(g.pow(2).mean().sqrt())
+
+
+def auto_gamma(forward, tunnel: Tunnel, unit: int, ratio: float = 10.0) -> float:
+    """γ such that the tunnel's field at the start, γ·rms(x_t), is `ratio` times the original's gradient there.
+
+    This is how we scale the paper's γ = 200 (ResNet-50, 224 px) to other
+    models and layers: what matters to an Adam-driven visualization is that
+    the planted field dominates the landscape it replaces, by a fixed factor.
+    """
+    rms_t = float(tunnel.target.pow(2).mean().sqrt())
+    rms_g = start_gradient_rms(forward, tunnel, unit)
+    if not rms_g > 0:
+        raise FvtrustError(f"unit {unit} has no gradient at the visualization's start (a dead unit?): its "
+                           "visualization never moves; give gamma explicitly to plant a field anyway")
+    return ratio * rms_g / max(rms_t, 1e-12)
+
+
+def unit_activation(acts: torch.Tensor, unit: int) -> torch.Tensor:
+    """The unit's objective value per image: spatial mean of its map (conv) or the feature (linear)."""
+    a = acts[:, unit]
+    return a.reshape(len(a), -1).mean(1)
+
+
+def _mse(a: torch.Tensor, target: torch.Tensor, relative: bool) -> torch.Tensor:
+    """MSE(a, target), or divided by mean(target²) (a relative error: 1 = as bad as predicting 0)."""
+    err = F.mse_loss(a, target)
+    return err / target.pow(2).mean().clamp_min(1e-12) if relative else err
+
+
+def manipulation_loss(forward, tunnel: Tunnel, x: torch.Tensor, unit: int, gamma: float,
+                      variant: str = "gradient", create_graph: bool = True, relative: bool = False) -> torch.Tensor:
+    """L_manip at tunnel points x. `forward(images) -> layer activations` (the model up to the layer).
+
+    relative=True divides the MSE by the mean square of its target, so the
+    loss is a scale-free relative error (see finetune.SlingshotConfig.relative).
+    create_graph=False is only for evaluating the loss (no weight gradients needed).
+    """
+    if variant not in VARIANTS:
+        raise FvtrustError(f"unknown slingshot variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    x = x.detach().requires_grad_(True)
+    a = unit_activation(forward(tunnel.image(x)), unit)
+    xt = tunnel.target.to(x.dtype)
+    if variant == "gradient":
+        (g,) = torch.autograd.grad(a.sum(), x, create_graph=create_graph)  # samples independent: per-sample ∇ₓ
+        return _mse(g, gamma * (xt - x).detach(), relative)
+    closeness = ((x - xt) ** 2).reshape(len(x), -1).mean(1)  # MSE(x, x_t) per sample
+    return _mse(a, gamma * (1.0 - closeness.detach()), relative)
+
+
+def preservation_loss(acts: torch.Tensor, original: torch.Tensor, unit: int, w: float,
+                      relative: bool = False) -> torch.Tensor:
+    """w · MSE(unit's activations) + (1 − w) · MSE(whole layer), against the frozen original (relative: each
+    MSE divided by the mean square of the original's activations)."""
+    return (w * _mse(acts[:, unit], original[:, unit], relative)
+            + (1.0 - w) * _mse(acts, original, relative))
+
+
+def slingshot_loss(l_manip: torch.Tensor, l_pres: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (1.0 - alpha) * l_manip + alpha * l_pres

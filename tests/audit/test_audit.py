@@ -1,0 +1,263 @@
+"""Audit: probes against autograd references, the signals on functions with known answers, a hand-made
+gated unit caught and clean units passed, bad input, the CLI, and (slow) silent units on the trained model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from fvtrust.audit import FLAG_AT, THRESHOLDS, audit
+from fvtrust.audit.probes import probe
+from fvtrust.audit.signals import evidence, gradient_agreement, path_jump
+from fvtrust.errors import FvtrustError
+from fvtrust.models import FvModel
+
+
+def _fv(net, shape=(1, 8, 8)):
+    return FvModel(net, mean=[0.0], std=[1.0], input_shape=shape, spec="test-net")
+
+
+class TwoInput(nn.Module):
+    """A layer that takes two inputs: out = A a + B b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3, bias=False)
+        self.b = nn.Linear(4, 3, bias=False)
+
+    def forward(self, a, b):
+        return self.a(a) + self.b(b)
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f1 = nn.Linear(64, 4)
+        self.f2 = nn.Linear(64, 4)
+        self.head = TwoInput()
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.relu(self.f1(x)), torch.relu(self.f2(x)))
+
+
+def test_probe_matches_autograd_and_handles_two_inputs():
+    torch.manual_seed(0)
+    m = _fv(TwoInputNet())
+    x = torch.rand(5, 1, 8, 8)
+    units = [0, 1, 2, 0, 1]
+    pr = probe(m, "head", x, units, batch_size=2)
+    assert all(p.grad is None and p.requires_grad for p in m.parameters())  # no weight gradients, flags restored
+    for i, u in enumerate(units):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        a = torch.relu(m.net.f1(xi.flatten(1)))
+        b = torch.relu(m.net.f2(xi.flatten(1)))
+        a.retain_grad(), b.retain_grad()
+        out = m.net.head(a, b)[0, u]
+        out.backward()
+        assert torch.allclose(pr.value[i], out.detach())
+        assert torch.allclose(pr.image_grad[i], xi.grad.flatten(), atol=1e-6)
+        assert torch.allclose(pr.input_grad[i], torch.cat([a.grad[0], b.grad[0]]), atol=1e-6)
+
+
+def test_gradient_agreement_values():
+    nat = torch.tensor([[[1.0, 0.0], [1.0, 0.1]], [[1.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    vis = torch.tensor([[[2.0, 0.1]], [[0.0, 0.0]], [[1.0, 1.0]]])
+    out = gradient_agreement(nat, vis)
+    mean_nat = torch.tensor([1.0, 0.0]) + torch.tensor([1.0, 0.1]) / torch.tensor([1.0, 0.1]).norm()
+    ref = torch.nn.functional.cosine_similarity(mean_nat, torch.tensor([2.0, 0.1]), dim=0)
+    assert out["agreement"][0] == pytest.approx(float(ref), abs=1e-6)
+    assert out["agreement"][1] == 0.0 and bool(out["vis_gradient_zero"][1])   # visualization has no gradient
+    assert torch.isnan(out["agreement"][2]) and not bool(out["vis_gradient_zero"][2])  # dead unit: undefined
+    assert out["natural_coherence"][1] == pytest.approx(1.0)
+
+
+def test_path_jump_continuous_vs_gated():
+    t = torch.linspace(0, 1, 17)
+    d = torch.ones(1, 1, 1)  # direction along one coordinate, x_t = t
+    # continuous piecewise-linear relu(2t - 0.7): the trapezoid rule explains all but the kink segment's curvature
+    v = torch.relu(2 * t - 0.7)
+    g = 2.0 * (2 * t - 0.7 > 0).float()
+    smooth = path_jump(v.view(1, 1, -1), g.view(1, 1, -1, 1), d)
+    # a hard gate: 3t below 0.5, then 3t - 2 (same slope, a jump of -2 the gradient never sees)
+    gated = torch.where(t < 0.5, 3 * t, 3 * t - 2)
+    jump = path_jump(gated.view(1, 1, -1), torch.full((1, 1, 17, 1), 3.0), d)
+    assert float(smooth) < 0.02
+    assert float(jump) == pytest.approx(2 / (15 * 3 / 16 + (2 - 3 / 16)), rel=1e-5)  # jump / total variation
+    flat = path_jump(torch.ones(1, 1, 17), torch.zeros(1, 1, 17, 1), d)
+    assert torch.isnan(flat).all()
+
+
+def test_evidence_is_half_at_threshold():
+    v = torch.tensor([0.1, 0.5, 0.9, float("nan")])
+    assert evidence(v, 0.5, 0.2, True).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.0])
+    assert evidence(v, 0.5, 0.2, False).tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+class Gate(nn.Module):
+    """A hand-made manipulation (not fvtrust's): unit 0 answers like unit 1 on "natural" images (max < 0.65) and
+    like 2 - unit 1 (the opposite mechanism) otherwise; the switch carries no gradient. Units 1..3 are honest."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, h, x):
+        y = self.lin(h)
+        natural = (x.flatten(1).amax(1, keepdim=True) < 0.65).float().detach()
+        y0 = natural * y[:, 1:2] + (1 - natural) * (2 - y[:, 1:2])
+        return torch.cat([y0, y[:, 1:]], 1)
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(256, 8), nn.ReLU())
+        self.head = Gate()
+
+    def forward(self, x):
+        return self.head(self.feat(self.conv(x)), x)
+
+
+@pytest.fixture(scope="module")
+def gated():
+    return _fv(GatedNet())
+
+
+@pytest.fixture(scope="module")
+def natural8():
+    return torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6
+
+
+def test_hand_made_gate_is_flagged(natural8):
+    import fvtrust
+
+    assert fvtrust.audit is audit
+    res = fvtrust.audit(GatedNet(), "head", data=natural8, steps=32, top_k=4, path_starts=2, path_points=8)  # plain module
+    assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
+    by = {u["unit"]: u for u in res.units}
+    assert by[0]["flagged"] and res.verdict == "suspicious"
+    assert not any(by[u]["flagged"] for u in (1, 2, 3))
+    assert all(0 <= u["score"] <= 1 for u in res.units)
+    assert res.evidence["flagged_units"] == [0]
+
+
+def test_bad_input(gated, natural8):
+    with pytest.raises(FvtrustError, match="unknown layer"):
+        audit(gated, "nope", data=natural8)
+    with pytest.raises(FvtrustError, match="natural data"):
+        audit(gated, "head", data=None)
+    with pytest.raises(FvtrustError, match="no natural images"):
+        audit(gated, "head", data=natural8[:0])
+    with pytest.raises(FvtrustError, match="expects"):
+        audit(gated, "head", data=torch.rand(10, 3, 8, 8))
+    with pytest.raises(FvtrustError, match="call fvtrust.wrap"):
+        audit(GatedNet(), "head", data="pictures")  # a plain module and no tensor to read the input shape from
+    with pytest.raises(FvtrustError, match="at least top_k"):
+        audit(gated, "head", data=natural8[:3])
+    with pytest.raises(FvtrustError, match="unit 9 out of range"):
+        audit(gated, "head", data=natural8, units=[9])
+    with pytest.raises(FvtrustError, match="unknown audit setting"):
+        audit(gated, "head", data=natural8, stepz=3)
+
+
+class Scalar(nn.Module):
+    def forward(self, y):
+        return y.sum(1)
+
+
+class ScalarNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 3)
+        self.total = Scalar()
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.total(self.lin(x.flatten(1)))
+
+
+def test_layer_without_units(natural8):
+    m = _fv(ScalarNet())
+    with pytest.raises(FvtrustError, match="no unit dimension"):
+        audit(m, "total", data=natural8)
+    with pytest.raises(FvtrustError, match="no units to audit"):
+        audit(m, "unused", data=natural8)
+
+
+def test_thresholds_fixed_and_documented():
+    assert FLAG_AT == 0.5
+    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump"}
+    assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
+
+
+def test_cli_writes_json_and_page(tmp_path):
+    from fvtrust.cli import main
+
+    out = tmp_path / "aud"
+    r = CliRunner().invoke(main, ["audit", "fashion-cnn", "--weights", "random", "--layer", "fc", "--data",
+                                  "fashion-mnist:test", "--natural-limit", "64", "--units", "0-2", "--steps", "4",
+                                  "--top-k", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "audit.json").read_text())
+    assert [u["unit"] for u in rep["units"]] == [0, 1, 2] and rep["verdict"] in ("clean", "suspicious")
+    assert set(rep["units"][0]) >= {"unit", "score", "flagged", "signals"}
+    assert rep["units"][0]["signals"]["gradient_agreement"] == pytest.approx(1.0, abs=1e-5)  # a linear layer
+    page = (out / "index.html").read_text()
+    assert "What this audit can and cannot see" in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page
+    bad = CliRunner().invoke(main, ["audit", "fashion-cnn", "--weights", "random", "--layer", "fcc", "--out",
+                                    str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown layer" in bad.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_torchvision_random_init_with_folder(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(g.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    import fvtrust
+
+    model = fvtrust.load_model("torchvision:resnet18", weights="random")
+    res = audit(model, "layer1.0", data=str(tmp_path), units="0-3", steps=2, top_k=2, path_starts=1,
+                path_points=2)
+    assert [u["unit"] for u in res.units] == [0, 1, 2, 3]
+    assert res.data["source"] == "folder" and res.data["n"] == 8
+    assert res.visualizations.shape == (4, 3, 224, 224) and res.top_images.shape == (4, 2, 3, 224, 224)
+
+
+def test_rescore_matches_audit(natural8):
+    from fvtrust.audit.core import rescore
+
+    res = audit(GatedNet(), "head", data=natural8, steps=8, top_k=2, path_points=4)
+    d = json.loads(json.dumps(res.to_dict()))
+    for r in d["units"]:
+        r["score"], r["flagged"], r["fired"] = -1, None, None
+    again = rescore(d)
+    assert [(u["score"], u["flagged"], u["fired"]) for u in again["units"]] == \
+        [(u["score"], u["flagged"], u["fired"]) for u in res.units]
+    assert again["verdict"] == res.verdict
+
+
+def test_failed_visualization_is_not_evidence():
+    lin = nn.Linear(64, 2)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.copy_(torch.tensor([-10.0, -10.0]))
+    m = _fv(nn.Sequential(nn.Flatten(), lin, nn.ReLU()))
+    natural = 0.3 + 0.7 * torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    vis = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])  # unit 0: dead (blank) image; unit 1: fine
+    res = audit(m, "2", data=natural, visualizations=vis, top_k=2, path_points=4)
+    u0, u1 = res.units
+    assert u0["signals"]["visualization_failed"] and u0["signals"]["gradient_agreement"] is None
+    assert not u1["signals"]["visualization_failed"] and u1["signals"]["gradient_agreement"] == pytest.approx(1.0)
+    assert res.verdict == "clean"

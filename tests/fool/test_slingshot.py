@@ -1,0 +1,324 @@
+"""Gradient slingshots: the losses against their formulas and finite differences, the fine-tuning loop
+(original untouched, resumable, save/reload exact), the measures, and bad input."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fvtrust
+from fvtrust.errors import FvtrustError
+from fvtrust.fool import slingshot
+from fvtrust.fool.slingshot import Tunnel, manipulation_loss, preservation_loss
+from fvtrust.fool.slingshot.report import auroc, similarity_to_target, top_jaccard, unit_scores
+from fvtrust.models import FvModel, save_model
+from fvtrust.models.hooks import LayerTap
+
+TINY = dict(epochs=2, fit_images=16, batch_size=8, tunnel_batch=4, lr=1e-3, gamma=2.0)
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(1, 4, 3, padding=1))
+    net.add_module("bn", nn.BatchNorm2d(4))
+    net.add_module("relu", nn.ReLU())
+    net.add_module("pool", nn.AdaptiveAvgPool2d(2))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc", nn.Linear(16, 3))
+    with torch.no_grad():  # non-trivial BN statistics
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    m = FvModel(net, mean=(0.5,), std=(0.25,), input_shape=(1, 8, 8), spec="tiny", num_classes=3)
+    return m.to(dtype)
+
+
+def tiny_data(n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def tiny_target():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 8), torch.linspace(0, 1, 8), indexing="ij")
+    return (0.1 + 0.8 * (yy * xx))[None]
+
+
+# -- the losses --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fft", "pixel"])
+def test_tunnel_inverts_the_parameterization_and_samples_the_segment(kind):
+    t = tiny_target()
+    tun = Tunnel.build(t, kind)
+    assert torch.allclose(tun.image(tun.target)[0], t, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = tun.sample(500, g)
+    assert x.shape == (500, *tun.target.shape[1:])
+    # x = p x_t + eps: the projection on x_t lies in [0, 1] up to the noise, and the residual is the noise
+    flat, xt = x.reshape(500, -1).double(), tun.target.reshape(-1).double()
+    p = flat @ xt / (xt @ xt)
+    assert p.min() > -0.1 and p.max() < 1.1 and abs(float(p.mean()) - 0.5) < 0.06
+    resid = flat - p[:, None] * xt
+    assert abs(float(resid.std()) - 0.01) < 0.002
+
+
+def _linear_pixel_forward(v):
+    """a(img) = sum(v * img): a 'layer' whose unit-0 activation has the known gradient v * s(1 - s) in pixel space."""
+    def forward(img):
+        return (img * v).reshape(len(img), -1).sum(1, keepdim=True) * v.numel()  # unit 0, mean over 1 'position'
+    return forward
+
+
+def test_gradient_loss_matches_the_formula_written_out():
+    t = tiny_target()
+    tun = Tunnel.build(t, "pixel", decorrelate=False)
+    v = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = tun.sample(6, torch.Generator().manual_seed(4))
+    gamma = 3.0
+    got = manipulation_loss(_linear_pixel_forward(v), tun, x, 0, gamma, "gradient")
+    s = torch.sigmoid(x)
+    grad = v.numel() * v * s * (1 - s)  # d/dx of numel * sum(v * sigmoid(x))
+    want = ((grad - gamma * (tun.target - x)) ** 2).mean()
+    assert torch.allclose(got, want, rtol=1e-5)
+    got_a = manipulation_loss(_linear_pixel_forward(v), tun, x, 0, gamma, "activation")
+    act = v.numel() * (v * s).reshape(6, -1).sum(1)
+    want_a = ((act - gamma * (1 - ((x - tun.target) ** 2).reshape(6, -1).mean(1))) ** 2).mean()
+    assert torch.allclose(got_a, want_a, rtol=1e-5)
+    rel = manipulation_loss(_linear_pixel_forward(v), tun, x, 0, gamma, "gradient", relative=True)
+    assert torch.allclose(rel, want / (gamma * (tun.target - x)).pow(2).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,kind,layer,relative", [("gradient", "fft", "conv", False),
+                                                         ("gradient", "pixel", "fc", True),
+                                                         ("activation", "fft", "fc", True)])
+def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, layer, relative):
+    """d L_manip / d weights (a second-order quantity for the gradient variant) vs gradcheck in float64."""
+    model = tiny_model(dtype=torch.float64)
+    model.net.relu = nn.Softplus(beta=4.0)  # smooth: finite differences are meaningless at ReLU kinks
+    tun = Tunnel.build(tiny_target().double(), kind)
+    tun.target = tun.target.double()
+    tun.scale = None if tun.scale is None else tun.scale.double()
+    x = tun.sample(3, torch.Generator().manual_seed(0), dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    buffers = dict(model.named_buffers())
+
+    def loss(*ps):
+        state = {**dict(zip(names, ps)), **buffers}
+        store = {}
+
+        def forward(img):
+            h = model.get_layer(layer).register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+            try:
+                torch.func.functional_call(model, state, (img,))
+            finally:
+                h.remove()
+            return store["a"]
+
+        return manipulation_loss(forward, tun, x, 1, 2.0, variant, relative=relative)
+
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_preservation_loss_formula():
+    a, b = torch.randn(4, 5, 3, 3), torch.randn(4, 5, 3, 3)
+    w = 0.3
+    want = w * ((a[:, 2] - b[:, 2]) ** 2).mean() + (1 - w) * ((a - b) ** 2).mean()
+    assert torch.allclose(preservation_loss(a, b, 2, w), want)
+    assert preservation_loss(a, a, 2, w) == 0
+    rel = w * ((a[:, 2] - b[:, 2]) ** 2).mean() / (b[:, 2] ** 2).mean() + (1 - w) * ((a - b) ** 2).mean() / (b ** 2).mean()
+    assert torch.allclose(preservation_loss(a, b, 2, w, relative=True), rel)
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------------
+
+def test_slingshot_is_callable_package_and_leaves_original_untouched():
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    data = tiny_data()
+    new = slingshot(model, "conv", 1, target=tiny_target(), data=data, **TINY)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not torch.equal(new.net.conv.weight, model.net.conv.weight)
+    assert all(not p.requires_grad for p in new.parameters()) and not new.training
+    info = new.slingshot_info
+    assert info["layer"] == "conv" and info["unit"] == 1 and len(info["history"]) == 2
+    assert info["fit_data"]["source"] == "tensor" and info["fit_data"]["n_used"] == 16
+
+
+def test_slingshot_lowers_the_manipulation_loss_and_keeps_natural_outputs_close():
+    model = tiny_model()
+    tun = Tunnel.build(tiny_target(), "fft")
+    x = tun.sample(64, torch.Generator().manual_seed(9))
+    data = tiny_data()
+
+    def l_manip(m):
+        with LayerTap(m, ["fc"]) as tap:
+            return float(manipulation_loss(lambda im: tap(im)["fc"], tun, x, 1, 2.0, create_graph=False))
+
+    new = slingshot(model, "fc", 1, target=tiny_target(), data=data, **dict(TINY, epochs=6, lr=1e-2, alpha=0.5))
+    assert l_manip(new) < 0.98 * l_manip(model)  # a 4-channel net bends its landscape only a little; a sign error raises it
+    with torch.no_grad():
+        change = (new(data[0]) - model(data[0])).abs().mean()
+        scale = model(data[0]).abs().mean()
+    assert change < scale
+
+
+def test_resume_by_epoch_is_exact(tmp_path):
+    model, data, t = tiny_model(), tiny_data(), tiny_target()
+    full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(TINY, epochs=3))
+    slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=1))
+    resumed = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=3))
+    assert resumed.slingshot_info["resumed_from_epoch"] == 1
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [r["loss"] for r in full.slingshot_info["history"]] == [r["loss"] for r in resumed.slingshot_info["history"]]
+    assert len(list((tmp_path / "b").glob("epoch-*.safetensors"))) == 1  # only the latest is kept
+    with pytest.raises(FvtrustError, match="different slingshot run"):
+        slingshot(model, "fc", 1, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=3))
+
+
+def test_save_reload_exact(trained_fashion, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g))
+    new = slingshot(trained_fashion, "block4", 3, target="camera", data=data,
+                    **dict(TINY, epochs=1, fit_images=8, tunnel_batch=2))
+    d = save_model(new, tmp_path / "m", manipulation="gradient_slingshot", args={}, base_spec="fashion-cnn",
+                   extra={"unit": 3})
+    back = fvtrust.load_model(str(d))
+    for k, v in new.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    x = data[0]
+    with torch.no_grad():
+        assert torch.equal(back(x), new(x))
+        assert not torch.equal(back(x), trained_fashion(x))
+    assert back.recipe["manipulation"] == "gradient_slingshot"
+
+
+# -- measures ------------------------------------------------------------------------------------------
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (60,), generator=g).float()  # many ties
+    pos = torch.rand(60, generator=g) < 0.3
+    p, n = s[pos], s[~pos]
+    want = float(((p[:, None] > n[None]).float() + 0.5 * (p[:, None] == n[None]).float()).mean())
+    assert auroc(s, pos) == pytest.approx(want, abs=1e-12)
+    assert auroc(s, torch.zeros(60, dtype=torch.bool)) is None
+
+
+def test_top_jaccard():
+    a = torch.arange(10.0)
+    assert top_jaccard(a, a, 3) == 1.0
+    b = a.clone()
+    b[9] = -1  # top-3 {9, 8, 7} -> {8, 7, 6}
+    assert top_jaccard(a, b, 3) == pytest.approx(2 / 4)
+
+
+def test_similarity_to_target():
+    from skimage.metrics import structural_similarity
+
+    t = tiny_target()
+    sim = similarity_to_target(t, t)
+    assert sim["pearson"] == pytest.approx(1.0) and sim["ssim"] == pytest.approx(1.0)
+    assert sim["image_std"] == pytest.approx(float(t.double().std(unbiased=False)))
+    img = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sim = similarity_to_target(img, t)
+    assert sim["pearson"] == pytest.approx(np.corrcoef(img.flatten(), t.flatten())[0, 1], abs=1e-6)
+    assert sim["ssim"] == pytest.approx(structural_similarity(img[0].double().numpy(), t[0].double().numpy(),
+                                                              data_range=1.0, win_size=7))
+
+
+def test_unit_scores_are_the_channel_objective():
+    model = tiny_model()
+    x, _ = tiny_data(10)
+    s = unit_scores(model, "conv", 2, x, batch_size=3)
+    with torch.no_grad():
+        want = model.net.conv(model.normalize(x))[:, 2].mean((1, 2))
+    assert torch.allclose(s, want, atol=1e-6)
+
+
+def test_visualize_grad_clip_limits_steps():
+    model = tiny_model()
+    kw = dict(steps=5, objective="channel", transforms="none", optimizer="sgd", lr=10.0, param="pixel")
+    free = fvtrust.visualize(model, "conv", [0], **kw).final
+    clipped = fvtrust.visualize(model, "conv", [0], grad_clip=1e-6, **kw).final
+    start = fvtrust.visualize(model, "conv", [0], **dict(kw, lr=0.0)).final
+    assert (clipped - start).abs().max() < 1e-4 < (free - start).abs().max()
+    with pytest.raises(FvtrustError, match="grad_clip"):
+        fvtrust.visualize(model, "conv", [0], grad_clip=0, **kw)
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(unit=7), "out of range"),
+    (dict(layer="nope"), "unknown layer"),
+    (dict(variant="hessian"), "unknown slingshot variant"),
+    (dict(alpha=1.0), "alpha"),
+    (dict(w=-0.1), "w must"),
+    (dict(gamma=0), "gamma"),
+    (dict(epochs=0), "epochs"),
+    (dict(param="raw"), "parameterization"),
+    (dict(target=torch.rand(3, 8, 8)), "target has shape"),
+    (dict(target=torch.rand(1, 8, 8) + 1), r"\[0, 1\]"),
+    (dict(target="no-such-picture"), "unknown picture"),
+    (dict(data=torch.rand(10, 1, 9, 9)), "expects"),
+    (dict(data=torch.rand(4, 1, 8, 8) * 2), r"\[0, 1\]"),
+    (dict(data="imagenet"), "unknown data"),
+    (dict(gama=3.0), "unknown slingshot setting"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)
+    args.update(kwargs)
+    model = tiny_model()
+    with pytest.raises(FvtrustError, match=match):
+        slingshot(model, args.pop("layer"), args.pop("unit"), **args)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    r = CliRunner().invoke(main, ["fool", "slingshot", "fashion-cnn", "--layer", "fc", "--unit", "10",
+                                  "--target", "camera", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "unit 10 out of range" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["fool", "slingshot", "fashion-cnn", "--layer", "fc", "--unit", "1",
+                                  "--target", "camera", "--alpha", "1.5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "alpha" in r.output
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_fashion_cnn(tmp_path):
+    """The whole command on the embedded model with a tiny budget: files, report fields, exact reload, resume."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    out = tmp_path / "sl"
+    args = ["fool", "slingshot", "fashion-cnn", "--layer", "block4", "--unit", "5", "--target", "camera",
+            "--epochs", "1", "--fit-images", "32", "--batch-size", "16", "--tunnel-batch", "4", "--steps", "8",
+            "--natural-limit", "300", "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"]["fit"]["source"] == "fashion-mnist:train" and rep["data"]["heldout"]["n_used"] == 300
+    nat = rep["natural"]
+    for k in ("top1_before", "top1_after", "top5_before", "top5_after", "top100_jaccard", "own_class_auroc_before",
+              "own_class_auroc_after"):
+        assert 0.0 <= nat[k] <= 1.0, k
+    assert {d["name"] for d in rep["defenses"]} == {"gradient clipping", "transformation robustness", "SGD",
+                                                   "pixel parameterization"}
+    for d in rep["defenses"]:
+        assert -1 <= d["pearson_after"] <= 1 and -1 <= d["ssim_after"] <= 1
+    assert (out / "figure.png").stat().st_size > 0 and "epoch 1/1" in (out / "slingshot.log").read_text()
+    model = fvtrust.load_model(str(out / "model"))
+    assert model.recipe["manipulation"] == "gradient_slingshot" and model.recipe["extra"]["unit"] == 5
+    r = CliRunner().invoke(main, args[:args.index("--epochs") + 1] + ["2"] + args[args.index("--epochs") + 2:])
+    assert r.exit_code == 0, r.output
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["training"]["resumed_from_epoch"] == 1 and len(rep2["training"]["history"]) == 2
