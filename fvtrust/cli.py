@@ -187,26 +187,15 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, no_de
 OPTIONAL_COMMANDS = [("theory", "fvtrust.theory.cli", "theory_command"), ("fool", "fvtrust.fool.cli", "fool_group"),
                      ("sanity-check", "fvtrust.sanity.cli", "sanity_command"),
                      ("linearity", "fvtrust.linearity.cli", "linearity_command"),
-                     ("reproduce", "fvtrust.report.cli", "reproduce_command")]
+                     ("reproduce", "fvtrust.report.cli", "reproduce_command"),
+                     ("audit", "fvtrust.audit.cli", "audit_command")]
 
-<<<<<<< HEAD
 
 def _register_optional():
     """Register the capability commands; one whose module fails to import becomes an error naming why."""
     from .commands import register_commands
 
     register_commands(main, OPTIONAL_COMMANDS)
-=======
-    for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
-                      ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
-                      ("fvtrust.report.cli", "reproduce_command"),
-                      ("fvtrust.audit.cli", "audit_command")]:
-        try:
-            cmd = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            continue
-        main.add_command(cmd)
->>>>>>> main
 
 
 _register_optional()

@@ -66,6 +66,8 @@ COMMANDS = [
     Cmd("linearity", ("linearity", "{spec}", "{conv}", "--units", "{units}", "--m", "2", "--steps", "{steps}",
                       "--lr", "{lr}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}", "--group-size",
                       "1", "--out", "{out}", "{extra}")),
+    Cmd("audit", ("audit", "{spec}", "--layer", "{layer}", "--units", "{units}", "--steps", "{steps}",
+                  "--natural-limit", "{limit}", "--out", "{out}", "{extra}")),
     Cmd("reproduce", ("reproduce", "--model", "{spec}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}",
                       "--budget", "{rbudget}", "--only", "{only}", "--out", "{out}", "{extra}")),
 ]
