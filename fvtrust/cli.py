@@ -15,13 +15,34 @@ from .errors import FvtrustError
 
 
 class _Group(click.Group):
-    """Turn FvtrustError into one clean line (no traceback)."""
+    """Turn FvtrustError, OS errors and usage errors into one clean line (no traceback), exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:  # bad option value, unknown option or command: one line, not usage + hint
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"fvtrust: error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"fvtrust: error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2 if e.exit_code == 1 else e.exit_code)
+        except click.Abort:
+            click.echo("fvtrust: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FvtrustError as e:
             click.echo(f"fvtrust: error: {e}", err=True)
+            ctx.exit(2)
+        except OSError as e:  # a full or read-only disk, a vanished file: one line, not a traceback
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"fvtrust: error: {e.strerror or e}{where}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("fvtrust: interrupted (completed work is kept; rerun to resume)", err=True)
@@ -180,22 +201,55 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data,
     click.echo(f"wrote {len(meta['files'])} images, {meta['grid']} and visualization.json to {out}")
 
 
-def _register_optional():
-    """Commands that live in their capability's subpackage (each owns its CLI)."""
-    import importlib
+# (command name, module, attribute): each capability's subpackage owns its CLI.
+OPTIONAL_COMMANDS = [("theory", "fvtrust.theory.cli", "theory_command"), ("fool", "fvtrust.fool.cli", "fool_group"),
+                     ("sanity-check", "fvtrust.sanity.cli", "sanity_command"),
+                     ("linearity", "fvtrust.linearity.cli", "linearity_command"),
+                     ("reproduce", "fvtrust.report.cli", "reproduce_command"),
+                     ("compare-methods", "fvtrust.compare.cli", "compare_command"),
+                     ("audit", "fvtrust.audit.cli", "audit_command")]
 
-    for mod, attr in [("fvtrust.theory.cli", "theory_command"), ("fvtrust.fool.cli", "fool_group"),
-                      ("fvtrust.sanity.cli", "sanity_command"), ("fvtrust.linearity.cli", "linearity_command"),
-                      ("fvtrust.report.cli", "reproduce_command"), ("fvtrust.compare.cli", "compare_command"),
-                      ("fvtrust.audit.cli", "audit_command")]:
-        try:
-            cmd = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            continue
-        main.add_command(cmd)
+
+def _register_optional():
+    """Register the capability commands; one whose module fails to import becomes an error naming why."""
+    from .commands import register_commands
+
+    register_commands(main, OPTIONAL_COMMANDS)
 
 
 _register_optional()
+
+
+def _guarded(callback):
+    """Wrap a command body: check --out is writable (creating nothing) and hold its lock while it runs."""
+    import functools
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        out = kwargs.get("out")
+        if out is None:
+            return callback(*args, **kwargs)
+        from .cache import check_writable_dir, output_lock
+
+        check_writable_dir(out)
+        with output_lock(out):
+            return callback(*args, **kwargs)
+
+    run._fvtrust_guarded = True
+    return run
+
+
+def guard_outputs(group: click.Group) -> None:
+    """Every command (here and in sub-groups) with an --out gets `_guarded`: one place, not one per command."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            guard_outputs(cmd)
+        elif cmd.callback is not None and any(p.name == "out" for p in cmd.params) \
+                and not getattr(cmd.callback, "_fvtrust_guarded", False):
+            cmd.callback = _guarded(cmd.callback)
+
+
+guard_outputs(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

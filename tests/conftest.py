@@ -56,3 +56,17 @@ def imagenet_folder(tmp_path):
 def image_folder_factory():
     """make_image_folder, for tests that need folders with their own class names."""
     return make_image_folder
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The bad-input sweep's size (tests/test_bad_input.py), so the summary says what was covered."""
+    s = getattr(config, "_fvtrust_sweep", None)
+    if s:
+        terminalreporter.write_line(f"bad-input sweep: {s['commands']} commands x {s['inputs']} inputs -> "
+                                    f"{s['cases']} applicable cases run, {s['passed']} passed, {s['exempt']} exempt (EXEMPT lists why)")
+    for rec in getattr(config, "_fvtrust_faults", []):
+        same = sum(not v.startswith("DIFFERENT") for v in rec.get("outputs", {}).values())
+        terminalreporter.write_line(
+            f"fault injection {rec['pipeline']}: {rec.get('kills', 0)} kills at events {rec.get('points')} of "
+            f"{rec['reference_events']}, rerun rc {rec.get('final_rc')}, outputs same {same}/"
+            f"{len(rec.get('outputs', {}))}, recomputed entries {len(rec.get('rewritten_entries', []))}")

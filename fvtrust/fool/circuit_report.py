@@ -200,6 +200,22 @@ def circuit_report(original, fooled, *, data=None, units=None, steps: int = 512,
     return report, images
 
 
+def _check_inputs(model, layer, *, units, picture, steps, bound_steps) -> None:
+    """Fail on bad units, picture or step counts before the (slow) detector is built."""
+    from ..errors import FvtrustError
+    from ..models.layers import layer_units, parse_units
+    from .circuit import _resolve_picture
+
+    n = layer_units(model, layer)
+    if units is not None:
+        parse_units(units, n, layer)
+    for name, v in (("steps", steps), ("bound_steps", bound_steps)):
+        if v is not None and v < 1:
+            raise FvtrustError(f"{name} must be >= 1, got {v}")
+    if picture is not None:
+        _resolve_picture(picture, model.input_shape)
+
+
 def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=None, detector=None,
                        budget="quick", cache_dir=None, steps: int = 512, seed: int = 0, mode: str = "split",
                        gate: str = "hard", margin: float = 2.0, k=None, picture_center: bool = True,
@@ -227,6 +243,7 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     source = resolve_natural(natural, model=as_model(model, example=natural))
     model = as_model(model, example=source)
     model.get_layer(layer)  # an unknown layer fails before any image is read
+    _check_inputs(model, layer, units=units, picture=picture, steps=steps, bound_steps=bound_steps)
     fit_x = source.fit.images(desc="read fit images")
     held = natural_test_data(model, source)
     data = None

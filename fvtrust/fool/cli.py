@@ -1,7 +1,7 @@
 """`fvtrust fool circuit|silent|detector|slingshot`: each subcommand lives beside its method."""
-import importlib
-
 import click
+
+from ..commands import register_commands
 
 
 @click.group("fool")
@@ -9,10 +9,7 @@ def fool_group():
     """Manipulate a model so its feature visualizations lie (paper §2)."""
 
 
-for _mod, _attr in [("fvtrust.fool.circuit_cli", "circuit_command"), ("fvtrust.fool.silent_cli", "silent_command"),
-                    ("fvtrust.fool.detector_cli", "detector_command"),
-                    ("fvtrust.fool.slingshot.cli", "slingshot_command")]:
-    try:
-        fool_group.add_command(getattr(importlib.import_module(_mod), _attr))
-    except (ImportError, AttributeError):
-        pass
+register_commands(fool_group, [("circuit", "fvtrust.fool.circuit_cli", "circuit_command"),
+                               ("silent", "fvtrust.fool.silent_cli", "silent_command"),
+                               ("detector", "fvtrust.fool.detector_cli", "detector_command"),
+                               ("slingshot", "fvtrust.fool.slingshot.cli", "slingshot_command")])

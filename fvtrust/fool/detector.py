@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import FvtrustError
 from ..io import atomic_write_bytes, atomic_write_json
-from ..progress import progress
+from ..progress import event, progress
 from .detector_data import (
     detector_units,
     generate_visualizations,
@@ -172,31 +172,45 @@ def evaluate_detector(det: Detector, natural: torch.Tensor, visual: torch.Tensor
     return out
 
 
-def save_detector(det: Detector, directory, report: dict | None = None) -> Path:
-    """DIR/detector.safetensors + DIR/detector.json (structure + report); reload with `load_detector`."""
-    from safetensors.torch import save
+def save_detector(det: Detector, directory, report: dict | None = None, key: str = "") -> Path:
+    """DIR/detector.safetensors + DIR/detector.json (structure + report); reload with `load_detector`.
+
+    The weights file carries a checksum (and `key`, the fingerprint of its
+    training inputs, when it is a cache entry), so a damaged file is caught.
+    """
+    from ..cache import encode
 
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in det.state_dict().items()}
-    atomic_write_bytes(directory / "detector.safetensors", save(state))
+    atomic_write_bytes(directory / "detector.safetensors", encode("safetensors", state, key))
     atomic_write_json(directory / "detector.json", {"config": det.config(), "report": report or {}})
     return directory
 
 
-def load_detector(directory) -> tuple[Detector, dict]:
-    """(detector, its training report) from a directory written by `save_detector`."""
-    from safetensors.torch import load_file
+def load_detector(directory, key: str | None = None) -> tuple[Detector, dict]:
+    """(detector, its training report) from a directory written by `save_detector`.
 
+    Raises FvtrustError if it is missing, damaged (checksum) or, with `key`,
+    trained on other inputs. Files saved before checksums existed still load.
+    """
+    from safetensors.torch import load
+
+    from ..cache import BadEntry, decode, safetensors_metadata
     from ..models.saved import load_state_checked
 
     directory = Path(directory)
+    weights = directory / "detector.safetensors"
     try:
         meta = json.loads((directory / "detector.json").read_text())
-        state = load_file(str(directory / "detector.safetensors"))
-    except Exception as e:  # noqa: BLE001 - missing or corrupt: one clear line
+        raw = weights.read_bytes()
+        if "fvtrust.sha256" in safetensors_metadata(raw) or key is not None:
+            state = decode("safetensors", raw, key)
+        else:
+            state = load(raw)
+        det = Detector(**meta["config"])
+    except (OSError, ValueError, KeyError, TypeError, BadEntry) as e:
         raise FvtrustError(f"not a readable detector directory {directory}: {e}") from None
-    det = Detector(**meta["config"])
-    load_state_checked(det, state, str(directory / "detector.safetensors"))
+    load_state_checked(det, state, str(weights))
     det.eval()
     return det, meta.get("report", {})
 
@@ -269,20 +283,28 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
     tkey = hashlib.sha256(json.dumps({"budget": asdict(b), "seed": seed, "natural": data.natural_key,
                                       "train_units": data.train_units.tolist()}, sort_keys=True).encode()).hexdigest()[:16]
     det_dir = data.vis.cache_dir / f"detector-{tkey}"
-    if (det_dir / "detector.json").exists():
-        det, report = load_detector(det_dir)
-        return det.to(model.device), dict(report, cached=True)
-    det = train_detector(data.natural_train, train_vis.images, input_shape=model.input_shape, budget=b, seed=seed,
-                         device=model.device)
-    heldout = evaluate_detector(det, data.natural_test, test_vis.images, steps=test_vis.step, seed=seed)
-    counts: dict[str, int] = {}
-    for lay, _ in units:
-        counts[lay] = counts.get(lay, 0) + 1
-    report = {"heldout": heldout, "budget": asdict(b), "seed": seed, "layer": layer, "units_per_layer": counts,
-              "n_units": len(units), "train_units": len(data.train_units),
-              "test_units": [list(units[i]) for i in data.test_units.tolist()],
-              "n_train_visualizations": len(train_vis), "n_train_natural": len(data.natural_train),
-              "snapshot_steps": sorted(set(data.vis.step.tolist())), "architecture": det.config(),
-              "seconds": round(time.time() - t0, 1), "cache": str(det_dir)}
-    save_detector(det, det_dir, report)
+    from ..cache import locked, warn
+
+    with locked(det_dir, what="detector cache"):  # a second process waits, then loads the trained E
+        if (det_dir / "detector.json").exists():
+            try:
+                det, report = load_detector(det_dir, key=tkey)
+                event("cache-hit", str(det_dir))
+                return det.to(model.device), dict(report, cached=True)
+            except FvtrustError as e:
+                warn(f"cached detector is unusable ({e}); retraining it")
+        det = train_detector(data.natural_train, train_vis.images, input_shape=model.input_shape, budget=b,
+                             seed=seed, device=model.device)
+        heldout = evaluate_detector(det, data.natural_test, test_vis.images, steps=test_vis.step, seed=seed)
+        counts: dict[str, int] = {}
+        for lay, _ in units:
+            counts[lay] = counts.get(lay, 0) + 1
+        report = {"heldout": heldout, "budget": asdict(b), "seed": seed, "layer": layer, "units_per_layer": counts,
+                  "n_units": len(units), "train_units": len(data.train_units),
+                  "test_units": [list(units[i]) for i in data.test_units.tolist()],
+                  "n_train_visualizations": len(train_vis), "n_train_natural": len(data.natural_train),
+                  "snapshot_steps": sorted(set(data.vis.step.tolist())), "architecture": det.config(),
+                  "seconds": round(time.time() - t0, 1), "cache": str(det_dir)}
+        save_detector(det, det_dir, report, key=tkey)
+        event("cache-write", str(det_dir))
     return det, dict(report, cached=False)

@@ -9,7 +9,10 @@ units are never seen in training.
 Generation is long, so it is cached per chunk of units: each finished chunk
 is one safetensors file written atomically, and `manifest.json` records the
 plan. A rerun (after an interrupt, or with the same settings later) loads
-finished chunks and generates only the missing ones. The cache directory is
+finished chunks and generates only the missing ones; a damaged or foreign
+chunk (checked by `fvtrust.cache`: fingerprint and checksum) is regenerated,
+never loaded. One process at a time writes a cache folder (a lock; a second
+one waits and then finds the work done). The cache directory is
 keyed by a hash of everything that determines the images (model weights,
 units, runs, steps, snapshots, seed).
 """
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import FvtrustError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_json
 from ..progress import progress
 
 HIDDEN_SKIP = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.ReLU,
@@ -169,9 +172,7 @@ def generate_visualizations(model, units, *, runs: int = 35, steps: int = 512, s
     transforms, neuron objective, Adam lr 0.05): the same visualizations the
     fooled model will be subjected to. Cached and resumable, see module doc.
     """
-    from safetensors.torch import load_file, save
-
-    from ..visualize import visualize
+    from ..cache import locked
 
     if runs < 1:
         raise FvtrustError(f"runs must be >= 1, got {runs}")
@@ -182,42 +183,47 @@ def generate_visualizations(model, units, *, runs: int = 35, steps: int = 512, s
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     out = root / f"vis-{key}"
-    out.mkdir(parents=True, exist_ok=True)
     plan = _plan(units, runs, chunk_runs)
+    with locked(out, what="detector cache"):  # a second process waits, then finds the chunks done
+        parts = _generate_chunks(model, units, plan, out, key, config, runs=runs, steps=steps, th=th, seed=seed,
+                                 chunk_size=chunk_size, desc=desc)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in ("images", "unit", "step", "run")}
+    return VisSet(cat["images"], cat["unit"], cat["step"], cat["run"], units, out)
+
+
+def _generate_chunks(model, units, plan, out, key, config, *, runs, steps, th, seed, chunk_size, desc) -> list[dict]:
+    """Load the verified chunks of `out` and generate the missing (or damaged, or foreign) ones."""
+    from ..cache import read_entry, write_entry
+    from ..visualize import visualize
+
     manifest = out / "manifest.json"
     if not manifest.exists():
         atomic_write_json(manifest, {"config": config, "chunks": plan})
-
     parts = []
     bar = progress(total=len(plan), desc=desc, unit="chunk")
     try:
         for ci, chunk in enumerate(plan):
             f = out / f"chunk-{ci:05d}.safetensors"
-            if f.exists():
-                try:
-                    parts.append(load_file(str(f)))
-                    bar.update(1)
-                    continue
-                except Exception:  # noqa: BLE001 - unreadable (should not happen: atomic writes): redo
-                    f.unlink(missing_ok=True)
-            layer = units[chunk[0]][0]
-            reps = [units[i][1] for i in chunk for _ in range(runs)]
-            res = visualize(model, layer, reps, steps=steps, thresholds=th, seed=seed + 7919 * ci,
-                            chunk_size=chunk_size, progress_desc=f"{desc} {ci + 1}/{len(plan)}")
-            t, n = res.images.shape[:2]
-            idx = torch.as_tensor([i for i in chunk for _ in range(runs)], dtype=torch.long)
-            run = torch.as_tensor([r for _ in chunk for r in range(runs)], dtype=torch.long)
-            part = {"images": (res.images.reshape(t * n, *res.images.shape[2:]) * 255).round().clamp(0, 255).to(torch.uint8),
-                    "unit": idx.repeat(t), "run": run.repeat(t),
-                    "step": torch.as_tensor(th, dtype=torch.long).repeat_interleave(n)}
-            atomic_write_bytes(f, save(part))
+            part = read_entry(f, "safetensors", f"{key}:{ci}")
+            if part is None:
+                layer = units[chunk[0]][0]
+                reps = [units[i][1] for i in chunk for _ in range(runs)]
+                res = visualize(model, layer, reps, steps=steps, thresholds=th, seed=seed + 7919 * ci,
+                                chunk_size=chunk_size, progress_desc=f"{desc} {ci + 1}/{len(plan)}")
+                t, n = res.images.shape[:2]
+                idx = torch.as_tensor([i for i in chunk for _ in range(runs)], dtype=torch.long)
+                run = torch.as_tensor([r for _ in chunk for r in range(runs)], dtype=torch.long)
+                images = res.images.reshape(t * n, *res.images.shape[2:])
+                part = {"images": (images * 255).round().clamp(0, 255).to(torch.uint8),
+                        "unit": idx.repeat(t), "run": run.repeat(t),
+                        "step": torch.as_tensor(th, dtype=torch.long).repeat_interleave(n)}
+                write_entry(f, "safetensors", part, f"{key}:{ci}")
             parts.append(part)
             bar.update(1)
     finally:
         bar.close()
     atomic_write_json(manifest, {"config": config, "chunks": plan, "complete": True})
-    cat = {k: torch.cat([p[k] for p in parts]) for k in ("images", "unit", "step", "run")}
-    return VisSet(cat["images"], cat["unit"], cat["step"], cat["run"], units, out)
+    return parts
 
 
 def natural_sets(model, *, n_train: int | None = None, seed: int = 0, natural=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, data, 
     from .silent import silent_units
     from .silent_report import figure5, silent_report
 
+    if steps < 1:
+        raise FvtrustError(f"--steps must be >= 1, got {steps}")
     model = load_model(spec, weights=weights, device=device_of(device))
     # 20,000 fit images bound the natural maximum unless told otherwise (the measured default; README)
     data = load_natural(model, data, class_index, 20000 if natural_limit is None else natural_limit, data_dir)

@@ -47,6 +47,9 @@ def linearity_command(spec, layer, units, data, class_index, natural_limit, data
     from . import correlate, load_scores_csv, path_metrics, top_activating_many
     from .plots import figure12, path_curves
 
+    from .paths import check_path_options
+
+    check_path_options(steps=steps, lr=lr)  # before ranking natural images and before OUT exists
     table = load_scores_csv(scores) if scores else None  # a bad CSV fails before any compute
     model = load_model(spec, weights=weights, device=device_of(device))
     unit_list = parse_units(units, layer_units(model, layer), layer)

@@ -28,8 +28,8 @@ streamed: only the previous normalized gradient is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import locked, read_entry, write_entry
 from ..errors import FvtrustError, nearest
-from ..io import atomic_write_bytes
 from ..models.hooks import forward_to
 from ..models.layers import layer_units, parse_units
 from ..visualize import visualize
@@ -265,12 +265,6 @@ def _unit_key(base: str, unit: int, starts: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 @torch.no_grad()
 def _objective_values(model, obj, x: torch.Tensor, units_t: torch.Tensor, batch: int = 256) -> torch.Tensor:
     out = []
@@ -297,6 +291,15 @@ def _check_starts(starts, n_units: int, model, param: str) -> torch.Tensor:
     return starts
 
 
+def check_path_options(*, steps: int, lr: float) -> None:
+    """The checks `path_metrics` makes on its options, for callers to run before any slow work."""
+    from ..visualize.render import check_learning_rate
+
+    if steps < 2:
+        raise FvtrustError(f"steps must be >= 2 (angles need two gradients), got {steps}")
+    check_learning_rate(lr)
+
+
 def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int = 512, objective="channel",
                  param: str = "fft", decorrelate: bool = True, transforms="standard", lr: float = 0.05,
                  optimizer: str = "adam", seed: int = 0, line_mode: str = "auto", max_store_bytes: int = 2**30,
@@ -310,7 +313,8 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
     gradient-ascent path in pixel space (no sigmoid, no clamping). All U·M
     paths of a group of units (`group_size`, default all) are one batched
     optimization. With `cache_dir`, each finished unit is cached (keyed by
-    model weights, settings and its starts) and skipped on rerun.
+    model weights, settings and its starts; verified by `fvtrust.cache`, so
+    a damaged or foreign entry is recomputed) and skipped on rerun.
     """
     from ..models import as_model
 
@@ -318,8 +322,7 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
     units = parse_units(units, layer_units(model, layer), layer)
     if len(set(units)) != len(units):
         raise FvtrustError(f"units must be distinct, got duplicates in {units}")
-    if steps < 2:
-        raise FvtrustError(f"steps must be >= 2 (angles need two gradients), got {steps}")
+    check_path_options(steps=steps, lr=lr)
     if line_mode not in LINE_MODES:
         raise FvtrustError(f"unknown line_mode {line_mode!r}; nearest: {nearest(line_mode, LINE_MODES)}")
     if group_size is not None and group_size < 1:
@@ -334,28 +337,9 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
               "transforms": transforms, "lr": lr, "optimizer": optimizer, "seed": seed, "chunk_size": chunk_size}
 
     cache = Path(cache_dir) if cache_dir is not None else None
-    keys = {}
-    results: dict[int, dict] = {}
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        base = json.dumps({"layer": layer, "model": _model_digest(model), **settings}, sort_keys=True)
-        for k, u in enumerate(units):
-            keys[u] = _unit_key(base, u, starts[k])
-            f = cache / f"unit{u}-{keys[u]}.npz"
-            if f.is_file():
-                with np.load(f) as z:
-                    results[u] = {name: z[name] for name in z.files}
-    cached = [u for u in units if u in results]
-    todo = [k for k, u in enumerate(units) if u not in results]
-    size = group_size or max(1, len(todo))
-    for g0 in range(0, len(todo), size):
-        idx = todo[g0:g0 + size]
-        group = _run_group(model, layer, [units[k] for k in idx], starts[idx], obj, vis_kw, line_mode,
-                           max_store_bytes)
-        for u, res in group.items():
-            results[u] = res
-            if cache is not None:
-                _save_npz(cache / f"unit{u}-{keys[u]}.npz", **res)
+    with contextlib.nullcontext() if cache is None else locked(cache, what="linearity cache"):
+        results, cached = _run_cached(model, layer, units, starts, settings, obj, vis_kw, line_mode,
+                                      max_store_bytes, group_size, cache)
 
     def stack(name):
         return np.stack([results[u][name] for u in units])
@@ -367,6 +351,31 @@ def path_metrics(model, layer: str, units, starts: torch.Tensor, *, steps: int =
                    "cached_units": cached}
     return PathMetrics(layer, list(units), stack("angles"), stack("distances"), stack("start_end"),
                        stack("objective_start"), stack("objective_final"), settings, diagnostics)
+
+
+def _run_cached(model, layer, units, starts, settings, obj, vis_kw, line_mode, max_store_bytes, group_size, cache):
+    """Per-unit results: verified cache entries where they exist, batched optimization for the rest."""
+    keys = {}
+    results: dict[int, dict] = {}
+    if cache is not None:
+        base = json.dumps({"layer": layer, "model": _model_digest(model), **settings}, sort_keys=True)
+        for k, u in enumerate(units):
+            keys[u] = _unit_key(base, u, starts[k])
+            entry = read_entry(cache / f"unit{u}-{keys[u]}.npz", "npz", keys[u])
+            if entry is not None:
+                results[u] = entry
+    cached = [u for u in units if u in results]
+    todo = [k for k, u in enumerate(units) if u not in results]
+    size = group_size or max(1, len(todo))
+    for g0 in range(0, len(todo), size):
+        idx = todo[g0:g0 + size]
+        group = _run_group(model, layer, [units[k] for k in idx], starts[idx], obj, vis_kw, line_mode,
+                           max_store_bytes)
+        for u, res in group.items():
+            results[u] = res
+            if cache is not None:
+                write_entry(cache / f"unit{u}-{keys[u]}.npz", "npz", res, keys[u])
+    return results, cached
 
 
 def _run_group(model, layer, units, starts, obj, vis_kw, line_mode, max_store_bytes) -> dict[int, dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import FvtrustError
 from ..evaluate import evaluate
 from ..io import atomic_write_bytes, atomic_write_json
 from ..progress import progress
@@ -95,6 +96,8 @@ def train_default(out=None, *, data_dir=None, epochs=None, seed=None) -> dict:
     from ..data import load_fashion_mnist
     from .zoo import packaged_weights_path
 
+    if epochs is not None and epochs < 1:
+        raise FvtrustError(f"epochs must be >= 1, got {epochs}")
     train = load_fashion_mnist("train", data_dir)
     test = load_fashion_mnist("test", data_dir)
     model, info = train_fashion_cnn(train, test, epochs=epochs, seed=seed)

@@ -1,12 +1,14 @@
 """A resumable pipeline of experiments.
 
 Each step writes its outputs under ``DIR/steps/NAME/`` and, last, a
-``result.json``. A rerun skips every step whose result.json exists, so an
-interrupted `fvtrust reproduce` resumes where it stopped and loses nothing.
+``result.json`` (a verified `fvtrust.cache` entry keyed by the run's
+settings). A rerun skips every step whose result.json is intact and was
+written under the same settings, so an interrupted `fvtrust reproduce`
+resumes where it stopped and loses nothing; a damaged result, or one from a
+run with other settings (say --quick vs full), reruns that step.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
@@ -14,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..cache import fingerprint, read_entry, write_entry
 from ..errors import FvtrustError
-from ..io import atomic_write_json
 
 
 @dataclass
@@ -34,6 +36,10 @@ class Context:
     setting: object = None  # report.setting.Setting: model, data, layers, classes
     cache: dict = field(default_factory=dict)  # objects shared between steps in one process
     results: dict = field(default_factory=dict)  # results of finished steps, by name
+
+    def settings(self) -> dict:
+        """What decides the steps' results when no Setting is given (tests of the pipeline itself)."""
+        return {"mode": self.mode, "seed": self.seed}
 
     @property
     def quick(self) -> bool:
@@ -58,22 +64,27 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_only(steps: list[Step], only) -> None:
+    """Fail on an unknown step name (before anything is written)."""
+    names = [s.name for s in steps]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise FvtrustError(f"unknown step {unknown[0]!r}; steps are: {', '.join(names)}")
+
+
 def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False, keep_going: bool = True) -> dict:
     """Run the steps in order (resuming finished ones); return {name: result}."""
-    names = [s.name for s in steps]
-    if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise FvtrustError(f"unknown step {unknown[0]!r}; steps are: {', '.join(names)}")
+    check_only(steps, only)
     root = ctx.out / "steps"
     root.mkdir(parents=True, exist_ok=True)
     for i, step in enumerate(steps, 1):
         sdir = root / step.name
         done = sdir / "result.json"
         selected = not only or step.name in only
-        cached = _read_cached(done, ctx.fingerprint)
-        if cached is not None and not (force and selected):
-            ctx.results[step.name] = {**cached, "cached": True}
+        key = fingerprint(ctx.fingerprint or ctx.settings(), step.name)
+        prev = None if (force and selected) else read_entry(done, "json", key)
+        if prev is not None:
+            ctx.results[step.name] = {**prev, "cached": True}
             _log(f"[{i}/{len(steps)}] {step.title}: cached")
             continue
         if not selected:
@@ -100,20 +111,7 @@ def run_pipeline(steps: list[Step], ctx: Context, only=None, force: bool = False
         res["setting"] = ctx.fingerprint
         ctx.results[step.name] = res
         if res["status"] == "ok":
-            atomic_write_json(done, res)
+            write_entry(done, "json", res, key)
         _log(f"[{i}/{len(steps)}] {step.title}: {res['status']} in {res['seconds']} s"
              + (f" ({res['error']})" if res["status"] == "failed" else ""))
     return ctx.results
-
-
-def _read_cached(done: Path, fingerprint) -> dict | None:
-    """A finished step's result, if it was computed for this setting (model, data, budget, seed)."""
-    if not done.is_file():
-        return None
-    try:
-        res = json.loads(done.read_text())
-    except (OSError, ValueError):
-        return None  # a damaged result is recomputed, never trusted
-    if fingerprint is not None and res.get("setting") != fingerprint:
-        return None
-    return res

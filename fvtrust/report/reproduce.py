@@ -9,7 +9,7 @@ import torch
 from ..io import atomic_write_json, atomic_write_text
 from . import experiments as E
 from .html import render
-from .pipeline import Context, Step, run_pipeline
+from .pipeline import Context, Step, check_only, run_pipeline
 
 
 def steps() -> list[Step]:
@@ -48,20 +48,24 @@ def reproduce(out="fvtrust-report", *, quick: bool = False, seed: int = 0, only=
                       data=None if data is None else str(data), class_index=class_index,
                       natural_limit=natural_limit, mode=mode, seed=seed)
     setting.model, setting.natural  # noqa: B018 - bad model/data input fails here, in one line, before any step
+    from ..cache import output_lock
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, mode=mode, seed=seed, setting=setting)
-    t0 = time.perf_counter()
-    results = run_pipeline(steps(), ctx, only=only, force=force)
-    cmd = f"fvtrust reproduce --model {setting.cli} --budget {mode} --out {out}"
-    doc = {"meta": {"mode": mode, "seed": seed, "fvtrust": fvtrust.__version__,
-                    "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
-                    "compute_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
-                    "cached_steps": [k for k, r in results.items() if r.get("cached")],
-                    "setting": _safe_describe(setting), "command": cmd},
-           "steps": results}
-    atomic_write_json(out / "results.json", doc)
-    atomic_write_text(out / "index.html", render(out, doc))
+    check_only(steps(), only)
+    with output_lock(out):  # one run per report directory (the CLI holds it already; re-entrant)
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = Context(out=out, mode=mode, seed=seed, setting=setting)
+        t0 = time.perf_counter()
+        results = run_pipeline(steps(), ctx, only=only, force=force)
+        cmd = f"fvtrust reproduce --model {setting.cli} --budget {mode} --out {out}"
+        doc = {"meta": {"mode": mode, "seed": seed, "fvtrust": fvtrust.__version__,
+                        "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+                        "compute_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
+                        "cached_steps": [k for k, r in results.items() if r.get("cached")],
+                        "setting": _safe_describe(setting), "command": cmd},
+               "steps": results}
+        atomic_write_json(out / "results.json", doc)
+        atomic_write_text(out / "index.html", render(out, doc))
     return doc
 
 

@@ -53,6 +53,7 @@ so a layer spilled to disk is read a block at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -538,7 +539,10 @@ def weights_digest(model, images: torch.Tensor | None = None) -> str:
 
 
 class _LayerCache:
-    """One JSON file per (layer, metric): a rerun skips the layers already done."""
+    """One verified JSON entry per (layer, metric) (`fvtrust.cache`): a rerun skips the layers already done.
+
+    A damaged entry, or one written for other weights, images or settings, is recomputed.
+    """
 
     def __init__(self, cache_dir, key: dict):
         self.dir = None if cache_dir is None else Path(cache_dir)
@@ -549,19 +553,17 @@ class _LayerCache:
         return self.dir / f"{safe}.{metric}.{self.key}.json"
 
     def get(self, layer: str, metric: str):
+        from ..cache import read_entry
+
         if self.dir is None:
             return None
-        p = self._path(layer, metric)
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None  # a damaged entry is recomputed
+        return read_entry(self._path(layer, metric), "json", f"{self.key}:{layer}:{metric}")
 
     def put(self, layer: str, metric: str, stats: dict) -> None:
+        from ..cache import write_entry
+
         if self.dir is not None:
-            atomic_write_json(self._path(layer, metric), stats)
+            write_entry(self._path(layer, metric), "json", stats, f"{self.key}:{layer}:{metric}")
 
 
 def _clean(obj):
@@ -661,20 +663,24 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
 
     def cached(lay: Layer) -> bool:
         hits = {m: cache.get(lay.name, f"{m}-{_stride_tag(strides[m], pair_seed)}") for m in metrics}
-        if all(h is not None for h in hits.values()):
-            for m, h in hits.items():
+        for m, h in hits.items():
+            if h is not None:  # a layer killed between its metrics keeps the finished ones
                 results[m][lay.name] = h
-            return True
-        return False
+        return all(h is not None for h in hits.values())
 
     engine = {"dtype": dt}
-    for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt, budget_bytes=budget_bytes,
-                        spill_dir=spill_dir, skip=cached, desc="sanity"):
-        for m in metrics:
-            stats = layer_conditions(rows.prepared[m], offsets, pairs[m], blockwise=rows.spilled, **engine)
-            results[m][rows.layer.name] = stats
-            cache.put(rows.layer.name, f"{m}-{_stride_tag(strides[m], pair_seed)}", _clean(stats))
-        del rows
+    from ..cache import locked
+
+    with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="sanity cache"):
+        for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt,
+                            budget_bytes=budget_bytes, spill_dir=spill_dir, skip=cached, desc="sanity"):
+            for m in metrics:
+                if rows.layer.name in results[m]:  # cached: computed before an interruption
+                    continue
+                stats = layer_conditions(rows.prepared[m], offsets, pairs[m], blockwise=rows.spilled, **engine)
+                results[m][rows.layer.name] = stats
+                cache.put(rows.layer.name, f"{m}-{_stride_tag(strides[m], pair_seed)}", _clean(stats))
+            del rows
 
     out_metrics = {}
     for m in metrics:

@@ -12,7 +12,6 @@ Output folder::
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -46,29 +45,48 @@ def _natural(model, data, data_dir, classes, per_class_natural, class_index=None
     return x, y, source.describe()
 
 
+def _png_digests(vdir: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(vdir.glob("*.png"))}
+
+
 def _visualizations(model, out: Path | None, classes, per_class, steps, vis_seed, unit_layer, spec, visualize_options):
-    """Generate (or reuse from out/visualizations) per_class visualizations per class."""
+    """Generate (or reuse from out/visualizations) per_class visualizations per class.
+
+    The folder's ``sanity-key.json`` is a verified cache entry (`fvtrust.cache`)
+    keyed by weights and settings, holding a checksum of every PNG: a folder
+    from other settings, or with a damaged image, is regenerated.
+    """
+    from ..cache import fingerprint, read_entry, warn, write_entry
+
     key = {"weights": weights_digest(model)[:20], "layer": unit_layer, "classes": classes, "per_class": per_class,
            "steps": steps, "seed": vis_seed, "options": {k: repr(v) for k, v in sorted(visualize_options.items())}}
     vdir = None if out is None else out / "visualizations"
-    if vdir is not None and (vdir / "sanity-key.json").is_file():
-        try:
-            same = json.loads((vdir / "sanity-key.json").read_text()) == key
-        except ValueError:
-            same = False
-        if same:
-            images, _ = load_visualizations(vdir, classes, per_class, input_shape=model.input_shape, layer=unit_layer)
-            return images, {"source": "cached", "dir": str(vdir), **key}
+    entry = None if vdir is None else read_entry(vdir / "sanity-key.json", "json", fingerprint(key))
+    if entry is not None:
+        if entry.get("png_sha256") != _png_digests(vdir):
+            warn(f"cached visualizations in {vdir} do not match their checksums; regenerating them")
+        else:
+            try:
+                images, _ = load_visualizations(vdir, classes, per_class, input_shape=model.input_shape,
+                                                layer=unit_layer)
+                return images, {"source": "cached", "dir": str(vdir), **key,
+                                "objective_mean": entry.get("objective_mean")}
+            except FvtrustError as e:  # a damaged cached folder is regenerated, not fatal
+                warn(f"cached visualizations in {vdir} are unusable ({e}); regenerating them")
     images, res = generate_visualizations(model, classes, per_class, layer=unit_layer, steps=steps, seed=vis_seed,
                                           **visualize_options)
+    objective_mean = float(res.objective[-1].mean())
     if vdir is not None:
         from ..visualize.output import save_visualization
 
         res.images = images.view(len(classes) * per_class, *images.shape[2:]).unsqueeze(0)
         save_visualization(res, vdir, spec=spec)
-        atomic_write_json(vdir / "sanity-key.json", key)
+        write_entry(vdir / "sanity-key.json", "json", {"objective_mean": objective_mean,
+                                                       "png_sha256": _png_digests(vdir)}, fingerprint(key))
     return images, {"source": "generated", "dir": None if vdir is None else str(vdir), **key,
-                    "objective_mean": float(res.objective[-1].mean())}
+                    "objective_mean": objective_mean}
 
 
 def sanity_check(model, *, out=None, natural=None, data=None, data_dir=None, classes=None,

@@ -34,6 +34,8 @@ def run_theory(out, samples: int = 40, seed: int = 0) -> dict:
     from .lemma1 import check_lemma1
 
     out = Path(out)
+    if samples < 1:  # before anything is created
+        raise FvtrustError(f"samples must be >= 1, got {samples}")
     if out.exists() and not out.is_dir():
         raise FvtrustError(f"--out {out} exists and is not a directory")
     try:

@@ -9,6 +9,7 @@ optimized as one batch, chunked automatically to fit memory.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,13 @@ class VisualizationResult:
     def to_dict(self) -> dict:
         return {"layer": self.layer, "units": list(self.units), "thresholds": list(self.thresholds),
                 "objective": self.objective.tolist(), "settings": self.settings}
+
+
+def check_learning_rate(lr) -> float:
+    """A finite learning rate > 0 (NaN or inf would silently wreck every image; torch raises a traceback)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise FvtrustError(f"the learning rate must be a finite number > 0, got {lr!r}")
+    return float(lr)
 
 
 def _check_thresholds(thresholds, steps) -> tuple:
@@ -146,6 +154,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     obj = make_objective(objective, layer, directions=directions)
     if optimizer not in ("adam", "sgd"):
         raise FvtrustError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    check_learning_rate(lr)
     n = len(units)
     if start is not None and tuple(start.shape) != (n, c, *hw):
         raise FvtrustError(f"start must have shape {(n, c, *hw)} (units x C x H x W), got {tuple(start.shape)}")
