@@ -77,6 +77,24 @@ def _auto_chunk(model, n_images: int, shape, record: bool) -> int:
     return int(max(1, min(n_images, budget // per_image)))
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise FvtrustError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _forward_precision(precision: str, device: torch.device):
+    """The model's forward during optimization: fp32, or bf16 autocast (convolutions and matrix
+    products in bfloat16, reductions in float32; parameterization, transforms, objective and
+    optimizer stay float32). Snapshots' objective values are always measured in float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _nhwc_pays(device, hw) -> bool:
     """NHWC convolutions: measured faster on CPU at 224 px (~1.4x), slower at 28 px; unmeasured on GPU."""
     return device.type == "cpu" and min(hw) >= 64
@@ -87,7 +105,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
               lr: float = 0.05, optimizer: str = "adam", seed: int = 0, start: torch.Tensor | None = None,
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
               directions=None, groups=None, on_step=None, progress_desc: str | None = None,
-              shared_start: bool = False, fast: bool = True) -> VisualizationResult:
+              shared_start: bool = False, fast: bool = True, precision: str = "fp32") -> VisualizationResult:
     """Feature visualization by activation maximization, batched over units.
 
     `units` may repeat a unit (e.g. several starts per unit); each entry gets its
@@ -99,10 +117,13 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     not from their starts — the controlled way to compare units' visualizations.
     `fast` runs the model with verified Conv-BN folding (and NHWC on CPU at
     >= 64 px) for the length of the call (see fastpath.py) and hands it back
-    exactly as it was.
+    exactly as it was. `precision="bf16"` runs the optimization's forward and backward
+    under bfloat16 autocast (see benchmarks/bench_visualize.py for its speed and quality
+    against fp32, the default).
     """
     from ..models import as_model
 
+    precision = _check_precision(precision)
     model = as_model(model, example=start)
     n_units = layer_units(model, layer)
     if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
@@ -147,7 +168,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
                images=torch.empty(len(thresholds), n, c, *hw), values=torch.empty(len(thresholds), n),
                grads=torch.empty(steps, n, c, *hw) if record_gradients else None,
                traj=torch.empty(steps + 1, n, c, *hw) if record_images else None, on_step=on_step,
-               channels_last=fast and _nhwc_pays(device, crop or hw))
+               channels_last=fast and _nhwc_pays(device, crop or hw), precision=precision)
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
@@ -179,7 +200,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     settings = {"steps": steps, "param": param, "decorrelate": decorrelate, "lr": lr, "optimizer": optimizer,
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
-                "shared_start": shared_start, "fast": fast}
+                "shared_start": shared_start, "fast": fast, "precision": precision}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
@@ -205,6 +226,7 @@ class _Run:
     traj: torch.Tensor | None
     on_step: object
     channels_last: bool = False
+    precision: str = "fp32"
     bar: object = None
 
     def chunk(self, sl: slice, units, keys, groups, start):
@@ -223,7 +245,9 @@ class _Run:
                 x = T.apply(img, self.tspec, T.draw(self.tspec, rng) if self.tspec else None, out_hw=self.crop)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                value = self.obj(tap(x), u_t, groups)
+                with _forward_precision(self.precision, device):
+                    acts = tap(x)
+                value = self.obj({k: a.float() for k, a in acts.items()}, u_t, groups)
                 grads = torch.autograd.grad(-value.sum(), [prm.tensor, img] if want_img_grad else [prm.tensor])
                 if self.traj is not None:
                     self.traj[step - 1, sl] = img.detach().cpu()
