@@ -340,3 +340,21 @@ def test_reproduce_googlenet_on_a_folder(tmp_path, imagenet_folder):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "torchvision:googlenet" in page and "fashion" not in page.lower()
     assert doc["meta"]["setting"]["natural_data"]["path"] == str(imagenet_folder.resolve())
+
+
+def test_manipulated_plain_module_reloads_with_its_base(tmp_path):
+    from fvtrust.fool import silent_units
+    from fvtrust.models import save_model
+    from fvtrust.models.saved import load_saved
+
+    net = _trained_bn(Normalized())
+    natural = torch.rand(32, 3, 16, 16)
+    fooled = silent_units(net, "features.0", target="astronaut", natural=natural, units=[0, 1])
+    info = fooled.silent_info
+    save_model(fooled, tmp_path / "m", manipulation="silent_units",
+               args={"layer": "features.0", "units": info["units"], "pool": info["pool"], "map_size": info["map_size"]})
+    with pytest.raises(FvtrustError, match="plain Normalized module.*base=fvtrust.wrap"):
+        fvtrust.load_model(str(tmp_path / "m"))
+    back = load_saved(tmp_path / "m", base=fvtrust.wrap(net, input_shape=(3, 16, 16)))
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(back(x), fooled(x))

@@ -204,7 +204,8 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
                        budget="quick", cache_dir=None, steps: int = 512, seed: int = 0, mode: str = "split",
                        gate: str = "hard", margin: float = 2.0, k=None, picture_center: bool = True,
                        bound_steps: int = 256, harden: int = 2, report_units=None, out=None, spec: str | None = None,
-                       command: str | None = None, budget_overrides: dict | None = None, natural=None) -> dict:
+                       command: str | None = None, budget_overrides: dict | None = None, natural=None,
+                       bound_units: int = 64) -> dict:
     """Detector (built or given), circuit, hardening, report; with `out`, write model/, detector/, report.json
     and the figure.
 
@@ -240,7 +241,7 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     t_det = time.time() - t0
     fooled = fooling_circuit(model, layer, det, mapping=mapping, picture=picture, units=units, k=k, mode=mode,
                              gate=gate, margin=margin, picture_center=picture_center, seed=seed,
-                             bound_steps=bound_steps, natural=fit_x[:10000])
+                             bound_steps=bound_steps, bound_units=bound_units, natural=fit_x[:10000])
     det_report = dict(det_report)
     if harden and data is not None:
         t1 = time.time()

@@ -47,9 +47,12 @@ def save_model(model, directory, *, manipulation: str | None = None, args: dict 
     return directory
 
 
-def load_saved(directory, device=None):
+def load_saved(directory, device=None, base=None):
+    """Rebuild a saved model. `base`: the original model, needed when it was a plain module wrapped in
+    Python (its code is not a spec fvtrust can load again), e.g. ``load_saved(d, base=fvtrust.wrap(net, ...))``."""
     from safetensors.torch import load_file
 
+    from .wrappers import as_model
     from .zoo import load_model
 
     directory = Path(directory)
@@ -59,7 +62,16 @@ def load_saved(directory, device=None):
         raise FvtrustError(f"not a readable fvtrust model directory {directory}: {e}") from None
     if recipe.get("format") != FORMAT:
         raise FvtrustError(f"{directory}: unsupported model format {recipe.get('format')!r}")
-    base = load_model(recipe["base_spec"], weights="random")
+    if base is not None:
+        import copy
+
+        base = copy.deepcopy(as_model(base))  # the caller's model stays untouched
+    elif str(recipe.get("base_spec", "")).startswith("module:"):
+        raise FvtrustError(f"{directory} was built from a plain {recipe['base_spec'][7:]} module, which fvtrust cannot "
+                           "rebuild from a spec: call fvtrust.models.saved.load_saved(DIR, base=fvtrust.wrap(net, ...)) "
+                           "or save models built from a py:file.py:factory spec")
+    else:
+        base = load_model(recipe["base_spec"], weights="random")
     name = recipe.get("manipulation")
     if name:
         if name not in BUILDERS:

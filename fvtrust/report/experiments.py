@@ -226,7 +226,7 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
     st = ctx.setting
     m = model(ctx)
     x, _ = test_data(ctx)
-    layer, units = st.linearity_layer, list(range(min(16, st.linearity_units)))
+    layer, units = st.linearity_layer, list(range(st.linearity_units))
     mm, steps = ctx.budget(5, 20, smoke=2), ctx.budget(128, 512, smoke=16)
     top = top_activating_many(m, layer, units, x, m=mm)
     metrics = path_metrics(m, layer, units, top.images, steps=steps, seed=ctx.seed, cache_dir=sdir / "cache")
@@ -266,7 +266,8 @@ def run_circuit(ctx: Context, sdir: Path) -> dict:
     steps = ctx.budget(256, 512, smoke=16)
     layer, offset = st.logits_layer, st.circuit_offset
     common = dict(budget=budget, cache_dir=sdir / "detector_cache", steps=steps, seed=ctx.seed, spec=st.spec,
-                  bound_steps=ctx.budget(128, 256, smoke=8), harden=ctx.budget(1, 2, smoke=0), natural=st.natural,
+                  bound_steps=ctx.budget(128, 256, smoke=8), bound_units=ctx.budget(64, 64, smoke=8),
+                  harden=ctx.budget(1, 2, smoke=0), natural=st.natural,
                   report_units=st.circuit_report_units)
     perm = circuit_experiment(m, layer, mapping=offset, out=sdir / "permutation",
                               command=f"fvtrust fool circuit {st.cli} --layer {layer} --offset {offset} --out DIR",

@@ -144,9 +144,14 @@ class Setting:
         return self.silent_block[1]
 
     @property
+    def unit_count(self) -> int:
+        """Units per hidden-layer experiment: the paper's figure shows 16; a smoke run (a pipeline check) 4."""
+        return 4 if self.mode == "smoke" else 16
+
+    @property
     def silent_units(self) -> str:
         n = self.model.get_layer(self.silent_block[0].conv).out_channels
-        return f"0-{min(16, n) - 1}"
+        return f"0-{min(self.unit_count, n) - 1}"
 
     @property
     def linearity_layer(self) -> str:
@@ -154,7 +159,7 @@ class Setting:
 
     @property
     def linearity_units(self) -> int:
-        return self.model.get_layer(self.silent_block[0].conv).out_channels
+        return min(self.unit_count, self.model.get_layer(self.silent_block[0].conv).out_channels)
 
     @property
     def circuit_offset(self) -> int:

@@ -230,24 +230,22 @@ def test_cli_bad_input(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_end_to_end_tiny(tmp_path, monkeypatch):
-    """Whole command with a given detector and few steps, on a small natural test set."""
+def test_cli_end_to_end_tiny(tmp_path):
+    """Whole command with a given detector and few steps, on a small natural set (--natural-limit)."""
     from fvtrust.cli import main
-    from fvtrust.fool import circuit_report
     from fvtrust.fool.detector import save_detector
 
-    g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(circuit_report, "natural_test_data",
-                        lambda model: (torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g)))
-    monkeypatch.setattr("fvtrust.fool.circuit.default_natural", lambda model, n=0: torch.rand(32, 1, 28, 28))
     save_detector(_detector(), tmp_path / "det")
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["fool", "circuit", "fashion-cnn", "--weights", "random", "--layer", "fc",
                                   "--offset", "5", "--units", "0-3", "--detector", str(tmp_path / "det"),
-                                  "--steps", "3", "--bound-steps", "4", "--out", str(out)])
+                                  "--steps", "3", "--bound-steps", "4", "--natural-limit", "40", "--out", str(out)])
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["natural"]["n"] == 40 and rep["k"] > 0
+    nd = rep["natural_data"]  # the report names both parts and their sizes
+    assert nd["fit"]["source"] == "fashion-mnist:train" and nd["fit"]["n"] == 40
+    assert nd["heldout"]["source"] == "fashion-mnist:test" and nd["heldout"]["n"] == 40
     assert [u["unit"] for u in rep["visualizations"]["units"]] == [0, 1, 2, 3]
     assert rep["visualizations"]["units"][0]["target"] == 5
     assert (out / "figure2.png").stat().st_size > 1000

@@ -50,4 +50,4 @@ def test_score_errors_fail_before_compute(tmp_path):
 def test_model_without_default_data_needs_data(tmp_path):
     res = CliRunner().invoke(main, ["linearity", "torchvision:resnet18", "layer1", "--weights", "random",
                                     "--units", "0", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "needs --data" in res.output
+    assert res.exit_code == 2 and "no default natural data: give --data" in res.output

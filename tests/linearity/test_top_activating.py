@@ -76,5 +76,5 @@ def test_bad_input(random_fashion):
         top_activating_many(random_fashion, "block1", [0], torch.rand(5, 3, 28, 28), 2)
     with pytest.raises(FvtrustError, match="out of range"):
         top_activating_many(random_fashion, "block1", [40], x, 2)
-    with pytest.raises(FvtrustError, match="data must be"):
+    with pytest.raises(FvtrustError, match="unknown data .images."):
         top_activating_many(random_fashion, "block1", [0], "images", 2)

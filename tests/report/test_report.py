@@ -32,10 +32,10 @@ def test_pipeline_resumes_and_isolates_failures(tmp_path):
         raise RuntimeError("exploded")
 
     steps = [Step("a", "A", ok), Step("b", "B", boom), Step("c", "C", ok, needs=("b",))]
-    res = run_pipeline(steps, Context(out=tmp_path, quick=True))
+    res = run_pipeline(steps, Context(out=tmp_path, mode="quick"))
     assert res["a"]["status"] == "ok" and res["b"]["status"] == "failed" and res["c"]["status"] == "skipped"
     assert "exploded" in res["b"]["error"]
-    res2 = run_pipeline(steps, Context(out=tmp_path, quick=True))
+    res2 = run_pipeline(steps, Context(out=tmp_path, mode="quick"))
     assert calls == ["ok", "boom", "boom"]  # 'a' was cached, 'b' retried
     assert res2["a"]["value"] == 1
 
