@@ -156,9 +156,12 @@ def bench_precision(model, layer, units, steps, repeats, spec):
     print(f"  bf16 vs fp32 speed-up: {best['fp32'] / best['bf16']:5.2f}x (floors: "
           f"{best['floor-fp32'] / best['floor-bf16']:5.2f}x)")
     a32, a16 = results["fp32"][1].objective[-1], results["bf16"][1].objective[-1]
+    live = a32 != 0  # units a random network never activates give 0 / 0
+    ratio = a16[live] / a32[live]
+    per_unit = (f"bf16/fp32 per unit median {float(ratio.median()):.3f} (min {float(ratio.min()):.3f}, "
+                f"{int(live.sum())} of {len(a32)} units active)") if live.any() else "no unit active"
     print(f"  activation reached (fp32-measured objective of the final images): fp32 mean {float(a32.mean()):.4g}, "
-          f"bf16 mean {float(a16.mean()):.4g}, bf16/fp32 per unit median {float((a16 / a32).median()):.3f} "
-          f"(min {float((a16 / a32).min()):.3f})")
+          f"bf16 mean {float(a16.mean()):.4g} (ratio {float(a16.mean() / a32.mean()):.3f}); {per_unit}")
     return best, results
 
 
