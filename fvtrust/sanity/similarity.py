@@ -662,8 +662,8 @@ class SimilarityAccumulator:
 
     Every row is prepared (ranked) exactly once, whatever the memory budget:
     preparation is the expensive step, the products are cheap. Kept prepared
-    rows stay in memory up to ``memory_bytes`` (default ``KEEP_BYTES``, 4 GiB;
-    None: no limit); beyond that they are spilled to a temporary file in
+    rows stay in memory up to ``memory_bytes`` (None: ``KEEP_BYTES``, 4 GiB;
+    ``float('inf')``: no limit); beyond that they are spilled to a temporary file in
     ``spill_dir`` (default: the system's temp dir) and read back, one chunk
     ahead, for each later block. Memory: the budget plus one block and two
     read chunks of ``SPILL_READ_BYTES`` (256 MiB); disk: the spilled rows (d x 8 bytes per row in float64, 4 in

@@ -209,6 +209,10 @@ def test_spilled_streaming_equals_in_memory(metric, dtype, tmp_path):
                 acc.add(b)
         assert acc.spilled_rows == len(X) - 4  # the first two blocks fit, everything after goes to disk
         assert same(acc.result(), want, tol)
+    with SimilarityAccumulator(metric, dtype=dtype, memory_bytes=float("inf"), spill_dir=tmp_path) as acc:
+        for b in blocks[:2]:
+            acc.add(b)
+        assert acc.spilled_rows == 0  # no limit: nothing goes to disk
     assert list(tmp_path.iterdir()) == []  # spill files are removed
 
 
