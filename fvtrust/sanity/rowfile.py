@@ -123,19 +123,24 @@ class RowFile:
             raise FvtrustError(f"bad row range {i}:{j} for {self.path} with {self.n} rows")
         return self._io.submit(self._read, i, j).result()
 
-    def blocks(self, rows: int, start: int = 0, stop: int | None = None):
-        """Yield rows ``start:stop`` as arrays of ``rows`` rows, the next one read ahead."""
+    def blocks(self, rows: int, start: int = 0, stop: int | None = None, ahead: int = 1):
+        """Rows ``start:stop`` as arrays of ``rows`` rows, with ``ahead`` blocks read in advance.
+
+        The first reads are queued when this is *called*, not when iteration
+        starts, so a caller can start them, compute something else, and find
+        the data waiting."""
         stop = self.n if stop is None else min(stop, self.n)
-        rows = max(1, int(rows))
+        rows, ahead = max(1, int(rows)), max(1, int(ahead))
         spans = [(i, min(i + rows, stop)) for i in range(start, stop, rows)]
-        if not spans:
-            return
-        ahead = self._io.submit(self._read, *spans[0])
-        for k in range(len(spans)):
-            cur = ahead
-            if k + 1 < len(spans):
-                ahead = self._io.submit(self._read, *spans[k + 1])
-            yield cur.result()
+        queued = [self._io.submit(self._read, *span) for span in spans[:ahead]]
+
+        def gen():
+            for k in range(len(spans)):
+                if k + ahead < len(spans):
+                    queued.append(self._io.submit(self._read, *spans[k + ahead]))
+                yield queued.pop(0).result()
+
+        return gen()
 
     def __len__(self) -> int:
         return self.n

@@ -44,7 +44,7 @@ Conventions (all entry points):
   block. :func:`similarity_blocks` and :class:`SimilarityAccumulator` go
   further: rows arrive block by block, each is prepared once, and prepared rows
   beyond a memory budget are spilled to disk (:mod:`fvtrust.sanity.rowfile`)
-  and read back one chunk ahead of the products.
+  and read back two chunks ahead, while the next block is being ranked.
 """
 
 from __future__ import annotations
@@ -587,8 +587,8 @@ class _PreparedStore:
     ``spill_dir``, deleted on close, page cache dropped so it really is on
     disk), so the in-memory blocks are always a prefix and :meth:`chunks`
     yields rows in order. float32 shifts (one float64 per row) stay in memory.
-    Spilled rows are read back ``SPILL_READ_BYTES`` at a time with the next
-    chunk read ahead while the caller multiplies the current one.
+    Spilled rows are read back ``SPILL_READ_BYTES`` at a time, two chunks
+    ahead, starting while the caller prepares its next block.
     """
 
     def __init__(self, metric: str, memory_bytes: int | None, spill_dir=None, device=None):
@@ -629,20 +629,29 @@ class _PreparedStore:
         self.n += len(p)
 
     def chunks(self):
-        """Yield the kept rows as :class:`Prepared` blocks, in order."""
-        yield from self.blocks
+        """The kept rows as an iterator of :class:`Prepared` blocks, in order.
+
+        The first two spill reads are queued at once: call this *before*
+        preparing the next block and the disk works while the CPU ranks."""
         if self.spill is None:
-            return
-        shift = torch.cat(self.spill_shift) if self.spill_shift else None
+            return iter(list(self.blocks))
         # Big chunks: a product against few rows is slow per value (tall-skinny BLAS), one against
         # tens of rows runs at matrix-product speed.
         rows = max(1, SPILL_READ_BYTES // self.spill.row_bytes)
-        i = 0
-        for a in self.spill.blocks(rows):
-            v = torch.from_numpy(a).to(self.device)
-            sh = None if shift is None else shift[i : i + len(a)].to(self.device)
-            yield Prepared(v, self.metric, sh)
-            i += len(a)
+        reads = self.spill.blocks(rows, ahead=2)
+        shift = torch.cat(self.spill_shift) if self.spill_shift else None
+        blocks = list(self.blocks)
+
+        def gen():
+            yield from blocks
+            i = 0
+            for a in reads:
+                v = torch.from_numpy(a).to(self.device)
+                sh = None if shift is None else shift[i : i + len(a)].to(self.device)
+                yield Prepared(v, self.metric, sh)
+                i += len(a)
+
+        return gen()
 
     def close(self) -> None:
         if self.spill is not None:
@@ -664,9 +673,9 @@ class SimilarityAccumulator:
     preparation is the expensive step, the products are cheap. Kept prepared
     rows stay in memory up to ``memory_bytes`` (None: ``KEEP_BYTES``, 4 GiB;
     ``float('inf')``: no limit); beyond that they are spilled to a temporary file in
-    ``spill_dir`` (default: the system's temp dir) and read back, one chunk
-    ahead, for each later block. Memory: the budget plus one block and two
-    read chunks of ``SPILL_READ_BYTES`` (256 MiB); disk: the spilled rows (d x 8 bytes per row in float64, 4 in
+    ``spill_dir`` (default: the system's temp dir) and read back, two chunks
+    ahead (the reads start while the new block is being ranked), for each later
+    block. Memory: the budget plus one block and two read chunks of ``SPILL_READ_BYTES`` (256 MiB); disk: the spilled rows (d x 8 bytes per row in float64, 4 in
     float32). Bigger blocks mean fewer passes over the spill. Use as a context
     manager (or call :meth:`close`) to remove the spill file early.
     """
@@ -721,12 +730,13 @@ class SimilarityAccumulator:
         if self.d is not None and r.d != self.d:
             raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
         base = self.n
+        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
         p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base)
         if self.reference is not None:
-            strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in self.reference.chunks()], dim=1)
+            strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in kept], dim=1)
         else:
             own = _symmetrize(_gram(p, p, self.chunk_features))
-            parts = [_gram(p, q, self.chunk_features).cpu() for q in self._kept.chunks()]
+            parts = [_gram(p, q, self.chunk_features).cpu() for q in kept]
             strip = torch.cat(parts + [own.cpu()], dim=1)
             self._kept.append(p)
         self._strips.append(strip)

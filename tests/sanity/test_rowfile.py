@@ -26,6 +26,8 @@ def test_rows_round_trip_in_order(tmp_path, drop_cache):
         assert [len(b) for b in got] == [4, 4, 4, 4, 3]
         np.testing.assert_array_equal(np.concatenate(got), X[2:21])
         assert got[0].flags.writeable
+        ahead = f.blocks(5, ahead=3)  # reads are queued at the call, consumed in order
+        np.testing.assert_array_equal(np.concatenate(list(ahead)), X)
         np.testing.assert_array_equal(f.read(20, 99), X[20:])
         assert list(f.blocks(4, start=23)) == []
     with RowFile(path, 17, np.float32, "a") as f:
