@@ -11,8 +11,21 @@ Four timings per model:
 Ratios are printed against lucent-single and lucent-batch measured in the same
 run (absolute times on shared machines mean little).
 
+Precision (same run): fvtrust-batch at fp32 and at bf16 (autocast), each divided
+by its own floor -- a raw forward to the layer plus backward to the input
+through the same network part (same fast path, batch and precision), with the
+same objective, timed in the same run -- so the ratio is fvtrust's overhead
+over the network itself. Quality of bf16 against fp32: the activation reached
+(objective of the final images, always measured in fp32); on a model with
+classes (--quality-model, default the trained fashion-cnn) also the share of
+logit visualizations classified as their own class and the sanity check's
+score (mean normalized Spearman over layers, fvtrust.sanity.analysis.run with
+all pairs) of the fp32 and of the bf16 images.
+
     python benchmarks/bench_visualize.py                       # both models
     python benchmarks/bench_visualize.py --model googlenet --units 10 --steps 32
+    python benchmarks/bench_visualize.py --model googlenet --units 5 --steps 8 --repeats 3 \
+        --contenders lucent-single,fvtrust-batch                 # + precision and quality sections
 Needs torch-lucent (scripts/install.sh --test installs it).
 """
 from __future__ import annotations
@@ -84,7 +97,110 @@ def timed(fn, *args):
     return time.perf_counter() - t0
 
 
-def bench(spec, layer, n_units, steps, repeats):
+CONTENDERS = ("lucent-single", "lucent-batch", "fvtrust-single", "fvtrust-batch")
+
+
+def run_precision(model, layer, units, steps, precision):
+    return fvtrust.visualize(model, layer, units, steps=steps, objective="channel", precision=precision)
+
+
+def run_floor(model, layer, units, steps, precision):
+    """Raw forward to `layer` + backward to the input, `steps` times: the network's own cost."""
+    from fvtrust.models.hooks import LayerTap
+    from fvtrust.visualize.fastpath import fast_inference
+    from fvtrust.visualize.objectives import make_objective
+    from fvtrust.visualize.render import _forward_precision, _nhwc_pays
+
+    c, h, w = model.input_shape
+    obj = make_objective("channel", layer)
+    cl = _nhwc_pays(model.device, (h, w))
+    x = torch.rand(len(units), c, h, w, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    u = torch.as_tensor(units)
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with fast_inference(model, obj.layers, x[:1].detach(), channels_last=cl), LayerTap(model, [layer]) as tap:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+                with _forward_precision(precision, model.device):
+                    acts = tap(xi)
+                value = obj({k: a.float() for k, a in acts.items()}, u, u)
+                torch.autograd.grad(-value.sum(), [x])
+            return time.perf_counter() - t0
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
+def bench_precision(model, layer, units, steps, repeats, spec):
+    """fp32 vs bf16 visualization, each against its own floor, interleaved in one run."""
+    for prec in ("fp32", "bf16"):  # warm-up: oneDNN builds kernels per shape and dtype
+        run_precision(model, layer, units, 2, prec)
+        run_floor(model, layer, units, 2, prec)
+    times = {k: [] for k in ("fp32", "bf16", "floor-fp32", "floor-bf16")}
+    results = {}
+    for _ in range(repeats):
+        for prec in ("fp32", "bf16"):
+            results[prec] = timed_result(run_precision, model, layer, units, steps, prec)
+            times[prec].append(results[prec][0])
+            times["floor-" + prec].append(run_floor(model, layer, units, steps, prec))
+    best = {k: min(v) for k, v in times.items()}
+    n = len(units)
+    print(f"\n{spec} layer={layer} units={n} steps={steps}: precision (best of {repeats}, one run)")
+    for prec in ("fp32", "bf16"):
+        per, floor = best[prec] / steps / n * 1000, best["floor-" + prec] / steps / n * 1000
+        print(f"  {prec}  fvtrust {best[prec]:7.2f} s ({per:7.2f} ms per image-step)   floor {floor:7.2f} ms "
+              f"per image-step   fvtrust / floor {per / floor:5.2f}x")
+    print(f"  bf16 vs fp32 speed-up: {best['fp32'] / best['bf16']:5.2f}x (floors: "
+          f"{best['floor-fp32'] / best['floor-bf16']:5.2f}x)")
+    a32, a16 = results["fp32"][1].objective[-1], results["bf16"][1].objective[-1]
+    live = a32 != 0  # units a random network never activates give 0 / 0
+    ratio = a16[live] / a32[live]
+    per_unit = (f"bf16/fp32 per unit median {float(ratio.median()):.3f} (min {float(ratio.min()):.3f}, "
+                f"{int(live.sum())} of {len(a32)} units active)") if live.any() else "no unit active"
+    print(f"  activation reached (fp32-measured objective of the final images): fp32 mean {float(a32.mean()):.4g}, "
+          f"bf16 mean {float(a16.mean()):.4g} (ratio {float(a16.mean() / a32.mean()):.3f}); {per_unit}")
+    return best, results
+
+
+def timed_result(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def quality(spec, steps, per_class, per_class_natural):
+    """Class faithfulness and sanity-check score of fp32 vs bf16 logit visualizations on a trained model."""
+    from fvtrust.sanity.analysis import run as sanity_run
+
+    model = fvtrust.load_model(spec)
+    layer = [lay.name for lay in fvtrust.list_layers(model)][-1]
+    classes = list(range(model.num_classes))
+    units = [c for c in classes for _ in range(per_class)]
+    nat = fvtrust.natural("fashion-mnist", model=model).evaluation if spec == "fashion-cnn" else None
+    from fvtrust.sanity.inputs import class_indices
+
+    idx = class_indices(nat.targets(), classes, per_class_natural)
+    x, y = nat.select(idx.tolist()).tensors()
+    print(f"\nquality: {spec} layer={layer} (logits) {len(classes)} classes x {per_class} images, steps={steps}, "
+          f"natural {len(x)} images")
+    for prec in ("fp32", "bf16"):
+        t, res = timed_result(lambda: fvtrust.visualize(model, layer, units, steps=steps, objective="neuron",
+                                                        precision=prec))
+        imgs = res.final
+        with torch.no_grad():
+            pred = model(imgs).argmax(1)
+        faithful = float((pred == torch.as_tensor(units)).float().mean())
+        vis = imgs.view(len(classes), per_class, *imgs.shape[1:])
+        out = sanity_run(model, (x, y), vis, classes, per_class, metrics=("spearman",), pair_stride="all")
+        score = out["metrics"]["spearman"]["normalized"]["summary"].get("mean", float("nan"))
+        print(f"  {prec}: {t:6.1f} s  classified as their class {faithful:.3f}  mean logit reached "
+              f"{float(res.objective[-1].mean()):.3f}  sanity score (mean normalized Spearman) {score:.4f}")
+
+
+def bench(spec, layer, n_units, steps, repeats, contenders=CONTENDERS, precision=True):
     weights = "random" if spec.startswith("torchvision") else None
     torch.manual_seed(0)
     base = fvtrust.load_model(spec, weights=weights)
@@ -99,21 +215,24 @@ def bench(spec, layer, n_units, steps, repeats):
     for n in (1, n_units):
         run_fvtrust(fv_model, layer, units[:n], 3, True)
         run_lucent(lucent_model, layer, units[:n], 3, True)
-    times = {k: [] for k in ("lucent-single", "lucent-batch", "fvtrust-single", "fvtrust-batch")}
+    fns = {"lucent-single": (run_lucent, lucent_model, False), "lucent-batch": (run_lucent, lucent_model, True),
+           "fvtrust-single": (run_fvtrust, fv_model, False), "fvtrust-batch": (run_fvtrust, fv_model, True)}
+    times = {k: [] for k in contenders}
     for _ in range(repeats):  # interleaved so drifting machine load hits all contenders alike
-        times["lucent-single"].append(timed(run_lucent, lucent_model, layer, units, steps, False))
-        times["lucent-batch"].append(timed(run_lucent, lucent_model, layer, units, steps, True))
-        times["fvtrust-single"].append(timed(run_fvtrust, fv_model, layer, units, steps, False))
-        times["fvtrust-batch"].append(timed(run_fvtrust, fv_model, layer, units, steps, True))
+        for k in contenders:
+            fn, m, batched = fns[k]
+            times[k].append(timed(fn, m, layer, units, steps, batched))
     best = {k: min(v) for k, v in times.items()}
     print(f"\n{spec} layer={layer} units={n_units} steps={steps} threads={torch.get_num_threads()} "
           f"(best of {repeats})")
     for k, v in best.items():
         print(f"  {k:<15} {v:8.2f} s   ({v / steps / n_units * 1000:7.2f} ms per image-step)")
-    print(f"  fvtrust-batch vs fvtrust-single : {best['fvtrust-single'] / best['fvtrust-batch']:5.2f}x faster")
-    print(f"  fvtrust-batch vs lucent-single  : {best['lucent-single'] / best['fvtrust-batch']:5.2f}x faster")
-    print(f"  fvtrust-batch vs lucent-batch   : {best['lucent-batch'] / best['fvtrust-batch']:5.2f}x faster")
-    print(f"  fvtrust-single vs lucent-single : {best['lucent-single'] / best['fvtrust-single']:5.2f}x faster")
+    for a, b in (("fvtrust-batch", "fvtrust-single"), ("fvtrust-batch", "lucent-single"),
+                 ("fvtrust-batch", "lucent-batch"), ("fvtrust-single", "lucent-single")):
+        if a in best and b in best:
+            print(f"  {a} vs {b:<14}: {best[b] / best[a]:5.2f}x faster")
+    if precision:
+        bench_precision(fv_model, layer, units, steps, repeats, spec)
     return best
 
 
@@ -122,12 +241,24 @@ def main():
     ap.add_argument("--model", choices=["fashion-cnn", "googlenet", "both"], default="both")
     ap.add_argument("--units", type=int, default=10)
     ap.add_argument("--steps", type=int, default=None, help="default: 512 for fashion-cnn, 32 for googlenet")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of " + ", ".join(CONTENDERS))
+    ap.add_argument("--no-precision", action="store_true", help="skip the fp32 vs bf16 section")
+    ap.add_argument("--quality-model", default="fashion-cnn", help="trained model for class faithfulness and "
+                    "the sanity score ('none' to skip)")
+    ap.add_argument("--quality-steps", type=int, default=256)
     args = ap.parse_args()
+    contenders = [c for c in args.contenders.split(",") if c]
+    bad = [c for c in contenders if c not in CONTENDERS]
+    if bad:
+        ap.error(f"unknown contenders {bad}; choose from {', '.join(CONTENDERS)}")
+    prec = not args.no_precision
     if args.model in ("fashion-cnn", "both"):
-        bench("fashion-cnn", "fc", args.units, args.steps or 512, args.repeats)
+        bench("fashion-cnn", "fc", args.units, args.steps or 512, args.repeats, contenders, prec)
     if args.model in ("googlenet", "both"):
-        bench("torchvision:googlenet", "inception4a", args.units, args.steps or 32, args.repeats)
+        bench("torchvision:googlenet", "inception4a", args.units, args.steps or 32, args.repeats, contenders, prec)
+    if prec and args.quality_model != "none":
+        quality(args.quality_model, args.quality_steps, per_class=2, per_class_natural=20)
 
 
 if __name__ == "__main__":

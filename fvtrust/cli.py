@@ -171,11 +171,14 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @click.option("--shared-start", is_flag=True, help="Start every unit from the same noise (compare units fairly).")
 @click.option("--chunk-size", default=None, type=int, help="Images per optimization batch (default: automatic).")
 @click.option("--no-fast", is_flag=True, help="Skip the verified Conv-BN folding / channels-last fast path.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="bf16: the model's forward/backward under bfloat16 autocast (faster on large CPU/GPU models).")
 @weights_option
 @device_option
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data, relu, redirect_steps, alpha,
-                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, weights, device, out):
+                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, precision, weights, device,
+                  out):
     """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
     from .models import load_model
     from .visualize import visualize
@@ -191,7 +194,8 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data,
         from .visualize.alpha import visualize_transparent as visualize  # noqa: F811  same call, plus .alpha
     res = visualize(model, layer, units, steps=steps, thresholds=th, objective=objective, param=param,
                     decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size,
-                    shared_start=shared_start, fast=not no_fast, relu=relu, redirect_steps=redirect_steps)
+                    shared_start=shared_start, fast=not no_fast, relu=relu, redirect_steps=redirect_steps,
+                    precision=precision)
     meta = save_visualization(res, out, spec=spec)
     if res.alpha is not None:
         from .io import save_png

@@ -68,6 +68,9 @@ COMMANDS = [
                       "1", "--out", "{out}", "{extra}")),
     Cmd("audit", ("audit", "{spec}", "--layer", "{layer}", "--units", "{units}", "--steps", "{steps}",
                   "--natural-limit", "{limit}", "--out", "{out}", "{extra}")),
+    Cmd("compare-methods", ("compare-methods", "{spec}", "--layer", "{layer}", "--units", "{units}", "--methods",
+                            "pixel", "--replicates", "1", "--steps", "{steps}", "--lr", "{lr}", "--data", "{data}",
+                            "--natural-limit", "{limit}", "--out", "{out}", "{extra}")),
     Cmd("reproduce", ("reproduce", "--model", "{spec}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}",
                       "--budget", "{rbudget}", "--only", "{only}", "--out", "{out}", "{extra}")),
 ]
@@ -123,8 +126,6 @@ def _applies(cmd: Cmd, bad: dict) -> bool:
 EXEMPT = {
     ("reproduce", "corrupt data folder"): "reproduce reads images lazily: a step that reads them fails (recorded "
                                           "as failed, exit 1), steps that do not (--only theory) succeed",
-    ("audit", "natural limit zero"): "GAP, open: audit accepts --natural-limit 0 and audits with no natural images "
-                                     "(exit 0); the other commands refuse it",
 }
 
 CASES = [(c, name) for c in COMMANDS for name, bad in INPUTS.items()

@@ -56,7 +56,7 @@ def test_visualize_cli_writes_outputs(tmp_path):
 def test_visualize_cli_flags_reach_the_api(tmp_path):
     out = tmp_path / "vis"
     r = run("visualize", "fashion-cnn", "fc", "--units", "0,3", "--steps", "2", "--shared-start", "--no-fast",
-            "--weights", "random", "--out", str(out))
+            "--precision", "bf16", "--weights", "random", "--out", str(out))
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "visualization.json").read_text())["settings"]
-    assert settings["shared_start"] is True and settings["fast"] is False
+    assert settings["shared_start"] is True and settings["fast"] is False and settings["precision"] == "bf16"

@@ -29,7 +29,7 @@ def audit_command(spec, layer, data, class_index, natural_limit, data_dir, units
     from .report import save_audit
 
     model = load_model(spec, weights=weights, device=device_of(device))
-    limit = natural_limit or AuditSettings.natural_limit
+    limit = AuditSettings.natural_limit if natural_limit is None else natural_limit
     nat = load_natural(model, data, class_index, limit, data_dir, seed)
     res = audit(model, layer, data=nat, units=units, steps=steps, top_k=top_k, natural_limit=limit, seed=seed)
     data_opt = f"--data {data} " if data else ""

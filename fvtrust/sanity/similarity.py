@@ -42,13 +42,16 @@ Conventions (all entry points):
 * Memory: rows are prepared ``block_rows`` at a time (default sized from a
   512 MiB budget for temporaries), so the peak is the prepared matrix plus one
   block. :func:`similarity_blocks` and :class:`SimilarityAccumulator` go
-  further: rows arrive block by block, and with a callable second source nothing
-  but two blocks is ever held.
+  further: rows arrive block by block, each is prepared once, and prepared rows
+  beyond a memory budget are spilled to disk (:mod:`fvtrust.sanity.rowfile`)
+  and read back two chunks ahead, while the next block is being ranked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -57,6 +60,7 @@ import torch
 
 from fvtrust.errors import FvtrustError, nearest
 from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, centred_ranks
+from fvtrust.sanity.rowfile import RowFile
 
 METRICS = ("spearman", "pearson", "cosine")
 NAN_POLICIES = ("propagate", "raise")
@@ -74,6 +78,10 @@ GRAM_TEMP_BYTES = 64 * 2**20
 # product (it is memory-bound, the product is compute-bound); similarity_at
 # multiplies whole sub-blocks when the requested pairs are denser than 1/this.
 DOT_COST = 64
+# Prepared rows a streaming accumulator keeps in memory before spilling to disk.
+KEEP_BYTES = 4 * 2**30
+# Largest chunk of spilled rows read back at once (one more is read ahead).
+SPILL_READ_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -571,6 +579,86 @@ def _check_pairs(pairs, n_a: int, n_b: int) -> torch.Tensor:
     return p
 
 
+class _PreparedStore:
+    """Prepared rows kept in arrival order: in memory up to ``memory_bytes``, the rest on disk.
+
+    Once a block does not fit, it and every later block go to a spill
+    :class:`~fvtrust.sanity.rowfile.RowFile` (a temporary file in
+    ``spill_dir``, deleted on close, page cache dropped so it really is on
+    disk), so the in-memory blocks are always a prefix and :meth:`chunks`
+    yields rows in order. float32 shifts (one float64 per row) stay in memory.
+    Spilled rows are read back ``SPILL_READ_BYTES`` at a time, two chunks
+    ahead, starting while the caller prepares its next block.
+    """
+
+    def __init__(self, metric: str, memory_bytes: int | None, spill_dir=None, device=None):
+        self.metric, self.memory_bytes, self.spill_dir = metric, memory_bytes, spill_dir
+        self.device = device
+        self.blocks: list[Prepared] = []
+        self.in_memory = 0  # bytes of kept vectors
+        self.spill: RowFile | None = None
+        self.spill_shift: list[torch.Tensor] = []
+        self.n = 0
+        self.d: int | None = None
+
+    @property
+    def spilled(self) -> int:
+        return 0 if self.spill is None else len(self.spill)
+
+    def append(self, p: Prepared) -> None:
+        if len(p) == 0:
+            return
+        self.d = p.vectors.shape[1]
+        self.device = p.vectors.device
+        nbytes = p.vectors.numel() * p.vectors.element_size()
+        if self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes):
+            self.blocks.append(p)
+            self.in_memory += nbytes
+        else:
+            if self.spill is None:
+                fd, path = tempfile.mkstemp(prefix="fvtrust-prepared-", suffix=".rows", dir=self.spill_dir)
+                os.close(fd)
+                dtype = np.float32 if p.vectors.dtype == torch.float32 else np.float64
+                self.spill = RowFile(path, self.d, dtype, "w", drop_cache=True, delete=True)
+            if self.spill.dtype == np.float64:
+                self.spill.append(p.unit_vectors())
+            else:
+                self.spill.append(p.vectors.to(torch.float32))
+                shift = p.shift if p.shift is not None else torch.zeros(len(p), dtype=torch.float64)
+                self.spill_shift.append(shift.cpu())
+        self.n += len(p)
+
+    def chunks(self):
+        """The kept rows as an iterator of :class:`Prepared` blocks, in order.
+
+        The first two spill reads are queued at once: call this *before*
+        preparing the next block and the disk works while the CPU ranks."""
+        if self.spill is None:
+            return iter(list(self.blocks))
+        # Big chunks: a product against few rows is slow per value (tall-skinny BLAS), one against
+        # tens of rows runs at matrix-product speed.
+        rows = max(1, SPILL_READ_BYTES // self.spill.row_bytes)
+        reads = self.spill.blocks(rows, ahead=2)
+        shift = torch.cat(self.spill_shift) if self.spill_shift else None
+        blocks = list(self.blocks)
+
+        def gen():
+            yield from blocks
+            i = 0
+            for a in reads:
+                v = torch.from_numpy(a).to(self.device)
+                sh = None if shift is None else shift[i : i + len(a)].to(self.device)
+                yield Prepared(v, self.metric, sh)
+                i += len(a)
+
+        return gen()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+
+
 class SimilarityAccumulator:
     """All-pairs similarity filled block by block as rows arrive (e.g. one model batch at a time).
 
@@ -580,7 +668,16 @@ class SimilarityAccumulator:
     symmetric (n, n) matrix. With ``reference`` (rows, or :class:`Prepared`)
     that is prepared once and kept instead, and :meth:`result` is
     (n, n_reference). Each :meth:`add` also returns its new result rows.
-    Memory: the kept prepared rows (n x d, or n_reference x d) plus one block.
+
+    Every row is prepared (ranked) exactly once, whatever the memory budget:
+    preparation is the expensive step, the products are cheap. Kept prepared
+    rows stay in memory up to ``memory_bytes`` (None: ``KEEP_BYTES``, 4 GiB;
+    ``float('inf')``: no limit); beyond that they are spilled to a temporary file in
+    ``spill_dir`` (default: the system's temp dir) and read back, two chunks
+    ahead (the reads start while the new block is being ranked), for each later
+    block. Memory: the budget plus one block and two read chunks of ``SPILL_READ_BYTES`` (256 MiB); disk: the spilled rows (d x 8 bytes per row in float64, 4 in
+    float32). Bigger blocks mean fewer passes over the spill. Use as a context
+    manager (or call :meth:`close`) to remove the spill file early.
     """
 
     def __init__(
@@ -593,25 +690,37 @@ class SimilarityAccumulator:
         dtype: torch.dtype = torch.float64,
         nan_policy: str = "propagate",
         chunk_features: int | None = None,
+        memory_bytes: int | None = None,
+        spill_dir=None,
     ):
         self.metric = _check_metric(metric)
         self.nan_policy = _check_nan_policy(nan_policy)
         self.dtype = _check_dtype(dtype)
         self.block_rows, self.chunk_features = block_rows, chunk_features
         self.device = None if device is None else torch.device(device)
+        budget = KEEP_BYTES if memory_bytes is None else memory_bytes
+        budget = None if budget == float("inf") else budget
         self.reference = None
-        if reference is not None:
+        if isinstance(reference, _PreparedStore):  # from similarity_blocks: B prepared block by block
+            self.reference = reference
+            self.device = reference.device
+        elif reference is not None:
             ref = _Rows(reference, "reference", self.device)
             self.device = ref.device
-            self.reference = _prepare_rows(ref, metric, self.dtype, nan_policy, block_rows)
-        self._kept: list[Prepared] = []  # prepared blocks (no reference)
+            self.reference = _PreparedStore(metric, budget, spill_dir, self.device)
+            self.reference.append(_prepare_rows(ref, metric, self.dtype, nan_policy, block_rows))
+        self._kept = _PreparedStore(metric, budget, spill_dir, self.device)  # prepared blocks (no reference)
         self._strips: list[torch.Tensor] = []  # result rows per add()
         self.n = 0
 
     @property
     def d(self) -> int | None:
-        src = self.reference if self.reference is not None else (self._kept[0] if self._kept else None)
-        return None if src is None else src.vectors.shape[1]
+        return (self.reference if self.reference is not None else self._kept).d
+
+    @property
+    def spilled_rows(self) -> int:
+        """Prepared rows currently kept on disk rather than in memory."""
+        return (self.reference if self.reference is not None else self._kept).spilled
 
     def add(self, rows) -> torch.Tensor:
         """Prepare ``rows`` and return their similarities (float64 CPU) with the
@@ -621,14 +730,15 @@ class SimilarityAccumulator:
         if self.d is not None and r.d != self.d:
             raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
         base = self.n
+        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
         p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base)
         if self.reference is not None:
-            strip = _gram(p, self.reference, self.chunk_features)
+            strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in kept], dim=1)
         else:
             own = _symmetrize(_gram(p, p, self.chunk_features))
-            strip = torch.cat([_gram(p, q, self.chunk_features) for q in self._kept] + [own], dim=1)
+            parts = [_gram(p, q, self.chunk_features).cpu() for q in kept]
+            strip = torch.cat(parts + [own.cpu()], dim=1)
             self._kept.append(p)
-        strip = strip.cpu()
         self._strips.append(strip)
         self.n += r.n
         return strip
@@ -647,6 +757,18 @@ class SimilarityAccumulator:
             i += m
         return _symmetrize(s)
 
+    def close(self) -> None:
+        """Delete the spill files (results already computed are kept)."""
+        self._kept.close()
+        if self.reference is not None:
+            self.reference.close()
+
+    def __enter__(self) -> SimilarityAccumulator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def similarity_blocks(
     blocks_a: Iterable | Callable[[], Iterable],
@@ -656,62 +778,52 @@ def similarity_blocks(
 ) -> torch.Tensor:
     """All-pairs similarity of rows that arrive as blocks (arrays or tensors).
 
-    * ``blocks_b is None``: rows of A against each other (symmetric, prepared A
-      rows are kept: n_a x d values).
-    * ``blocks_b`` an iterable: it is prepared once and kept (n_b x d values),
-      A streams past it.
-    * ``blocks_b`` a callable returning a fresh iterable: B is re-read and
-      re-prepared for every A block and nothing but one A and one B block is
-      ever held -- for inputs too large to keep prepared. Bigger A blocks mean
-      fewer passes over B.
+    * ``blocks_b is None``: rows of A against each other (symmetric).
+    * ``blocks_b`` an iterable, or a callable returning one: B is read once,
+      prepared block by block and kept; A streams past it.
 
-    ``options`` are those of :func:`similarity`. Returns a float64 CPU tensor.
+    Each row of A and B is prepared exactly once. Kept prepared rows beyond
+    ``memory_bytes`` (default 4 GiB) are spilled to disk and re-read per A
+    block (see :class:`SimilarityAccumulator`), so inputs far larger than
+    memory work at the speed of the in-memory path plus what the disk cannot
+    hide behind the products. Bigger A blocks mean fewer passes over the spill.
+    ``options`` are those of :func:`similarity` plus ``memory_bytes`` and
+    ``spill_dir``. Returns a float64 CPU tensor.
     """
     if callable(blocks_a):
         blocks_a = blocks_a()
     if blocks_b is not None and callable(blocks_b):
-        return _similarity_restream(blocks_a, blocks_b, metric, **options)
+        blocks_b = blocks_b()
     reference = None
-    if blocks_b is not None:
-        prepared = [prepare(b, metric, **_prep_options(options)) for b in blocks_b if not _is_empty(b)]
-        if not prepared:
-            raise FvtrustError("blocks_b yielded no rows")
-        reference = Prepared.cat(prepared)
-    acc = SimilarityAccumulator(metric, reference, **options)
-    for blk in blocks_a:
-        if not _is_empty(blk):
-            acc.add(blk)
-    if acc.n == 0:
-        raise FvtrustError("blocks_a yielded no rows")
-    return acc.result()
+    keep = {k: options[k] for k in ("memory_bytes", "spill_dir") if k in options}
+    budget = keep.get("memory_bytes")
+    budget = KEEP_BYTES if budget is None else (None if budget == float("inf") else budget)
+    try:
+        if blocks_b is not None:
+            reference = _PreparedStore(metric, budget, keep.get("spill_dir"), options.get("device"))
+            prep = _prep_options(options)
+            d = None
+            for b in blocks_b:
+                if _is_empty(b):
+                    continue
+                p = prepare(b, metric, **prep)
+                if d is not None and p.vectors.shape[1] != d:
+                    raise FvtrustError(f"B blocks have {p.vectors.shape[1]} features but earlier ones had {d}")
+                d = p.vectors.shape[1]
+                reference.append(p)
+            if reference.n == 0:
+                raise FvtrustError("blocks_b yielded no rows")
+        with SimilarityAccumulator(metric, reference, **options) as acc:
+            for blk in blocks_a:
+                if not _is_empty(blk):
+                    acc.add(blk)
+            if acc.n == 0:
+                raise FvtrustError("blocks_a yielded no rows")
+            return acc.result()
+    finally:
+        if reference is not None:
+            reference.close()
 
 
 def _prep_options(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k != "chunk_features"}
-
-
-def _similarity_restream(blocks_a, make_b, metric, **options) -> torch.Tensor:
-    chunk = options.get("chunk_features")
-    strips, width = [], None
-    for blk in blocks_a:
-        if _is_empty(blk):
-            continue
-        pa = prepare(blk, metric, **_prep_options(options))
-        parts = []
-        for bb in make_b():
-            if not _is_empty(bb):
-                pb = prepare(bb, metric, **{**_prep_options(options), "device": pa.vectors.device})
-                da, db = pa.vectors.shape[1], pb.vectors.shape[1]
-                if da != db:
-                    raise FvtrustError(f"A rows have {da} features but B rows have {db}")
-                parts.append(_gram(pa, pb, chunk).cpu())
-        strip = torch.cat(parts, dim=1) if parts else torch.empty((len(pa), 0), dtype=torch.float64)
-        if width is not None and strip.shape[1] != width:
-            raise FvtrustError("blocks_b() yielded a different number of rows on a later pass")
-        width = strip.shape[1]
-        strips.append(strip)
-    if not strips:
-        raise FvtrustError("blocks_a yielded no rows")
-    if width == 0:
-        raise FvtrustError("blocks_b yielded no rows")
-    return torch.cat(strips)
+    return {k: v for k, v in options.items() if k not in ("chunk_features", "memory_bytes", "spill_dir")}

@@ -87,6 +87,29 @@ def _auto_chunk(model, n_images: int, shape, record: bool) -> int:
     return int(max(1, min(n_images, budget // per_image)))
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise FvtrustError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _as_float(acts):
+    """Layer outputs (and a reference's, nested) in float32: objectives always compute in fp32."""
+    return {k: _as_float(v) if isinstance(v, dict) else v.float() for k, v in acts.items()}
+
+
+def _forward_precision(precision: str, device: torch.device):
+    """The model's forward during optimization: fp32, or bf16 autocast (convolutions and matrix
+    products in bfloat16, reductions in float32; parameterization, transforms, objective and
+    optimizer stay float32). Snapshots' objective values are always measured in float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _nhwc_pays(device, hw) -> bool:
     """NHWC convolutions: measured faster on CPU at 224 px (~1.4x), slower at 28 px; unmeasured on GPU."""
     return device.type == "cpu" and min(hw) >= 64
@@ -98,7 +121,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
               directions=None, groups=None, on_step=None, progress_desc: str | None = None,
               shared_start: bool = False, fast: bool = True, grad_clip: float | None = None, relu: str = "standard",
-              redirect_steps: int = REDIRECT_STEPS, reference: torch.Tensor | None = None) -> VisualizationResult:
+              redirect_steps: int = REDIRECT_STEPS, reference: torch.Tensor | None = None,
+              precision: str = "fp32") -> VisualizationResult:
     """Feature visualization by activation maximization, batched over units.
 
     `units` may repeat a unit (e.g. several starts per unit); each entry gets its
@@ -117,12 +141,15 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     `reference` (units x C x H x W in [0, 1]) runs each image's reference
     alongside it under the same transform draw; objectives read the
     reference's activations as `acts[REFERENCE]` (feature accentuation's
-    proximity term, accentuate.py).
+    proximity term, accentuate.py). `precision="bf16"` runs the optimization's forward and backward
+    under bfloat16 autocast (see benchmarks/bench_visualize.py for its speed and quality
+    against fp32, the default).
     """
     if grad_clip is not None and not grad_clip > 0:
         raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
     from ..models import as_model
 
+    precision = _check_precision(precision)
     model = as_model(model, example=start)
     if relu not in ("standard", "redirect"):
         raise FvtrustError(f"unknown relu {relu!r}; choose standard or redirect")
@@ -177,7 +204,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
                grads=torch.empty(steps, n, c, *hw) if record_gradients else None,
                traj=torch.empty(steps + 1, n, c, *hw) if record_images else None, on_step=on_step,
                channels_last=fast and _nhwc_pays(device, crop or hw), grad_clip=grad_clip,
-               redirect_steps=redirect_steps if relu == "redirect" else 0)
+               redirect_steps=redirect_steps if relu == "redirect" else 0, precision=precision)
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients, ever
@@ -211,7 +238,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
                 "seed": seed, "objective": repr(obj), "size": list(hw),
                 "transforms": tspec.to_dict() if tspec else None, "start": start is not None,
                 "shared_start": shared_start, "fast": fast, "grad_clip": grad_clip, "relu": relu,
-                "redirect_steps": redirect_steps if relu == "redirect" else None, "reference": reference is not None}
+                "redirect_steps": redirect_steps if relu == "redirect" else None, "reference": reference is not None,
+                "precision": precision}
     return VisualizationResult(run.images, run.values, thresholds, list(units), layer, settings, run.grads, run.traj)
 
 
@@ -239,6 +267,7 @@ class _Run:
     channels_last: bool = False
     grad_clip: float | None = None
     redirect_steps: int = 0
+    precision: str = "fp32"
     bar: object = None
     redirect: object = None  # relu.RedirectSwitch while relu="redirect"
 
@@ -274,7 +303,9 @@ class _Run:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                     x_ref = None if x_ref is None else x_ref.contiguous(memory_format=torch.channels_last)
-                value = self.obj(self._acts(tap, x, x_ref), u_t, groups)
+                with _forward_precision(self.precision, device):
+                    acts = self._acts(tap, x, x_ref)
+                value = self.obj(_as_float(acts), u_t, groups)
                 grads = torch.autograd.grad(-value.sum(), [prm.tensor, img] if want_img_grad else [prm.tensor])
                 if self.traj is not None:
                     self.traj[step - 1, sl] = img.detach().cpu()

@@ -184,6 +184,46 @@ def test_streaming_equals_direct(metric):
     assert same(ref_acc.result(), want[:, :5], 1e-15)
 
 
+@pytest.mark.parametrize("metric,dtype", [("spearman", torch.float64), ("spearman", torch.float32),
+                                          ("pearson", torch.float32), ("cosine", torch.float64)])
+def test_spilled_streaming_equals_in_memory(metric, dtype, tmp_path):
+    """A memory budget smaller than the prepared rows spills them to disk; results do not change."""
+    X = np.concatenate([tricky_rows(), tricky_rows(seed=1)])  # 22 rows, NaN-free, every edge case twice
+    want = similarity(X, metric=metric, dtype=dtype)
+    tol = 1e-15 if dtype == torch.float64 else TOL  # float32: BLAS rounds other block shapes differently
+    row_bytes = X.shape[1] * (8 if dtype == torch.float64 else 4)
+    opts = dict(metric=metric, dtype=dtype, memory_bytes=3 * row_bytes, spill_dir=tmp_path)
+    blocks = [X[:3], X[3:4], np.zeros((0, X.shape[1])), X[4:11], X[11:]]
+    assert same(similarity_blocks(blocks, **opts), want, tol)
+    vs_b = similarity_blocks(blocks[::-1], lambda: iter(blocks), **opts)
+    assert same(vs_b, similarity(np.concatenate(blocks[::-1]), X, metric=metric, dtype=dtype), tol)
+    with SimilarityAccumulator(metric, reference=X, dtype=dtype, memory_bytes=row_bytes, spill_dir=tmp_path) as acc:
+        for b in blocks:
+            if len(b):
+                acc.add(b)
+        assert acc.spilled_rows == len(X)  # the budget holds no whole reference block: all of it on disk
+        assert same(acc.result(), want, tol)
+    with SimilarityAccumulator(metric, dtype=dtype, memory_bytes=4 * row_bytes, spill_dir=tmp_path) as acc:
+        for b in blocks:
+            if len(b):
+                acc.add(b)
+        assert acc.spilled_rows == len(X) - 4  # the first two blocks fit, everything after goes to disk
+        assert same(acc.result(), want, tol)
+    with SimilarityAccumulator(metric, dtype=dtype, memory_bytes=float("inf"), spill_dir=tmp_path) as acc:
+        for b in blocks[:2]:
+            acc.add(b)
+        assert acc.spilled_rows == 0  # no limit: nothing goes to disk
+    assert list(tmp_path.iterdir()) == []  # spill files are removed
+
+
+def test_streaming_checks_widths_across_blocks():
+    X = tricky_rows()
+    with pytest.raises(FvtrustError, match="features"):
+        similarity_blocks([X[:3]], [X[:, :10]])
+    with pytest.raises(FvtrustError, match="features"):
+        similarity_blocks([X[:3]], [X, X[:, :10]])
+
+
 def test_prepared_rows_are_reusable():
     X = tricky_rows()
     p = prepare(X)

@@ -151,3 +151,22 @@ def test_objectives_values():
         acts["l"], torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1), dim=1).mean((1, 2)))
     div = Diversity("l")(acts, torch.tensor([0, 0]))
     assert div.shape == (2,) and (div <= 0).all()
+
+
+def test_bf16_precision_reaches_the_fp32_objective():
+    """bf16 autocast changes the rounding of the forward, not what is optimized: the objective (always
+    measured in float32) rises like fp32's, the images stay close, and the model comes back untouched."""
+    m = tiny_rgb(64)  # >= 64 px: the NHWC fast path runs too
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    f32 = visualize(m, "conv2", [0, 3, 5], steps=30, thresholds=(1, 30), objective="channel")
+    b16 = visualize(m, "conv2", [0, 3, 5], steps=30, thresholds=(1, 30), objective="channel", precision="bf16")
+    assert b16.settings["precision"] == "bf16" and f32.settings["precision"] == "fp32"
+    assert b16.images.dtype == torch.float32 and b16.objective.dtype == torch.float32
+    assert (b16.objective[-1] > b16.objective[0]).all()
+    assert torch.allclose(b16.objective[-1], f32.objective[-1], rtol=0.1)
+    assert not torch.equal(b16.images, f32.images)  # bf16 really ran
+    assert (b16.images - f32.images).abs().mean() < 0.05
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype
+    with pytest.raises(FvtrustError, match="precision"):
+        visualize(m, "conv2", [0], steps=1, precision="fp16")

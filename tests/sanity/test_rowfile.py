@@ -1,0 +1,52 @@
+"""RowFile: the out-of-core row store behind streamed similarity."""
+
+import numpy as np
+import pytest
+import torch
+
+from fvtrust.errors import FvtrustError
+from fvtrust.sanity.rowfile import RowFile
+
+
+@pytest.mark.parametrize("drop_cache", [False, True])
+def test_rows_round_trip_in_order(tmp_path, drop_cache):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(23, 17)).astype(np.float32)
+    path = tmp_path / "x.rows"
+    with RowFile(path, 17, np.float32, "w", drop_cache=drop_cache) as f:
+        f.append(X[:5])
+        f.append(torch.from_numpy(X[5:6]))  # tensors too
+        f.append(X[6:].reshape(17, 17, 1))  # flattened after the first dim
+        assert len(f) == 23
+        np.testing.assert_array_equal(f.read(), X)  # waits for the queued writes
+    assert path.stat().st_size == X.nbytes
+    with RowFile(path, 17, np.float32, drop_cache=drop_cache) as f:
+        assert len(f) == 23
+        got = list(f.blocks(4, start=2, stop=21))
+        assert [len(b) for b in got] == [4, 4, 4, 4, 3]
+        np.testing.assert_array_equal(np.concatenate(got), X[2:21])
+        assert got[0].flags.writeable
+        ahead = f.blocks(5, ahead=3)  # reads are queued at the call, consumed in order
+        np.testing.assert_array_equal(np.concatenate(list(ahead)), X)
+        np.testing.assert_array_equal(f.read(20, 99), X[20:])
+        assert list(f.blocks(4, start=23)) == []
+    with RowFile(path, 17, np.float32, "a") as f:
+        f.append(X[:1])
+    assert RowFile(path, 17, np.float32).n == 24
+
+
+def test_bad_files_are_fvtrust_errors(tmp_path):
+    path = tmp_path / "x.rows"
+    path.write_bytes(b"\0" * 10)
+    with pytest.raises(FvtrustError, match="whole number"):
+        RowFile(path, 3, np.float32)
+    with pytest.raises(FvtrustError, match="cannot open"):
+        RowFile(tmp_path / "missing.rows", 3)
+    with pytest.raises(FvtrustError, match="mode"):
+        RowFile(path, 3, mode="x")
+    with RowFile(tmp_path / "y.rows", 3, np.float64, "w", delete=True) as f:
+        with pytest.raises(FvtrustError, match="values"):
+            f.append(np.zeros((2, 4)))
+        with pytest.raises(FvtrustError, match="row range"):
+            f.read(2, 1)
+    assert not (tmp_path / "y.rows").exists()  # delete=True removes it on close
