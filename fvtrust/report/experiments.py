@@ -325,7 +325,7 @@ def run_sanity(ctx: Context, sdir: Path) -> dict:
     pairs = "paper" if ctx.mode == "paper" else "all"
     res = sanity_check(m, out=sdir / "sanity", natural=st.natural, classes=st.classes, per_class=per_class,
                        per_class_natural=ctx.budget(50, 50, smoke=6), steps=ctx.budget(512, 512, smoke=16),
-                       all_pairs=pairs == "all",
+                       all_pairs=pairs == "all", exclude_misclassified="auto",
                        command=f"fvtrust sanity-check {st.cli} --classes {','.join(map(str, st.classes))}"
                                + (" --all-pairs" if pairs == "all" else "") + " --out DIR")
     figures, rows = [], []
@@ -348,4 +348,7 @@ def run_sanity(ctx: Context, sdir: Path) -> dict:
                         "images of that class until its last layers.",
             "figures": figures, "summary": rows,
             "natural_data": res.get("natural_data"),
+            "notes": [] if res["natural"].get("misclassified_excluded", True) else [
+                "The model misclassifies every selected natural image (random weights?), so none were excluded: "
+                "the paper excludes misclassified images, and these numbers only check the pipeline."],
             "command": f"fvtrust sanity-check {st.cli} --classes {','.join(map(str, st.classes))} --out DIR"}

@@ -586,7 +586,7 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
         per_class_natural: int | None = None, layers="all", metrics=METRICS, pair_stride="paper",
         dtype="float32", batch_size: int = 128, budget_bytes: int = BUDGET_BYTES, cache_dir=None, spill_dir=None,
         drop_below: float = DROP_BELOW, smoothing_window: int = SMOOTHING_WINDOW, std_window: int = STD_WINDOW,
-        pair_seed: int = 0) -> dict:
+        pair_seed: int = 0, exclude_misclassified=True) -> dict:
     """The sanity check on ``model``; returns a JSON-able dict (see :mod:`fvtrust.sanity.analysis`).
 
     ``natural``: (images, labels), [0, 1] images of the model's input shape;
@@ -600,6 +600,9 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     for cosine), "all", or see :func:`resolve_strides`; ``pair_seed`` draws
     which pairs a sub-sampled block keeps (:func:`enumerate_pairs`).
     ``cache_dir`` makes the run resumable (finished layers are skipped on rerun).
+    ``exclude_misclassified``: True (the paper), False, or "auto": exclude unless
+    that leaves no natural image at all (a random-init model), then keep them
+    all and say so in ``natural.misclassified_excluded``.
     """
     t0 = time.time()
     metrics = check_metrics(metrics)
@@ -628,7 +631,9 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
 
     pred = predict(model, nat, batch_size=batch_size).argmax(dim=1)
     correct = pred == nat_y
-    nat_kept, y_kept = nat[correct], nat_y[correct]
+    excluded = exclude_misclassified is True or (exclude_misclassified == "auto" and bool(correct.any()))
+    keep = correct if excluded else torch.ones_like(correct)
+    nat_kept, y_kept = nat[keep], nat_y[keep]
     nat_counts = [int((y_kept == c).sum()) for c in classes]
     if sum(nat_counts) == 0:
         raise FvtrustError("the model misclassifies every selected natural image; nothing to compare")
@@ -705,7 +710,8 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
             "per_class_requested": per_class_natural,
             "selected_per_class": [int((nat_y == c).sum()) for c in classes],
             "correct_per_class": nat_counts,
-            "excluded_indices": nat_idx[~correct].tolist(),
+            "excluded_indices": nat_idx[~keep].tolist(),
+            "misclassified_excluded": excluded,
             "accuracy": float(correct.float().mean()),
         },
         "visualizations": {
