@@ -38,6 +38,11 @@ PIPELINES = [
     Pipeline("linearity", ("linearity", "fashion-cnn", "block3", "--units", "0-5", "--m", "2", "--steps", "8",
                            "--natural-limit", "500", "--group-size", "1", "--out", "{out}"),
              ("linearity.json", "path_curves.png")),
+    Pipeline("slingshot", ("fool", "slingshot", "fashion-cnn", "--layer", "fc", "--unit", "0", "--target", "camera",
+                           "--epochs", "3", "--fit-images", "64", "--batch-size", "32", "--tunnel-batch", "8",
+                           "--steps", "8", "--natural-limit", "500", "--out", "{out}"),
+             ("report.json", "model/weights.safetensors", "figure.png"),
+             volatile=frozenset({"timing", "resumed_from_epoch"})),  # this process's CPU time; where it resumed
 ]
 
 RESULTS = []

@@ -56,9 +56,10 @@ class VisualizationResult:
 
 
 def check_learning_rate(lr) -> float:
-    """A finite learning rate > 0 (NaN or inf would silently wreck every image; torch raises a traceback)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise FvtrustError(f"the learning rate must be a finite number > 0, got {lr!r}")
+    """A finite learning rate >= 0 (NaN or inf would silently wreck every image; torch raises a traceback).
+    0 is allowed: the result is then the start image itself (how tests and defenses read the start)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise FvtrustError(f"the learning rate must be a finite number >= 0, got {lr!r}")
     return float(lr)
 
 

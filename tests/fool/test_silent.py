@@ -136,13 +136,16 @@ def test_cli_writes_report_figure_and_model(tmp_path):
 
     out = tmp_path / "silent"
     args = ["fool", "silent", "fashion-cnn", "--weights", "random", "--layer", "block3", "--units", "0-3",
-            "--natural", "300", "--steps", "4", "--out", str(out)]
+            "--natural-limit", "300", "--steps", "4", "--out", str(out)]
     bad = CliRunner().invoke(main, [*args, "--vis-units", "5"])
     assert bad.exit_code == 2 and "not manipulated units" in bad.output and not out.exists()
     r = CliRunner().invoke(main, [*args, "--vis-units", "all"])
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
-    assert rep["visualized_units"] == [0, 1, 2, 3] and rep["heldout_images"] == 10000
+    assert rep["visualized_units"] == [0, 1, 2, 3] and rep["heldout_images"] == 300
+    nd = rep["natural_data"]  # fit on the train split, checked on the test split, both named with their sizes
+    assert (nd["fit"]["source"], nd["fit"]["n"]) == ("fashion-mnist:train", 300)
+    assert (nd["heldout"]["source"], nd["heldout"]["n"]) == ("fashion-mnist:test", 300)
     assert {"same_unit_ceiling", "mean_pairwise_correlation_after"} <= rep["independent_starts"].keys()
     assert (out / "figure5.png").stat().st_size > 0
     again = fvtrust.load_model(str(out / "model"))
