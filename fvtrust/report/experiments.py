@@ -231,27 +231,44 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
     top = top_activating_many(m, layer, units, x, m=mm)
     metrics = path_metrics(m, layer, units, top.images, steps=steps, seed=ctx.seed, cache_dir=sdir / "cache")
     scores = standin_scores(m, layer, units, top.images, steps=ctx.budget(256, 256, smoke=16), seed=ctx.seed)
-    corr = correlate(metrics, scores)
-    fig = figure12(corr, f"{st.spec} {layer}: Spearman r of path measures with STAND-IN scores")
+    from ..errors import FvtrustError
+
+    notes = ["The scores here are a clearly labelled stand-in, not human interpretability data; give real "
+             "scores with `fvtrust linearity ... --scores scores.csv`."]
+    try:
+        corr = correlate(metrics, scores)
+    except FvtrustError as e:  # e.g. dead units of a random-init model leave too few defined angles
+        corr = None
+        notes.append(f"No correlation: {e}. The per-unit path measures are shown instead.")
+    if corr is not None:
+        fig = figure12(corr, f"{st.spec} {layer}: Spearman r of path measures with STAND-IN scores")
+        caption = ("Spearman r against the number of steps n considered. Scores are a STAND-IN (no human data "
+                   "offline): each unit's mean Spearman similarity between its visualization and its top natural "
+                   f"images at {layer}.")
+    else:
+        from ..linearity.plots import path_curves
+
+        fig = path_curves(metrics, f"{st.spec} {layer}: per-unit path measures")
+        caption = "Per-unit gradient angles and line distances along the visualization paths."
     path = atomic_save_figure(fig, sdir / "figure12.png", dpi=110)
+
+    def rp(key):
+        return f"{corr[key]['r']:.3f} ({corr[key]['p']:.3g})" if corr is not None else "n/a (see notes)"
+
     return {"metrics": metrics.to_dict(), "correlation": corr, "scores": scores, "m": mm, "steps": steps,
             "sentence": "Along each unit's visualization path from its most activating natural images, we "
                         "measure how much the gradient turns (AGPA/AGA) and how far the path strays from a line "
                         "(ALDP/ALD), and correlate both with per-unit scores.",
-            "figures": [{"path": _rel(ctx, path), "caption": "Spearman r against the number of steps n considered. "
-                         "Scores are a STAND-IN (no human data offline): each unit's mean Spearman similarity "
-                         f"between its visualization and its top natural images at {layer}."}],
+            "figures": [{"path": _rel(ctx, path), "caption": caption}],
             "summary": [
                 {"quantity": "units / starts per unit / steps", "measured": f"{len(units)} / {mm} / {steps}",
                  "paper": "84 / 20 / 512"},
-                {"quantity": "Spearman r (p) of AGA with scores", "measured":
-                 f"{corr['aga']['r']:.3f} ({corr['aga']['p']:.3g})", "paper": "AGPA at n=2: -0.36 (0.001)"},
-                {"quantity": "Spearman r (p) of ALD with scores", "measured":
-                 f"{corr['ald']['r']:.3f} ({corr['ald']['p']:.3g})", "paper": "0.02 (0.86)"},
+                {"quantity": "Spearman r (p) of AGA with scores", "measured": rp("aga"),
+                 "paper": "AGPA at n=2: -0.36 (0.001)"},
+                {"quantity": "Spearman r (p) of ALD with scores", "measured": rp("ald"), "paper": "0.02 (0.86)"},
                 {"quantity": "mean AGA (degrees) / mean ALD", "measured":
                  f"{float(np.nanmean(metrics.aga)):.2f} / {float(np.nanmean(metrics.ald)):.4f}", "paper": None}],
-            "notes": ["The scores here are a clearly labelled stand-in, not human interpretability data; give real "
-                      "scores with `fvtrust linearity ... --scores scores.csv`."],
+            "notes": notes,
             "command": f"fvtrust linearity {st.cli} {layer} --units 0-{len(units) - 1} --m {mm} --steps {steps} "
                        "--out DIR"}
 
@@ -323,8 +340,12 @@ def run_sanity(ctx: Context, sdir: Path) -> dict:
     m = model(ctx)
     per_class = ctx.budget(10, 10, smoke=2)
     pairs = "paper" if ctx.mode == "paper" else "all"
+    # the paper's 50 natural images per class, or as many as the smallest chosen class has (a small folder)
+    targets = st.natural.evaluation.targets()
+    have = min(int((targets == c).sum()) for c in st.classes)
+    per_class_natural = max(1, min(ctx.budget(50, 50, smoke=6), have))
     res = sanity_check(m, out=sdir / "sanity", natural=st.natural, classes=st.classes, per_class=per_class,
-                       per_class_natural=ctx.budget(50, 50, smoke=6), steps=ctx.budget(512, 512, smoke=16),
+                       per_class_natural=per_class_natural, steps=ctx.budget(512, 512, smoke=16),
                        all_pairs=pairs == "all", exclude_misclassified="auto",
                        command=f"fvtrust sanity-check {st.cli} --classes {','.join(map(str, st.classes))}"
                                + (" --all-pairs" if pairs == "all" else "") + " --out DIR")

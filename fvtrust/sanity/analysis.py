@@ -636,7 +636,8 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     nat_kept, y_kept = nat[keep], nat_y[keep]
     nat_counts = [int((y_kept == c).sum()) for c in classes]
     if sum(nat_counts) == 0:
-        raise FvtrustError("the model misclassifies every selected natural image; nothing to compare")
+        raise FvtrustError("the model misclassifies every selected natural image; nothing to compare (for a "
+                           "random-init model, keep them: --misclassified keep, exclude_misclassified=False)")
 
     vis, vis_counts = arrange_visualizations(visualizations, classes, per_class, model.input_shape)
     vis_pred = predict(model, vis, batch_size=batch_size).argmax(dim=1)

@@ -28,6 +28,8 @@ from ..errors import FvtrustError
 @click.option("--steps", default=512, show_default=True, help="Optimization steps per visualization.")
 @click.option("--vis-seed", default=0, show_default=True, help="Seed of the visualizations.")
 @data_options
+@click.option("--misclassified", default="exclude", show_default=True, type=click.Choice(["exclude", "keep", "auto"]),
+              help="Natural images the model gets wrong: exclude (the paper), keep, or auto (keep only if all are wrong).")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
               help="Precision of the prepared activations (float32: half the memory, ~3e-8 from scipy).")
@@ -35,8 +37,8 @@ from ..errors import FvtrustError
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def sanity_command(spec, classes, n_random, seed, per_class, per_class_natural, metrics, all_pairs, layers, vis_dir,
-                   unit_layer, steps, vis_seed, data, class_index, natural_limit, data_dir, batch_size, dtype, weights,
-                   device, out):
+                   unit_layer, steps, vis_seed, data, class_index, natural_limit, data_dir, misclassified, batch_size,
+                   dtype, weights, device, out):
     """Sanity check (paper §3): are visualizations processed like natural images of their class?
 
     Writes similarity.json and absolute_/normalized_<metric>.png (Figures 6-11) to OUT.
@@ -49,7 +51,9 @@ def sanity_command(spec, classes, n_random, seed, per_class, per_class_natural, 
         raise FvtrustError("give either --classes or --random-classes, not both")
     model = load_model(spec, weights=weights, device=device_of(device))
     res = sanity_check(model, out=out, data=data, data_dir=data_dir, class_index=class_index,
-                       natural_limit=natural_limit, classes=classes, n_random_classes=n_random,
+                       natural_limit=natural_limit,
+                       exclude_misclassified={"exclude": True, "keep": False, "auto": "auto"}[misclassified],
+                       classes=classes, n_random_classes=n_random,
                        class_seed=seed, per_class=per_class, per_class_natural=per_class_natural,
                        visualizations=vis_dir, unit_layer=unit_layer, steps=steps, vis_seed=vis_seed,
                        metrics=metrics, all_pairs=all_pairs, layers=layers, batch_size=batch_size, dtype=dtype,
