@@ -60,7 +60,7 @@ def auroc(pos, neg) -> float:
 
 
 def detector(model, cache: Path):
-    from fvtrust.fool.detector import build_detector, load_detector, save_detector
+    from fvtrust.fool.detector.train import build_detector, load_detector, save_detector
 
     d = cache / f"detector-{DETECTOR_BUDGET}"
     if (d / "detector.json").exists():
@@ -77,8 +77,8 @@ ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-u
 
 def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
     """(layer, fooled model, manipulated units) for one attack."""
-    from fvtrust.fool.circuit import fooling_circuit
-    from fvtrust.fool.silent import silent_units
+    from fvtrust.fool.circuit.build import fooling_circuit
+    from fvtrust.fool.silent.build import silent_units
 
     perm = np.random.default_rng(seed).permutation(64).tolist()
     silent_a, silent_b = sorted(perm[:16]), sorted(perm[16:32])

@@ -99,7 +99,7 @@ def test_linearity_cache_recomputes_damaged_and_foreign_units(random_fashion, tr
 
 
 def test_detector_chunks_recomputed_when_damaged(trained_fashion, tmp_path):
-    from fvtrust.fool.detector_data import generate_visualizations
+    from fvtrust.fool.detector.data import generate_visualizations
 
     units = [("fc", 0), ("fc", 1), ("block3", 0)]
     a = generate_visualizations(trained_fashion, units, runs=1, steps=2, snapshots=2, cache_dir=tmp_path)

@@ -80,7 +80,7 @@ def test_plain_module_through_the_api():
     res = fvtrust.visualize(fvtrust.wrap(net, input_shape=(3, 16, 16)), "head.2", [0, 1], steps=8)
     assert res.final.shape == (2, 3, 16, 16)
     from fvtrust.fool import silent_units
-    from fvtrust.fool.silent_report import heldout_outputs
+    from fvtrust.fool.silent.report import heldout_outputs
 
     fooled = silent_units(net, "features.4", target="astronaut", natural=natural, units=[0, 1, 2], margin=0.5)
     assert fooled.silent_info["conv"] == "features.4"
@@ -103,7 +103,7 @@ def test_torchvision_residual_blocks_are_traced():
     convs = {b.conv for b in conv_bn_relu_blocks(m18)}
     assert "layer4.1.conv1" in convs and "layer4.1.conv2" not in convs  # BasicBlock: bn2 -> + identity -> relu
     with pytest.raises(FvtrustError, match="residual addition"):
-        from fvtrust.fool.silent import resolve_block
+        from fvtrust.fool.silent.build import resolve_block
 
         resolve_block(m18, "layer4.1.conv2")
 
@@ -113,7 +113,7 @@ def test_torchvision_residual_blocks_are_traced():
 @pytest.mark.slow
 def test_silent_units_bit_identical_on_resnets(spec, layer):
     from fvtrust.fool import silent_units
-    from fvtrust.fool.silent_report import heldout_outputs
+    from fvtrust.fool.silent.report import heldout_outputs
 
     torch.manual_seed(0)
     m = fvtrust.load_model(spec, weights="random")

@@ -1,4 +1,9 @@
-"""Fooling feature visualizations: the fooling circuit and silent units (paper §2), gradient slingshots.
+"""Fooling feature visualizations: three attacks side by side, one subpackage each.
+
+* `circuit`: the fooling circuit (paper §2.1), an added circuit gated by a
+  visualization detector (`detector`, shared with the audit);
+* `silent`: silent units (paper §2.2), an added parallel filter;
+* `slingshot`: gradient slingshots (Bareeva et al.), weights only.
 
 All return a *new* model (the original is untouched) that behaves like the
 original on natural input, and save to directories `fvtrust.load_model` reloads.
@@ -7,14 +12,14 @@ original on natural input, and save to directories `fvtrust.load_model` reloads.
 
 def fooling_circuit(*args, **kwargs):
     """See fvtrust.fool.circuit.fooling_circuit."""
-    from .circuit import fooling_circuit as impl
+    from .circuit.build import fooling_circuit as impl
 
     return impl(*args, **kwargs)
 
 
 def silent_units(*args, **kwargs):
     """See fvtrust.fool.silent.silent_units."""
-    from .silent import silent_units as impl
+    from .silent.build import silent_units as impl
 
     return impl(*args, **kwargs)
 

@@ -9,7 +9,7 @@ def fool_group():
     """Manipulate a model so its feature visualizations lie (paper §2)."""
 
 
-register_commands(fool_group, [("circuit", "fvtrust.fool.circuit_cli", "circuit_command"),
-                               ("silent", "fvtrust.fool.silent_cli", "silent_command"),
-                               ("detector", "fvtrust.fool.detector_cli", "detector_command"),
+register_commands(fool_group, [("circuit", "fvtrust.fool.circuit.cli", "circuit_command"),
+                               ("silent", "fvtrust.fool.silent.cli", "silent_command"),
+                               ("detector", "fvtrust.fool.detector.cli", "detector_command"),
                                ("slingshot", "fvtrust.fool.slingshot.cli", "slingshot_command")])

@@ -23,8 +23,8 @@ FORMAT = 1
 
 # manipulation name -> "module:function"; function(base_model, **args) -> FvModel with the right structure
 BUILDERS = {
-    "fooling_circuit": "fvtrust.fool.circuit:rebuild",
-    "silent_units": "fvtrust.fool.silent:rebuild",
+    "fooling_circuit": "fvtrust.fool.circuit.build:rebuild",
+    "silent_units": "fvtrust.fool.silent.build:rebuild",
     "gradient_slingshot": "fvtrust.fool.slingshot.finetune:rebuild",  # weights only: the base structure
 }
 

@@ -138,8 +138,8 @@ def run_silent(ctx: Context, sdir: Path) -> dict:
     from torch.utils.data import Subset
 
     from ..data import NaturalData
-    from ..fool.silent import silent_units
-    from ..fool.silent_report import figure5, silent_report
+    from ..fool.silent.build import silent_units
+    from ..fool.silent.report import figure5, silent_report
 
     st = ctx.setting
     m = model(ctx)
@@ -275,7 +275,7 @@ def run_linearity(ctx: Context, sdir: Path) -> dict:
 
 def run_circuit(ctx: Context, sdir: Path) -> dict:
     """Figures 1-2: a detector-gated circuit permutes the last layer's visualizations or shows a picture."""
-    from ..fool.circuit_report import circuit_experiment
+    from ..fool.circuit.report import circuit_experiment
 
     st = ctx.setting
     m = model(ctx)

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 import fvtrust
 from fvtrust.errors import FvtrustError
-from fvtrust.fool.circuit import CircuitModel, fooling_circuit, lemma1, save_circuit
-from fvtrust.fool.detector_model import Detector
+from fvtrust.fool.circuit.build import CircuitModel, fooling_circuit, lemma1, save_circuit
+from fvtrust.fool.detector.model import Detector
 
 
 def _detector(shape=(1, 28, 28), bias=None, seed=0):
@@ -233,7 +233,7 @@ def test_cli_bad_input(tmp_path):
 def test_cli_end_to_end_tiny(tmp_path):
     """Whole command with a given detector and few steps, on a small natural set (--natural-limit)."""
     from fvtrust.cli import main
-    from fvtrust.fool.detector import save_detector
+    from fvtrust.fool.detector.train import save_detector
 
     save_detector(_detector(), tmp_path / "det")
     out = tmp_path / "out"
@@ -259,7 +259,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_trained_fashion(trained_fashion, tmp_path):
     """Tiny detector budget on the trained model: natural changes happen only where the detector errs."""
-    from fvtrust.fool.circuit_report import circuit_experiment
+    from fvtrust.fool.circuit.report import circuit_experiment
 
     rep = circuit_experiment(trained_fashion, "fc", mapping=3, budget="tiny", cache_dir=tmp_path / "c", steps=32,
                              out=tmp_path / "o", spec="fashion-cnn",

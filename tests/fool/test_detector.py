@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from fvtrust.errors import FvtrustError
-from fvtrust.fool import detector_data as dd
-from fvtrust.fool.detector import (
+from fvtrust.fool.detector import data as dd
+from fvtrust.fool.detector.train import (
     build_detector,
     evaluate_detector,
     load_detector,
@@ -15,7 +15,7 @@ from fvtrust.fool.detector import (
     save_detector,
     train_detector,
 )
-from fvtrust.fool.detector_model import Detector, table3_layout
+from fvtrust.fool.detector.model import Detector, table3_layout
 
 
 def test_table3_layout_is_the_paper_at_224_and_adapted_at_28():
@@ -164,9 +164,9 @@ def test_detector_cli_bad_layer(tmp_path):
 
 
 def test_harden_mines_the_fooled_models_visualizations(random_fashion, tmp_path):
-    from fvtrust.fool.circuit import fooling_circuit
-    from fvtrust.fool.detector import detector_data
-    from fvtrust.fool.detector_harden import harden_detector
+    from fvtrust.fool.circuit.build import fooling_circuit
+    from fvtrust.fool.detector.train import detector_data
+    from fvtrust.fool.detector.harden import harden_detector
 
     nat = (torch.rand(64, 1, 28, 28) * 0.2, torch.rand(32, 1, 28, 28) * 0.2)
     data = detector_data(random_fashion, "fc", budget="tiny", cache_dir=tmp_path, natural=nat)

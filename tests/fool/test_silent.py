@@ -3,7 +3,7 @@ import torch
 
 import fvtrust
 from fvtrust.errors import FvtrustError
-from fvtrust.fool.silent import orthogonalize, silent_units
+from fvtrust.fool.silent.build import orthogonalize, silent_units
 from fvtrust.models import save_model
 
 

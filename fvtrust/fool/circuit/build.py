@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import FvtrustError
-from ..models.wrappers import FvModel
-from .detector_model import Detector
+from ...errors import FvtrustError
+from ...models.wrappers import FvModel
+from ..detector.model import Detector
 
 PROVISIONAL_K = 1e30  # while measuring bounds under E = 0: switches F off for any finite value
 
@@ -180,7 +180,7 @@ def rebuild(base_model, *, layer: str, units, sources, mode: str = "split", gate
 # -- construction --------------------------------------------------------------------------------------------
 
 def _resolve_layer(model, layer: str) -> tuple[str, int]:
-    from ..models.layers import list_layers
+    from ...models.layers import list_layers
 
     model.get_layer(layer)  # unknown names raise with the nearest ones
     key = layer
@@ -228,7 +228,7 @@ def _resolve_mapping(mapping, units, n: int) -> tuple[list[int], list[int]]:
 
 
 def _resolve_picture(picture, shape) -> tuple[torch.Tensor, str]:
-    from ..data import load_picture
+    from ...data import load_picture
 
     if isinstance(picture, torch.Tensor):
         if tuple(picture.shape) != tuple(shape):
@@ -242,7 +242,7 @@ def _resolve_picture(picture, shape) -> tuple[torch.Tensor, str]:
 
 def default_natural(model, n: int = 10000) -> torch.Tensor:
     """Natural images for the bounds: the first n of the fit part of the model's own data source."""
-    from ..data import natural
+    from ...data import natural
 
     return natural(None, model=model).fit.images(n)
 
@@ -250,7 +250,7 @@ def default_natural(model, n: int = 10000) -> torch.Tensor:
 @torch.no_grad()
 def _responses(fooled: CircuitModel, x: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, D) of the manipulated units on images x: the original layer's output and the D sources."""
-    from ..models.hooks import forward_to
+    from ...models.hooks import forward_to
 
     layer = fooled.circuit
     fs, ds = [], []
@@ -308,12 +308,12 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
     s = margin × the most negative value and k = margin × max(D, F) + s.
     Everything measured lands in `fooled.circuit_info`.
     """
-    from ..models.layers import parse_units
-    from ..visualize import visualize
-    from .detector import load_detector
-    from .detector_data import snapshot_steps
+    from ...models.layers import parse_units
+    from ...visualize import visualize
+    from ..detector.train import load_detector
+    from ..detector.data import snapshot_steps
 
-    from ..models import as_model
+    from ...models import as_model
 
     if (mapping is None) == (picture is None):
         raise FvtrustError("give exactly one of mapping (a permutation / offset) or picture")
@@ -374,7 +374,7 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
         elif isinstance(natural, torch.Tensor):
             nat = natural
         else:
-            from ..data import natural as resolve_natural
+            from ...data import natural as resolve_natural
 
             nat = resolve_natural(natural, model=model).fit.images(10000)
         pick = units if len(units) <= bound_units else sorted(
@@ -410,7 +410,7 @@ def fooling_circuit(model, layer: str, detector, *, mapping=None, picture=None, 
 
 def save_circuit(fooled: CircuitModel, directory, *, base_spec: str | None = None, extra: dict | None = None) -> Path:
     """Save so that `fvtrust.load_model(directory)` rebuilds the fooled model exactly (detector included)."""
-    from ..models.saved import save_model
+    from ...models.saved import save_model
 
     return save_model(fooled, directory, manipulation="fooling_circuit", args=fooled.circuit_args,
                       base_spec=base_spec or fooled.base_spec, extra=dict(fooled.circuit_info, **(extra or {})))

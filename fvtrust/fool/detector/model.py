@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import FvtrustError
+from ...errors import FvtrustError
 
 TABLE3 = ((3, 3), (5, 2), (5, 2), (5, 2), (5, 2), (3, 2))  # (kernel, stride) per conv layer
 MIN_MAP = 3

@@ -1,7 +1,7 @@
 """`fvtrust fool detector`: build (or resume building) the visualization detector E alone."""
 import click
 
-from ..cli_common import data_options
+from ...cli_common import data_options
 
 
 def budget_options(f):
@@ -35,11 +35,11 @@ def budget_options(f):
 def detector_command(spec, layer, budget, cache, runs, det_steps, max_units, epochs, seed, weights, device, data,
                      class_index, natural_limit, data_dir, out):
     """Train E (natural vs visualization, Table 3 CNN) for SPEC; write OUT/detector.* and report.json."""
-    from ..io import atomic_write_json, staged_dir
-    from ..models import load_model
-    from .detector import build_detector, save_detector
+    from ...io import atomic_write_json, staged_dir
+    from ...models import load_model
+    from .train import build_detector, save_detector
 
-    from ..cli_common import device_of, load_natural
+    from ...cli_common import device_of, load_natural
 
     model = load_model(spec, weights=weights, device=device_of(device))
     natural = load_natural(model, data, class_index, natural_limit, data_dir, seed=seed)

@@ -1,9 +1,9 @@
 """`fvtrust fool circuit`: the fooling circuit of §2.1 on a layer, with a report and Figure 1/2."""
 import click
 
-from ..cli_common import data_options
+from ...cli_common import data_options
 
-from .detector_cli import budget_options
+from ..detector.cli import budget_options
 
 
 @click.command("circuit")
@@ -42,13 +42,13 @@ def circuit_command(spec, layer, offset, picture, units, detector_dir, budget, c
     """
     import sys
 
-    from ..errors import FvtrustError
-    from ..models import load_model
-    from .circuit_report import circuit_experiment
+    from ...errors import FvtrustError
+    from ...models import load_model
+    from .report import circuit_experiment
 
     if (offset is None) == (picture is None):
         raise FvtrustError("give exactly one of --offset N or --picture NAME|PATH")
-    from ..cli_common import device_of, load_natural
+    from ...cli_common import device_of, load_natural
 
     model = load_model(spec, weights=weights, device=device_of(device))
     natural = load_natural(model, data, class_index, natural_limit, data_dir, seed=seed)

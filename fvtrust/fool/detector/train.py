@@ -3,7 +3,7 @@
 `build_detector(model, layer)` is the whole pipeline: pick units (the
 layer's, plus hidden-layer channels when it has few), generate their
 visualization snapshots (cached, resumable: `detector_data`), split 90/10
-by unit, train the Table 3 CNN (`detector_model`) on natural training
+by unit, train the Table 3 CNN (`model`) on natural training
 images (label 1) and the training units' snapshots (label 0) with SGD
 lr 0.01, momentum 0.9, weight decay 5e-5, and report held-out accuracy on
 natural test images and on the held-out units' snapshots separately.
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FvtrustError
-from ..io import atomic_write_bytes, atomic_write_json
-from ..progress import event, progress
-from .detector_data import (
+from ...errors import FvtrustError
+from ...io import atomic_write_bytes, atomic_write_json
+from ...progress import event, progress
+from .data import (
     detector_units,
     generate_visualizations,
     natural_sets,
     split_units,
 )
-from .detector_model import Detector
+from .model import Detector
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def resolve_budget(budget, **overrides) -> DetectorBudget:
 
 def _augment(x: torch.Tensor, rng: np.random.Generator, spec) -> torch.Tensor:
     """One visualization-transform draw applied to a random half of the batch."""
-    from ..visualize import transforms as T
+    from ...visualize import transforms as T
 
     pick = torch.from_numpy(rng.random(len(x)) < 0.5).to(x.device)
     if not pick.any():
@@ -98,7 +98,7 @@ def train_detector(natural: torch.Tensor, visual: torch.Tensor, *, input_shape=N
     random draw each epoch) and as many visualization images (oversampled).
     `init` continues training that detector (in place) instead of a new one.
     """
-    from ..visualize import transforms as T
+    from ...visualize import transforms as T
 
     b = resolve_budget(budget)
     if len(natural) == 0 or len(visual) == 0:
@@ -152,7 +152,7 @@ def evaluate_detector(det: Detector, natural: torch.Tensor, visual: torch.Tensor
     `visualization_transformed` is the accuracy on the visualizations after
     one transform draw per batch, as E sees them during optimization.
     """
-    from ..visualize import transforms as T
+    from ...visualize import transforms as T
 
     nat_ok = det.predict_natural(_as_float(natural))
     vis_pred = det.predict_natural(_as_float(visual))
@@ -178,7 +178,7 @@ def save_detector(det: Detector, directory, report: dict | None = None, key: str
     The weights file carries a checksum (and `key`, the fingerprint of its
     training inputs, when it is a cache entry), so a damaged file is caught.
     """
-    from ..cache import encode
+    from ...cache import encode
 
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in det.state_dict().items()}
@@ -195,8 +195,8 @@ def load_detector(directory, key: str | None = None) -> tuple[Detector, dict]:
     """
     from safetensors.torch import load
 
-    from ..cache import BadEntry, decode, safetensors_metadata
-    from ..models.saved import load_state_checked
+    from ...cache import BadEntry, decode, safetensors_metadata
+    from ...models.saved import load_state_checked
 
     directory = Path(directory)
     weights = directory / "detector.safetensors"
@@ -244,7 +244,7 @@ def detector_data(model, layer: str, *, budget="quick", layers=None, natural=Non
     natural: (train, test) image tensors, or a data source whose fit / held-out
     parts become train / test (default: the model's own data source).
     """
-    from ..models import as_model
+    from ...models import as_model
 
     model = as_model(model, example=natural if not isinstance(natural, tuple) else natural[0])
     b = resolve_budget(budget, **overrides)
@@ -271,7 +271,7 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
     `cache_dir` (default `detector_data.default_cache_root()`), so a second
     call with the same settings returns at once.
     """
-    from ..models import as_model
+    from ...models import as_model
 
     t0 = time.time()
     model = as_model(model, example=natural if not isinstance(natural, tuple) else natural[0])
@@ -283,7 +283,7 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
     tkey = hashlib.sha256(json.dumps({"budget": asdict(b), "seed": seed, "natural": data.natural_key,
                                       "train_units": data.train_units.tolist()}, sort_keys=True).encode()).hexdigest()[:16]
     det_dir = data.vis.cache_dir / f"detector-{tkey}"
-    from ..cache import locked, warn
+    from ...cache import locked, warn
 
     with locked(det_dir, what="detector cache"):  # a second process waits, then loads the trained E
         if (det_dir / "detector.json").exists():

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ..models.hooks import LayerTap
-from .silent import silent_bias
+from ...models.hooks import LayerTap
+from .build import silent_bias
 
 
 def mean_pairwise_correlation(images: torch.Tensor) -> float:
     """Mean off-diagonal Pearson correlation between flattened images (NaN pairs ignored)."""
-    from ..sanity.similarity import similarity
+    from ...sanity.similarity import similarity
 
     n = len(images)
     s = similarity(images.reshape(n, -1), metric="pearson")
@@ -20,7 +20,7 @@ def mean_pairwise_correlation(images: torch.Tensor) -> float:
 @torch.no_grad()
 def leaks(manipulated, heldout, batch_size: int = 500) -> dict:
     """How often and how strongly the silent term Δy fires on held-out natural images (streamed)."""
-    from ..data.natural import batches_of
+    from ...data.natural import batches_of
 
     info = manipulated.silent_info
     sconv = manipulated.net.get_submodule(info["conv"])
@@ -50,8 +50,8 @@ def heldout_outputs(original, manipulated, heldout, batch_size: int = 250) -> di
     Unlabelled images (pictures) are scored against the original model's own
     predictions, so "top-1" there is agreement with the original.
     """
-    from ..data.natural import batches_of
-    from ..progress import progress
+    from ...data.natural import batches_of
+    from ...progress import progress
 
     n = same = 0
     max_diff = 0.0
@@ -71,7 +71,7 @@ def heldout_outputs(original, manipulated, heldout, batch_size: int = 250) -> di
             hits[f"top5_{tag}"] += int((top == yb[:, None]).any(1).sum())
         n += len(xb)
     if n == 0:
-        from ..errors import FvtrustError
+        from ...errors import FvtrustError
 
         raise FvtrustError("no held-out images to check the manipulation on")
     return {"n": n, "fraction_outputs_bit_identical": same / n, "max_output_difference": max_diff,
@@ -91,7 +91,7 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
     even for one and the same unit, so we also report that ceiling (one unit,
     as many starts as units) to show how close the manipulated units get to it.
     """
-    from ..visualize import visualize
+    from ...visualize import visualize
 
     info = manipulated.silent_info
     outputs = heldout_outputs(original, manipulated, heldout)
@@ -143,7 +143,7 @@ def silent_report(original, manipulated, heldout, *, vis_units=None, steps: int 
 
 def figure5(report: dict, vis: dict, title: str):
     """Before/after grid: original and silent units from a shared start, and silent units from their own starts."""
-    from ..visualize.output import grid_figure
+    from ...visualize.output import grid_figure
 
     ind = report["independent_starts"]
     rows = [list(vis["before"]), list(vis["after"]), list(vis["after_independent"])]

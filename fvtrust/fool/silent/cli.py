@@ -1,7 +1,7 @@
 """`fvtrust fool silent`: silent units on a Conv-BN-ReLU layer, with a report and a figure."""
 import click
 
-from ..cli_common import data_options
+from ...cli_common import data_options
 
 
 @click.command("silent")
@@ -31,12 +31,12 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, data, 
 
     import matplotlib.pyplot as plt
 
-    from ..cli_common import device_of, load_natural
-    from ..errors import FvtrustError
-    from ..io import atomic_save_figure, atomic_write_json, staged_dir
-    from ..models import load_model, save_model
-    from .silent import silent_units
-    from .silent_report import figure5, silent_report
+    from ...cli_common import device_of, load_natural
+    from ...errors import FvtrustError
+    from ...io import atomic_save_figure, atomic_write_json, staged_dir
+    from ...models import load_model, save_model
+    from .build import silent_units
+    from .report import figure5, silent_report
 
     if steps < 1:
         raise FvtrustError(f"--steps must be >= 1, got {steps}")
@@ -45,7 +45,7 @@ def silent_command(spec, layer, target, units, alpha, beta, margin, pool, data, 
     data = load_natural(model, data, class_index, 20000 if natural_limit is None else natural_limit, data_dir)
     shown = None
     if vis_units is not None:  # checked before the (slow) construction
-        from ..models.layers import layer_units, parse_units
+        from ...models.layers import layer_units, parse_units
 
         n = layer_units(model, layer)
         manipulated = parse_units(units, n, layer)

@@ -28,8 +28,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .detector import DetectorData, evaluate_detector, train_detector
-from .detector_data import snapshot_steps
+from .train import DetectorData, evaluate_detector, train_detector
+from .data import snapshot_steps
 
 SEED_OFFSET = 10007  # mining seeds: seed + SEED_OFFSET * (round + 1), never the report's seed
 
@@ -40,7 +40,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def _mine(fooled, units, *, runs: int, steps: int, seed: int, forced: bool, max_images: int) -> tuple:
     """(negatives as uint8, fraction of image-steps on which E said natural) from one visualization round."""
-    from ..visualize import visualize
+    from ...visualize import visualize
 
     layer = fooled.circuit_layer
     reps = [u for u in units for _ in range(runs)]

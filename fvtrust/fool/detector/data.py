@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import FvtrustError
-from ..io import atomic_write_json
-from ..progress import progress
+from ...errors import FvtrustError
+from ...io import atomic_write_json
+from ...progress import progress
 
 HIDDEN_SKIP = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.ReLU,
                nn.BatchNorm2d, nn.Flatten, nn.Identity)
@@ -73,7 +73,7 @@ def hidden_layers(model, layer: str, min_units: int) -> list[str]:
     Pooling, normalization, activation and dropout modules are skipped (their
     units are another layer's channels), as are 1x1 maps.
     """
-    from ..models.layers import list_layers
+    from ...models.layers import list_layers
 
     key = layer
     infos = list_layers(model)
@@ -99,7 +99,7 @@ def detector_units(model, layer: str, *, layers=None, max_units: int | None = No
     All units of `layer` come first; hidden-layer units fill up to
     `max_units` (a seeded sample when there are more).
     """
-    from ..models.layers import layer_units
+    from ...models.layers import layer_units
 
     layers = list(layers) if layers else hidden_layers(model, layer, min_units)
     pairs = [(lay, u) for lay in layers for u in range(layer_units(model, lay))]
@@ -172,7 +172,7 @@ def generate_visualizations(model, units, *, runs: int = 35, steps: int = 512, s
     transforms, neuron objective, Adam lr 0.05): the same visualizations the
     fooled model will be subjected to. Cached and resumable, see module doc.
     """
-    from ..cache import locked
+    from ...cache import locked
 
     if runs < 1:
         raise FvtrustError(f"runs must be >= 1, got {runs}")
@@ -193,8 +193,8 @@ def generate_visualizations(model, units, *, runs: int = 35, steps: int = 512, s
 
 def _generate_chunks(model, units, plan, out, key, config, *, runs, steps, th, seed, chunk_size, desc) -> list[dict]:
     """Load the verified chunks of `out` and generate the missing (or damaged, or foreign) ones."""
-    from ..cache import read_entry, write_entry
-    from ..visualize import visualize
+    from ...cache import read_entry, write_entry
+    from ...visualize import visualize
 
     manifest = out / "manifest.json"
     if not manifest.exists():
@@ -229,7 +229,7 @@ def _generate_chunks(model, units, plan, out, key, config, *, runs, steps, th, s
 def natural_sets(model, *, n_train: int | None = None, seed: int = 0, natural=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) natural images for the detector: the fit and held-out parts of the data source
     (`natural`, default the model's own; see fvtrust.data.natural). They are disjoint by construction."""
-    from ..data import natural as resolve_natural
+    from ...data import natural as resolve_natural
 
     data = resolve_natural(natural, model=model)
     train = data.fit.images()

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.natural import batches_of
-from ..errors import FvtrustError
-from ..models.hooks import LayerTap
-from ..progress import progress
+from ...data.natural import batches_of
+from ...errors import FvtrustError
+from ...models.hooks import LayerTap
+from ...progress import progress
 
 
 class SilentConv(nn.Module):
@@ -110,7 +110,7 @@ def resolve_block(model, layer: str) -> tuple[str, str | None]:
     ``conv3``) is refused: Δy behind a ReLU that is not there would change
     natural outputs.
     """
-    from ..models.trace import resolve_conv_block
+    from ...models.trace import resolve_conv_block
 
     block = resolve_conv_block(model, layer)
     return block.conv, block.bn
@@ -152,7 +152,7 @@ def _target_picture(model, target) -> torch.Tensor:
             raise FvtrustError(f"target picture has shape {tuple(target.shape)}; the model expects "
                                f"{tuple(model.input_shape)}")
         return target[None]
-    from ..data import load_picture
+    from ...data import load_picture
 
     return load_picture(target, model.input_shape)[None]
 
@@ -237,7 +237,7 @@ def _map_filters(model, conv_name, conv, units, target, natural):
     theta_map = torch.stack(rows)
     n = _target_unit(target, conv)
     if n is not None:
-        from ..visualize import visualize
+        from ...visualize import visualize
 
         image = visualize(model, conv_name, [n], steps=256, objective="channel").final
     else:
@@ -265,7 +265,7 @@ def _first(data, n: int):
     """The first n images of a tensor or a NaturalData (streamed later, never all loaded)."""
     from torch.utils.data import Subset
 
-    from ..data.natural import NaturalData
+    from ...data.natural import NaturalData
 
     if isinstance(data, NaturalData):
         if len(data) <= n:
@@ -305,9 +305,9 @@ def silent_units(model, layer: str, *, target="unit:0", natural, alpha: float = 
     (used whole). margin ≥ 0 puts b further below the natural maximum: safer on
     unseen images, weaker takeover of visualizations.
     """
-    from ..data import natural as resolve_natural
-    from ..models import as_model
-    from ..models.layers import parse_units
+    from ...data import natural as resolve_natural
+    from ...models import as_model
+    from ...models.layers import parse_units
 
     model = as_model(model, example=natural)
 

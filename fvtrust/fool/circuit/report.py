@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FvtrustError
-from ..evaluate import evaluate, predict
+from ...errors import FvtrustError
+from ...evaluate import evaluate, predict
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,7 +62,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _unit_response(model, images: torch.Tensor, layer: str) -> torch.Tensor:
     """The neuron objective (centre position) of every unit of `layer`: images x units."""
-    from ..models.hooks import forward_to
+    from ...models.hooks import forward_to
 
     with torch.no_grad():
         y = forward_to(model, images.to(model.device), [layer])[layer]
@@ -77,7 +77,7 @@ def natural_test_data(model, natural=None):
     Unlabelled images (pictures) are labelled by the original model's own
     predictions, so top-1 there is agreement with the original.
     """
-    from ..data import natural as resolve_natural
+    from ...data import natural as resolve_natural
 
     x, y = resolve_natural(natural, model=model).heldout.tensors(desc="read held-out images")
     if (y < 0).any():
@@ -110,7 +110,7 @@ def visualization_check(original, fooled, *, units=None, steps: int = 512, seed:
     target picture for a picture circuit (else the targets are the original
     visualizations of the source units).
     """
-    from ..visualize import visualize
+    from ...visualize import visualize
 
     info = fooled.circuit_info
     layer = fooled.circuit_layer
@@ -202,9 +202,9 @@ def circuit_report(original, fooled, *, data=None, units=None, steps: int = 512,
 
 def _check_inputs(model, layer, *, units, picture, steps, bound_steps) -> None:
     """Fail on bad units, picture or step counts before the (slow) detector is built."""
-    from ..errors import FvtrustError
-    from ..models.layers import layer_units, parse_units
-    from .circuit import _resolve_picture
+    from ...errors import FvtrustError
+    from ...models.layers import layer_units, parse_units
+    from .build import _resolve_picture
 
     n = layer_units(model, layer)
     if units is not None:
@@ -232,12 +232,12 @@ def circuit_experiment(model, layer: str, *, mapping=None, picture=None, units=N
     `harden` rounds of `detector_harden.harden_detector` run when the
     detector is built here (its training data is at hand); 0 disables.
     """
-    from .circuit import _resolve_picture, fooling_circuit
-    from .detector import build_detector, detector_data, load_detector
-    from .detector_harden import harden_detector
+    from .build import _resolve_picture, fooling_circuit
+    from ..detector.train import build_detector, detector_data, load_detector
+    from ..detector.harden import harden_detector
 
-    from ..data import natural as resolve_natural
-    from ..models import as_model
+    from ...data import natural as resolve_natural
+    from ...models import as_model
 
     t0 = time.time()
     source = resolve_natural(natural, model=as_model(model, example=natural))
@@ -287,9 +287,9 @@ def write_outputs(out, fooled, det, report: dict, images: dict, *, spec: str | N
     """OUT/model (load_model-able), OUT/detector, OUT/report.json, OUT/figure{1,2}.png — all staged."""
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_save_figure, atomic_write_json, staged_dir
-    from .circuit import save_circuit
-    from .detector import save_detector
+    from ...io import atomic_save_figure, atomic_write_json, staged_dir
+    from .build import save_circuit
+    from ..detector.train import save_detector
     from .figures import circuit_figure
 
     kind = fooled.circuit_info.get("kind")

@@ -1,7 +1,7 @@
 """Before/after grids for the fooling circuit, like the paper's Figures 1 and 2."""
 from __future__ import annotations
 
-from ..visualize.output import grid_figure
+from ...visualize.output import grid_figure
 
 
 def circuit_figure(images: dict, *, kind: str = "permutation", title: str | None = None, max_cols: int = 16):
