@@ -91,7 +91,8 @@ def encode(fmt: str, payload, key: str) -> bytes:
         from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in payload.items()}
-        return save(tensors, metadata={"fvtrust.key": key, "fvtrust.sha256": _tensor_digest(tensors)})
+        return canonical_safetensors(save(tensors, metadata={"fvtrust.key": key,
+                                                             "fvtrust.sha256": _tensor_digest(tensors)}))
     if fmt == "npz":
         arrays = {k: np.asarray(v) for k, v in payload.items()}
         if _META in arrays:
@@ -104,6 +105,23 @@ def encode(fmt: str, payload, key: str) -> bytes:
         data = json.loads(to_json(payload))  # what a reader will see (tuples -> lists, numpy -> numbers)
         return (to_json({"fvtrust_cache": {"key": key, "sha256": _json_digest(data)}, "data": data}) + "\n").encode()
     raise ValueError(f"unknown cache format {fmt!r}; use one of {FORMATS}")
+
+
+def canonical_safetensors(raw: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted key order.
+
+    Why: safetensors keeps the metadata in a Rust HashMap, whose order is
+    randomized per process, so the same tensors and metadata were written as
+    different bytes by different processes (this is what once looked like
+    "nondeterministic detector weights" after a resume). Sorting the header
+    makes equal content equal bytes. The header stays padded with spaces to a
+    multiple of 8 bytes, as safetensors does, so tensor data stays aligned;
+    data offsets are relative to the end of the header and do not change.
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    return struct.pack("<Q", len(header)) + header + raw[8 + n:]
 
 
 def safetensors_metadata(raw: bytes) -> dict:

@@ -129,12 +129,11 @@ def compare_outputs(pipeline: Pipeline, ref: Path, got: Path) -> dict:
 
 
 def _compare_tensors(a: Path, b: Path) -> str:
-    """Weights: the same tensors (names, shapes); their values are reported, not asserted.
+    """Weights must be the same bytes; when they are not, say whether the values or only the header differ.
 
-    The resumed run retrains from the same cached data and seed. Usually the weights come out bit-identical;
-    once in four full-suite runs here the detector's differed (its report, i.e. held-out accuracies, was
-    equal), a float nondeterminism across processes not yet pinned down. So the harness records the
-    largest difference instead of failing on it; the JSON reports stay compared exactly.
+    (Until fvtrust wrote canonical safetensors headers, the same weights came out as different bytes in
+    different processes: safetensors orders its metadata map at random. That is what once looked like
+    nondeterministic detector weights after a resume.)
     """
     from safetensors.torch import load_file
 
@@ -142,7 +141,7 @@ def _compare_tensors(a: Path, b: Path) -> str:
     if ta.keys() != tb.keys() or any(ta[k].shape != tb[k].shape for k in ta):
         return "DIFFERENT: tensor names or shapes"
     worst = max((float((ta[k].double() - tb[k].double()).abs().max()) if ta[k].numel() else 0.0) for k in ta)
-    return f"same tensors, values within max |diff| {worst:.2e} (not bit-identical)"
+    return f"DIFFERENT bytes: values within max |diff| {worst:.2e}"
 
 
 def _first_diff(a, b, path="") -> str:

@@ -255,3 +255,24 @@ def test_full_disk_on_a_tiny_tmpfs(tmp_path, monkeypatch):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_safetensors_entries_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders its metadata at random per process; fvtrust's entries must not depend on that."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fvtrust.cache import encode; "
+            "sys.stdout.buffer.write(encode('safetensors', {'b': torch.arange(3.), 'a': torch.ones(2, 2)}, 'k'))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)}
+    assert len(outs) == 1
+    from safetensors.torch import load
+
+    from fvtrust.cache import canonical_safetensors, decode, safetensors_metadata
+
+    raw = outs.pop()
+    assert decode("safetensors", raw, "k")["b"].tolist() == [0.0, 1.0, 2.0]
+    assert safetensors_metadata(raw) == {"fvtrust.key": "k", "fvtrust.sha256": safetensors_metadata(raw)["fvtrust.sha256"]}
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % 8 == 0 and canonical_safetensors(raw) == raw
+    assert torch.equal(load(raw)["a"], torch.ones(2, 2))

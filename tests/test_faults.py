@@ -25,7 +25,7 @@ from faults import Pipeline, kill_and_resume  # noqa: E402
 
 PIPELINES = [
     Pipeline("detector", ("fool", "detector", "fashion-cnn", "--layer", "fc", "--budget", "tiny", "--max-units", "12",
-                          "--det-steps", "8", "--epochs", "1", "--natural-limit", "2000", "--cache", "{cache}",
+                          "--det-steps", "8", "--epochs", "3", "--natural-limit", "2000", "--cache", "{cache}",
                           "--out", "{out}"),
              ("report.json", "detector.json", "detector.safetensors")),
     Pipeline("reproduce", ("reproduce", "--budget", "smoke", "--only", "accuracy,trajectories,theory,linearity",

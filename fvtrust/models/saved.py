@@ -38,12 +38,14 @@ def save_model(model, directory, *, manipulation: str | None = None, args: dict 
     """Write `model` to `directory` so that `fvtrust.load_model(directory)` rebuilds it exactly."""
     from safetensors.torch import save
 
+    from ..cache import canonical_safetensors
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     recipe = {"format": FORMAT, "base_spec": base_spec or getattr(model, "base_spec", model.spec),
               "manipulation": manipulation, "args": args or {}, "extra": extra or {}}
-    atomic_write_bytes(directory / WEIGHTS, save(state))
+    atomic_write_bytes(directory / WEIGHTS, canonical_safetensors(save(state)))
     atomic_write_json(directory / RECIPE, recipe)
     return directory
 

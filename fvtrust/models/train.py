@@ -87,8 +87,10 @@ def train_fashion_cnn(train, test=None, *, epochs=None, seed=None, limit=None, *
 def save_weights(model, path) -> Path:
     from safetensors.torch import save
 
+    from ..cache import canonical_safetensors
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    return atomic_write_bytes(path, save(state, metadata={"model": "fashion-cnn"}))
+    return atomic_write_bytes(path, canonical_safetensors(save(state, metadata={"model": "fashion-cnn"})))
 
 
 def train_default(out=None, *, data_dir=None, epochs=None, seed=None) -> dict:

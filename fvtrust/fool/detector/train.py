@@ -91,12 +91,15 @@ def _augment(x: torch.Tensor, rng: np.random.Generator, spec) -> torch.Tensor:
 
 def train_detector(natural: torch.Tensor, visual: torch.Tensor, *, input_shape=None, budget="quick",
                    seed: int = 0, device=None, augment: bool = True, init: Detector | None = None,
-                   desc: str = "train detector") -> Detector:
+                   desc: str = "train detector", checkpoint=None) -> Detector:
     """Fit E on natural images (label 1) vs visualization images (label 0), both [0, 1] NCHW (or uint8).
 
     Classes are balanced per epoch: `natural_per_epoch` natural images (a new
     random draw each epoch) and as many visualization images (oversampled).
     `init` continues training that detector (in place) instead of a new one.
+    `checkpoint` (a `fvtrust.checkpoint.EpochCheckpoint`) is written after
+    every epoch and resumed from, so a killed training loses at most one
+    epoch and ends with the same weights as an uninterrupted one.
     """
     from ...visualize import transforms as T
 
@@ -114,10 +117,13 @@ def train_detector(natural: torch.Tensor, visual: torch.Tensor, *, input_shape=N
     rng = np.random.default_rng(seed)
     spec = T.resolve_transforms("standard", shape[-1]) if augment else None
     n = max(len(visual), min(len(natural), b.natural_per_epoch))
-    bar = progress(total=b.epochs * ((2 * n + b.batch_size - 1) // b.batch_size), desc=desc, unit="batch")
+    per_epoch = (2 * n + b.batch_size - 1) // b.batch_size
+    done = checkpoint.load(det, opt, {"rng": rng})[0] if checkpoint is not None else 0
+    bar = progress(total=b.epochs * per_epoch, desc=desc, unit="batch")
+    bar.update(done * per_epoch)
     det.train()
     try:
-        for _ in range(b.epochs):
+        for epoch in range(done, b.epochs):
             nat = rng.choice(len(natural), size=n, replace=n > len(natural))
             vis = np.concatenate([rng.permutation(len(visual)) for _ in range(-(-n // len(visual)))])[:n]
             order = rng.permutation(2 * n)
@@ -134,6 +140,8 @@ def train_detector(natural: torch.Tensor, visual: torch.Tensor, *, input_shape=N
                 opt.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if checkpoint is not None and epoch + 1 < b.epochs:  # the last epoch's result is the detector itself
+                checkpoint.save(epoch + 1, det, opt, {"rng": rng})
     finally:
         bar.close()
         det.eval()
@@ -293,8 +301,11 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
                 return det.to(model.device), dict(report, cached=True)
             except FvtrustError as e:
                 warn(f"cached detector is unusable ({e}); retraining it")
+        from ...checkpoint import EpochCheckpoint
+
+        ckpt = EpochCheckpoint(det_dir.with_name(det_dir.name + ".training"), tkey)
         det = train_detector(data.natural_train, train_vis.images, input_shape=model.input_shape, budget=b,
-                             seed=seed, device=model.device)
+                             seed=seed, device=model.device, checkpoint=ckpt)
         heldout = evaluate_detector(det, data.natural_test, test_vis.images, steps=test_vis.step, seed=seed)
         counts: dict[str, int] = {}
         for lay, _ in units:
@@ -307,4 +318,5 @@ def build_detector(model, layer: str, *, budget="quick", layers=None, natural=No
                   "seconds": round(time.time() - t0, 1), "cache": str(det_dir)}
         save_detector(det, det_dir, report, key=tkey)
         event("cache-write", str(det_dir))
+        ckpt.clear()
     return det, dict(report, cached=False)
