@@ -28,7 +28,7 @@ from fvtrust.compare.anchors import run_anchors
 from fvtrust.compare.methods import run_method
 from fvtrust.models.layers import layer_units, parse_units
 from fvtrust.visualize.maco import Maco
-from fvtrust.visualize.natural import natural_images
+from fvtrust.data import natural
 
 
 def main(argv=None):
@@ -75,7 +75,7 @@ def main(argv=None):
         print("repeat 1 (the full run): " + _fmt(reps[-1]), flush=True)
     spectrum = Maco(data=model.default_data, limit=2000)
     spectrum.magnitude(tuple(model.input_shape))
-    fit = natural_images(None, part="fit", limit=2000, model=model)
+    fit = natural(None, model=model).fit.nonempty(2000)[0]
     for i in range(len(reps), a.repeats):
         t = {}
         names = ["maco"] + (["accentuation"] if "faccent" in time_anchors else [])

@@ -105,3 +105,16 @@ def test_image_folder(tmp_path):
     assert x.shape == (3, 32, 32) and y == -1 and abs(x.mean().item() - 128 / 255) < 1e-2
     ds = load_data(str(tmp_path), input_shape=(3, 32, 32), class_index={"a": 7, "b": 3})
     assert ds[0][1] == 7 and ds[1][1] == 3
+
+
+def test_nonempty_gives_float_images_or_one_clear_error():
+    import torch
+
+    from fvtrust.data import natural
+    from fvtrust.errors import FvtrustError
+
+    data = natural(torch.zeros(3, 1, 4, 4, dtype=torch.float64))
+    x, y = data.fit.nonempty(2)
+    assert x.dtype == torch.float32 and x.shape == (2, 1, 4, 4) and len(y) == 2
+    with pytest.raises(FvtrustError, match="has no fit images"):
+        data.fit.select([], role="fit").nonempty()

@@ -199,14 +199,14 @@ def run_anchors(anchors, model, layer, units, *, replicates, steps, seed, object
                 seeds=None, proximity_layer=None, weight=1.0) -> dict:
     """{anchor name: MethodRun, or the error text of an anchor that could not run}."""
     from ..visualize.accentuate import top_seeds
-    from ..visualize.natural import natural_images
+    from ..data import natural
 
     anchors = [a.strip() for a in (anchors.split(",") if isinstance(anchors, str) else anchors) if a.strip()]
     out = {}
     magnitude = spectrum.magnitude(tuple(model.input_shape))
     if "faccent" in anchors and seeds is None:
-        fit = natural_images(spectrum.data, part="fit", limit=spectrum.limit, data_dir=spectrum.data_dir,
-                             model=model, class_index=spectrum.class_index)
+        fit = natural(spectrum.data, model=model, data_dir=spectrum.data_dir,
+                      class_index=spectrum.class_index).fit.nonempty(spectrum.limit)[0]
         seeds, _ = top_seeds(model, layer, units, fit, objective=objective, k=replicates)
     kw = dict(replicates=replicates, steps=steps, seed=seed, objective=objective)
     for a in anchors:

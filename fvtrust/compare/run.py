@@ -18,17 +18,23 @@ import torch
 from ..errors import FvtrustError
 from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, staged_dir
 from ..visualize.maco import Maco
-from ..visualize.natural import describe, natural_images
 from . import measures as Ms
 from .methods import METHODS, MethodRun, check_methods, run_method
 
 
 def _natural(model, data, data_dir, limit_fit, limit_heldout, class_index=None, natural_limit=None):
     """The fit part (MACO's spectrum, accentuation seeds) and the labelled held-out part (the measures)."""
-    kw = dict(data_dir=data_dir, model=model, class_index=class_index, natural_limit=natural_limit)
-    fit = natural_images(data, part="fit", limit=limit_fit, **kw)
-    held, labels = natural_images(data, part="heldout", limit=limit_heldout, with_labels=True, **kw)
-    return fit, (held, labels)
+    from ..data import natural
+
+    nat = natural(data, model=model, data_dir=data_dir, class_index=class_index, limit=natural_limit)
+    return nat.fit.nonempty(limit_fit)[0], nat.heldout.nonempty(limit_heldout)
+
+
+def _describe_source(source, model=None) -> str:
+    """How results.json names the natural data: "tensor" for images given in memory, else the source."""
+    if source is None:
+        source = getattr(model, "default_data", None)
+    return "tensor" if isinstance(source, torch.Tensor) else str(source)
 
 
 def measure(model, layer, units, run: MethodRun, heldout, natural_max, *, groups=None, per_class_natural=50,
@@ -121,7 +127,7 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
     result = {
         "spec": getattr(model, "spec", None), "layer": layer, "units": units, "steps": steps,
         "replicates": replicates, "seed": seed, "sanity_layers": sanity_layers, "per_class_natural": per_class_natural,
-        "per_group_natural": per_group_natural, "objective": str(objective), "lr": lr, "data": describe(data, model),
+        "per_group_natural": per_group_natural, "objective": str(objective), "lr": lr, "data": _describe_source(data, model),
         "fit_images": len(fit), "heldout_images": len(heldout[0]), "natural_max": natural_max.tolist(),
         "class_layer": Ms.is_class_layer(model, layer), "spectrum_seconds": spectrum_seconds,
         "methods": rows, "anchors": anchor_rows,

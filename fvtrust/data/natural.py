@@ -116,6 +116,13 @@ class NaturalData:
     def images(self, limit: int | None = None, desc: str | None = None) -> torch.Tensor:
         return self.tensors(limit, desc=desc)[0]
 
+    def nonempty(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float images, labels) like `tensors`, or one clear error when there are none to fit or judge on."""
+        x, y = self.tensors(limit)
+        if len(x) == 0:
+            raise FvtrustError(f"natural data {self.source!r} has no {self.role} images")
+        return x.float(), torch.as_tensor(y)
+
     def targets(self) -> torch.Tensor:
         """Every image's label (model class index, -1 = unlabelled) without reading any image."""
         return _targets(self.dataset)

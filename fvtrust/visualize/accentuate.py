@@ -81,9 +81,9 @@ def accentuate(model, layer: str, units="all", *, seeds: torch.Tensor | None = N
         units = parse_units(units, layer_units(model, layer), layer)
     origin = "given"
     if seeds is None:
-        from .natural import natural_images
+        from ..data import natural
 
-        nat = natural_images(data, part="fit", limit=limit, data_dir=data_dir, model=model)
+        nat = natural(data, model=model, data_dir=data_dir).fit.nonempty(limit)[0]
         seeds, _ = top_seeds(model, layer, units, nat, objective=objective)  # repeated units: their 1st seed
         origin = f"top-activating of {limit} fit images of {data or getattr(model, 'default_data', None)}"
     seeds = seeds.float().clamp(0, 1)

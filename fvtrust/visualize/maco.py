@@ -130,13 +130,13 @@ class Maco:
                 m = torch.as_tensor(np.load(path), dtype=torch.float32)
                 self.provenance = {**key, "cached": str(path)}
             else:
-                from .natural import natural_images
+                from ..data import natural
 
                 if self.data is None:
                     raise FvtrustError("MACO needs natural images for its magnitude spectrum: give param="
                                        "Maco(data=...) (CLI: --data), or a model with default data")
-                x = natural_images(self.data, (c, h, w), part="fit", limit=self.limit, data_dir=self.data_dir,
-                                   class_index=self.class_index)
+                x = natural(self.data, input_shape=(c, h, w), data_dir=self.data_dir,
+                            class_index=self.class_index).fit.nonempty(self.limit)[0]
                 if x.shape[1] != c:
                     raise FvtrustError(f"natural data {self.data!r} has {x.shape[1]} channels, the images {c}")
                 m = magnitude_spectrum(x, (h, w), color=color)

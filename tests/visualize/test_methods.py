@@ -80,13 +80,18 @@ def test_maco_spectrum_is_cached_per_source_and_size(tmp_path, monkeypatch):
     monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
     calls = []
 
-    def fake_natural(source, input_shape, *, part, limit, data_dir=None, **kw):
-        calls.append((source, tuple(input_shape), part))
-        return torch.rand(20, *input_shape, generator=torch.Generator().manual_seed(0))
+    from fvtrust.data.natural import NaturalData
 
-    import importlib
+    def fake_natural(source, *, input_shape, data_dir=None, **kw):
+        calls.append((source, tuple(input_shape), "fit"))
+        x = torch.rand(40, *input_shape, generator=torch.Generator().manual_seed(0))
+        data = NaturalData(torch.utils.data.TensorDataset(x, torch.zeros(40, dtype=torch.long)), str(source))
+        data.parts["fit"] = data.select(range(20), role="fit")
+        return data
 
-    monkeypatch.setattr(importlib.import_module("fvtrust.visualize.natural"), "natural_images", fake_natural)
+    import fvtrust.data
+
+    monkeypatch.setattr(fvtrust.data, "natural", fake_natural)
     a = M.Maco(data="some-folder", limit=20).magnitude((1, 12, 12))
     b = M.Maco(data="some-folder", limit=20).magnitude((1, 12, 12))  # a new object: read from disk
     assert calls == [("some-folder", (1, 12, 12), "fit")]
