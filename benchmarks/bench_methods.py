@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import fvtrust
+from common import load_model, model_arguments
 from fvtrust.compare import compare_methods
 from fvtrust.compare.anchors import run_anchors
 from fvtrust.compare.methods import run_method
@@ -33,11 +33,7 @@ from fvtrust.data import natural
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="fashion-cnn")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--layer", default="fc")
-    ap.add_argument("--units", default="0-9")
-    ap.add_argument("--steps", type=int, default=512)
+    model_arguments(ap, layer="fc", units="0-9")
     ap.add_argument("--time-anchors", default=None, help="anchors in the timing repeats (default: --anchors)")
     ap.add_argument("--methods", default=None, help="methods of the full run (default: all five)")
     ap.add_argument("--per-class-natural", type=int, default=50)
@@ -49,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--time-only", action="store_true", help="skip the full run: timing repeats only")
     ap.add_argument("--out", default="bench-methods")
     a = ap.parse_args(argv)
-    model = fvtrust.load_model(a.model, **({"weights": a.weights} if a.weights else {}))
+    model = load_model(a)
     units = parse_units(a.units, layer_units(model, a.layer), a.layer)
     anchors = [x for x in a.anchors.split(",") if x]
     out = Path(a.out)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import fvtrust
+from common import load_model, model_arguments
 from fvtrust.visualize import visualize
 
 GREY = 0.02
@@ -22,18 +22,14 @@ GREY = 0.02
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="fashion-cnn")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--layer", default="block1")
-    ap.add_argument("--units", default="all")
-    ap.add_argument("--steps", type=int, default=512)
+    model_arguments(ap, layer="block1", units="all")
     ap.add_argument("--objective", default="neuron")
     ap.add_argument("--redirect-steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the summary here")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
-    model = fvtrust.load_model(a.model, **({"weights": a.weights} if a.weights else {}))
+    model = load_model(a)
     kw = dict(steps=a.steps, objective=a.objective, seed=a.seed)
     t0 = time.time()
     std = visualize(model, a.layer, a.units, **kw)
