@@ -212,17 +212,16 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         starts = np.cumsum([0] + [len(c) for c in plan])
 
         def finished(ci, part):
+            for stage in ("visualize", "mechanism", "path"):  # this run's time, not part of the entry
+                seconds[stage] += float(part.pop(f"seconds.{stage}"))
             cache.put(f"chunk-{ci:05d}-{_span(plan[ci])}", part)
             parts[ci] = part
-            for stage in ("visualize", "mechanism", "path"):
-                seconds[stage] += float(part[f"seconds.{stage}"])
 
         shards = [(ci, (key, plan[ci], top_images[starts[ci]:starts[ci + 1]],
                         None if x_given is None else x_given[starts[ci]:starts[ci + 1]], asdict(settings)))
                   for ci in range(len(plan)) if parts[ci] is None]
         run_shards(_audit_chunk, shards, shared=(model,), on_result=finished, desc=f"audit {key}", unit="chunk")
-    chunk = {name: torch.cat([parts[ci][name] for ci in range(len(plan))]) for name in parts[0]
-             if not name.startswith("seconds.")}
+    chunk = {name: torch.cat([parts[ci][name] for ci in range(len(plan))]) for name in parts[0]}
     x_v = chunk["visualization"]
     ga = {name.removeprefix("ga."): v for name, v in chunk.items() if name.startswith("ga.")}
     failed, vis_value = chunk["failed"], chunk["vis_value"]

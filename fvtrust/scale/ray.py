@@ -146,19 +146,14 @@ def _shard(fn, device, n_shared, *args):
     """What a Ray task runs: ``fn(*shared, *rest)`` with the shared models on `device`.
 
     Fault injection (tests only): when $FVTRUST_RAY_KILL_ONCE names a directory,
-    the first shard to get here (of all workers) records its pid in DIR/killed
-    and SIGKILLs its own worker, as a node crash would; Ray retries the task.
+    shards number themselves in the order they start (DIR/started-I, created
+    atomically across workers); the one numbered by DIR/skip (default 1: the
+    second, so the run is under way) records its pid in DIR/killed and
+    SIGKILLs its own worker, as a crashing node would. Ray retries the task.
     """
     kill_dir = os.environ.get(KILL_ONCE)
-    if kill_dir and os.path.isdir(kill_dir):
-        try:
-            fd = os.open(os.path.join(kill_dir, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pass
-        else:
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
+    if kill_dir and os.path.isdir(kill_dir) and not os.path.exists(os.path.join(kill_dir, "killed")):
+        _maybe_kill(kill_dir)
     os.environ["FVTRUST_PROGRESS"] = "0"  # also on a cluster the driver did not start
     from .. import progress
 
@@ -167,3 +162,21 @@ def _shard(fn, device, n_shared, *args):
     if device is not None:
         shared = [s.to(device) if hasattr(s, "to") and hasattr(s, "parameters") else s for s in shared]
     return fn(*shared, *args[n_shared:])
+
+
+def _maybe_kill(kill_dir: str) -> None:
+    try:
+        skip = int(open(os.path.join(kill_dir, "skip")).read())
+    except (OSError, ValueError):
+        skip = 1
+    i = 0
+    while True:  # my start number: the first free DIR/started-I
+        try:
+            os.close(os.open(os.path.join(kill_dir, f"started-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            i += 1
+    if i == skip:
+        with open(os.path.join(kill_dir, "killed"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
