@@ -257,3 +257,25 @@ def test_cli_ray_interrupted_driver_resumes(tmp_path):
     for d in (a, b):
         d.pop("seconds"), d.pop("command")
     assert a == b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [False, True], ids=["identical", "worker-killed"])
+def test_visualize_many_units_on_ray(cluster, kill, tmp_path, single_thread):
+    """`fvtrust visualize --ray`: groups of units on the workers; the same PNGs, grid and JSON as one call."""
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    argv = ["visualize", "fashion-cnn", "block3", "--units", "0-5", "--steps", "6", "--thresholds", "3,6"]
+    runner = CliRunner()
+    r = runner.invoke(main, [*argv, "--out", str(tmp_path / "ref")])
+    assert r.exit_code == 0, r.output
+    args = [*argv, "--ray", "auto", "--shard-units", "2", "--out", str(tmp_path / "ray")]
+    r = _on_cluster(cluster, kill, lambda: runner.invoke(main, args))
+    assert r.exit_code == 0, r.output
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert ref == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name != ".cache")
+    for n in ref:
+        assert (tmp_path / "ref" / n).read_bytes() == (tmp_path / "ray" / n).read_bytes(), n
+    assert len(list((tmp_path / "ray" / ".cache").glob("vis-*.safetensors"))) == 3
