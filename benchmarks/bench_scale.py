@@ -6,7 +6,8 @@ The audit of fashion-cnn block3 (its chunks of units are the shards), repeated a
 process (torch with its default threads) vs `fvtrust.scale.workers` on `ray.init(num_cpus=W)` (one
 single-threaded task per slot). The cluster's start is timed once, apart. Results are checked
 identical every time. Prints the load average before and after: on a shared 2-core machine expect no
-speedup (the cluster adds shipping and start-up costs, and both contenders use both cores).
+speedup (the cluster adds shipping and start-up costs, and both contenders use both cores). Under load, torch with
+2 threads in one process can be several times slower than 2 single-threaded workers: `--threads 1`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main():
     ap.add_argument("--units", default="0-63")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--chunk-units", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the one-process run (default: torch's; on a loaded machine 1 is fairer)")
     a = ap.parse_args()
     os.environ.setdefault("FVTRUST_PROGRESS", "0")
     import ray
@@ -32,6 +35,8 @@ def main():
     from fvtrust.models import load_model
     from fvtrust.scale import workers
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model = load_model("fashion-cnn")
     kw = dict(units=a.units, steps=a.steps, natural_limit=1000, chunk_units=a.chunk_units)
     print(f"load before: {os.getloadavg()}; torch threads in one process: {torch.get_num_threads()}")

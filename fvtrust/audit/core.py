@@ -196,7 +196,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "mechanism": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v1", weights_digest(model, natural), key, asdict(settings),
+        "audit-v1", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
     with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="audit cache"):
@@ -251,6 +251,16 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
                        spec=getattr(model, "spec", None), visualizations=x_v, top_images=top_images)
+
+
+def _code_digest() -> str:
+    """sha256 of the code that computes a chunk (this file, probes.py, signals.py): an entry made by other
+    signal code is stale, so changing a signal never reuses old chunks."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("core.py", "probes.py", "signals.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _span(units) -> str:
