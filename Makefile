@@ -17,7 +17,7 @@ reproduce: install
 	@echo "open $(OUT)/index.html"
 
 test: install-test
-	$(VENV)/bin/python -m pytest -m "slow or not slow" -p no:cacheprovider
+	FVTRUST_REQUIRE_RAY=1 $(VENV)/bin/python -m pytest -m "slow or not slow" -p no:cacheprovider
 
 test-fast: install-test
 	$(VENV)/bin/python -m pytest

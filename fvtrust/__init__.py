@@ -4,7 +4,7 @@ Implements Geirhos et al., "Don't trust your eyes: on the (un)reliability of
 feature visualizations" (ICML 2024): visualize, fool, sanity-check, theory,
 linearity, and a one-command reproduction with an HTML report.
 """
-from . import data
+from . import data, scale  # scale: fvtrust.scale.workers (Ray only when asked)
 from .errors import FvtrustError
 from .evaluate import evaluate, predict
 from .data import natural

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import data_options
+from .cli_common import data_options, ray_option
 from .errors import FvtrustError
 
 
@@ -151,6 +151,7 @@ def train_default_cmd(out, data_dir, epochs, seed):
 
 
 @main.command("visualize")
+@ray_option
 @click.argument("spec")
 @click.argument("layer")
 @click.option("--units", default="all", show_default=True, help="0,1,2 or 0-9 or all.")
@@ -173,12 +174,14 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @click.option("--no-fast", is_flag=True, help="Skip the verified Conv-BN folding / channels-last fast path.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
               help="bf16: the model's forward/backward under bfloat16 autocast (faster on large CPU/GPU models).")
+@click.option("--shard-units", default=16, show_default=True,
+              help="With --ray: units per shard (each shard is cached in OUT/.cache; a rerun resumes from them).")
 @weights_option
 @device_option
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data, relu, redirect_steps, alpha,
-                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, precision, weights, device,
-                  out):
+                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, precision, shard_units,
+                  weights, device, out):
     """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
     from .models import load_model
     from .visualize import visualize
@@ -190,12 +193,20 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data,
         from .visualize.maco import Maco
 
         param = Maco(data=data if data is not None else getattr(model, "default_data", None))
-    if alpha:
-        from .visualize.alpha import visualize_transparent as visualize  # noqa: F811  same call, plus .alpha
-    res = visualize(model, layer, units, steps=steps, thresholds=th, objective=objective, param=param,
-                    decorrelate=not no_decorrelate, transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size,
-                    shared_start=shared_start, fast=not no_fast, relu=relu, redirect_steps=redirect_steps,
-                    precision=precision)
+    options = dict(steps=steps, thresholds=th, objective=objective, param=param, decorrelate=not no_decorrelate,
+                   transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size, shared_start=shared_start,
+                   fast=not no_fast, relu=relu, redirect_steps=redirect_steps, precision=precision)
+    from .scale import current
+
+    if current() is not None:  # --ray: groups of units on the workers, each cached in OUT/.cache
+        from .visualize.shards import visualize_sharded
+
+        res = visualize_sharded(model, layer, units, shard_units=shard_units, cache_dir=Path(out) / ".cache",
+                                alpha=alpha, **options)
+    else:
+        if alpha:
+            from .visualize.alpha import visualize_transparent as visualize  # noqa: F811  same call, plus .alpha
+        res = visualize(model, layer, units, **options)
     meta = save_visualization(res, out, spec=spec)
     if res.alpha is not None:
         from .io import save_png

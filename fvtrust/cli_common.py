@@ -40,3 +40,24 @@ def device_of(device):
     from .models import resolve_device
 
     return resolve_device(device)
+
+
+RAY_HELP = ("Spread the independent shards of this command over a Ray cluster: auto (RAY_ADDRESS, else a "
+            "cluster started here with `ray start`, else a new local one), local[:N] (a new local one with N CPU "
+            "slots) or an address (ray://head:10001). Needs the ray extra; results are the same as without it, "
+            "and an interrupted run resumes from the finished shards.")
+
+
+def ray_option(f):
+    """--ray auto|local[:N]|ADDRESS: run the command's shards on Ray (`fvtrust.scale.workers`); without it
+    nothing changes and Ray is not imported."""
+    import functools
+
+    @functools.wraps(f)
+    def with_workers(*args, ray=None, **kwargs):
+        from .scale import workers
+
+        with workers(ray):
+            return f(*args, **kwargs)
+
+    return click.option("--ray", default=None, metavar="auto|local[:N]|ADDRESS", help=RAY_HELP)(with_workers)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install fvtrust into a virtual environment (default ~/.venvs/fvtrust).
 #   scripts/install.sh          runtime only
-#   scripts/install.sh --test   plus test tools, torch-lucent for parity tests, headless Chromium
+#   scripts/install.sh --test   plus test tools, torch-lucent for parity tests, headless Chromium, timm, ray
 # Idempotent: a second run only checks. Works offline from this machine's wheel cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +55,10 @@ if [[ $WITH_TEST == 1 ]]; then
   install_anchors || echo "fvtrust setup: anchors (horama, faccent) not installed (continuing; compare-methods runs without them)"
   # optional model zoo (timm: specs); a failure leaves the base install intact and its tests skip
   "${PIP[@]}" "timm>=1.0" 2>&1 | grep -v "is ignored" || echo "fvtrust setup: timm not installed (optional)"
+  # optional scale-out backend (--ray); a failure leaves the base install intact, and the Makefile's test target
+  # then fails the Ray tests instead of skipping them (FVTRUST_REQUIRE_RAY=1)
+  "${PIP[@]}" "ray>=2.9" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -c "import ray" 2>/dev/null || echo "fvtrust setup: ray not installed (optional; --ray unavailable)"
 else
   "${PIP[@]}" -e . 2>&1 | grep -v "is ignored" || true
 fi

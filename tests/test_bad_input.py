@@ -46,40 +46,41 @@ COMMANDS = [
                      "--limit", "8", "{extra}")),
     Cmd("train-default", ("train-default", "{datadir}", "--epochs", "{steps}", "--out", "{out}", "{extra}")),
     Cmd("visualize", ("visualize", "{spec}", "{layer}", "--units", "{units}", "--steps", "{steps}", "--thresholds",
-                      "{thresholds}", "--lr", "{lr}", "--out", "{out}", "{extra}")),
+                      "{thresholds}", "--lr", "{lr}", "{ray}", "--out", "{out}", "{extra}")),
     Cmd("theory", ("theory", "--samples", "{steps}", "--out", "{out}", "{extra}")),
     Cmd("fool circuit", ("fool", "circuit", "{spec}", "--layer", "{layer}", "--picture", "{picture}", "--units",
                          "{units}", "--budget", "{budget}", "--steps", "{steps}", "--natural-limit", "{limit}",
-                         "{cindex}", "--cache", "{cache}", "--out", "{out}", "{extra}"), conflict=("--offset", "1")),
+                         "{cindex}", "--cache", "{cache}", "{ray}", "--out", "{out}", "{extra}"), conflict=("--offset", "1")),
     Cmd("fool silent", ("fool", "silent", "{spec}", "--layer", "{conv}", "--target", "{picture}", "--units",
                         "{units}", "--steps", "{steps}", "--natural-limit", "{limit}", "{cindex}", "--out", "{out}",
                         "{extra}")),
     Cmd("fool detector", ("fool", "detector", "{spec}", "--layer", "{layer}", "--budget", "{budget}", "--det-steps",
-                          "{steps}", "--natural-limit", "{limit}", "{cindex}", "--cache", "{cache}", "--out", "{out}",
-                          "{extra}")),
+                          "{steps}", "--natural-limit", "{limit}", "{cindex}", "--cache", "{cache}", "{ray}", "--out",
+                          "{out}", "{extra}")),
     Cmd("fool slingshot", ("fool", "slingshot", "{spec}", "--layer", "{layer}", "--unit", "{unit}", "--target",
                            "{picture}", "--lr", "{lr}", "--epochs", "1", "--steps", "{steps}", "--natural-limit",
                            "{limit}", "--out", "{out}", "{extra}")),
     Cmd("sanity-check", ("sanity-check", "{spec}", "--classes", "{classes}", "--per-class", "1",
                          "--per-class-natural", "2", "--steps", "{steps}", "--data", "{data}", "--natural-limit",
-                         "{limit}", "{cindex}", "{vis}", "--out", "{out}", "{extra}"), conflict=("--random-classes", "2")),
+                         "{limit}", "{cindex}", "{vis}", "{ray}", "--out", "{out}", "{extra}"),
+        conflict=("--random-classes", "2")),
     Cmd("linearity", ("linearity", "{spec}", "{conv}", "--units", "{units}", "--m", "2", "--steps", "{steps}",
                       "--lr", "{lr}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}", "--group-size",
                       "1", "--out", "{out}", "{extra}")),
     Cmd("audit", ("audit", "{spec}", "--layer", "{layer}", "--units", "{units}", "--steps", "{steps}",
-                  "--natural-limit", "{limit}", "--out", "{out}", "{extra}")),
+                  "--natural-limit", "{limit}", "{ray}", "--out", "{out}", "{extra}")),
     Cmd("compare-methods", ("compare-methods", "{spec}", "--layer", "{layer}", "--units", "{units}", "--methods",
                             "pixel", "--replicates", "1", "--steps", "{steps}", "--lr", "{lr}", "--data", "{data}",
                             "--natural-limit", "{limit}", "--out", "{out}", "{extra}")),
     Cmd("reproduce", ("reproduce", "--model", "{spec}", "--data", "{data}", "--natural-limit", "{limit}", "{cindex}",
-                      "--budget", "{rbudget}", "--only", "{only}", "--out", "{out}", "{extra}")),
+                      "--budget", "{rbudget}", "--only", "{only}", "{ray}", "--out", "{out}", "{extra}")),
 ]
 
 # Good values ({case} is the case's own empty folder, {fx} the shared fixtures).
 GOOD = {"spec": "fashion-cnn", "layer": "fc", "conv": "block3", "units": "0", "classes": "0,1", "steps": "2",
         "unit": "0", "thresholds": "1,2", "lr": "0.05", "data": "fashion-mnist", "datadir": [], "picture": "camera", "vis": [],
         "only": "theory", "out": "{case}/out", "cache": "{case}/cache", "extra": [], "limit": "64", "cindex": [],
-        "budget": "tiny", "rbudget": "smoke"}
+        "budget": "tiny", "rbudget": "smoke", "ray": []}
 
 INPUTS = {
     "unknown model": {"spec": "no-such-model"},
@@ -109,6 +110,7 @@ INPUTS = {
     "unknown reproduce step": {"only": "no-such-step"},
     "unknown budget": {"budget": "huge", "rbudget": "huge"},
     "natural limit zero": {"limit": "0"},
+    "bad --ray value": {"ray": ["--ray", "local:0"]},  # (Ray not installed at all: tests/test_scale.py)
 }
 
 

@@ -6,7 +6,7 @@ steps). Outputs are compared byte for byte; JSON files that differ in bytes
 must be equal once the keys that record timing or provenance (faults.VOLATILE:
 seconds, cached flags, cache paths, the command line) are dropped.
 
-To add a pipeline (the audit, the slingshot fine-tune), add a `Pipeline` row.
+To add a pipeline, add a `Pipeline` row.
 FVTRUST_FAULT_KILLS (default 5) and FVTRUST_FAULT_SEED (default 0) choose
 how many kill points and which; FVTRUST_FAULT_REPORT=FILE appends each
 pipeline's record (kill points, chain, output comparison) as a JSON line.
@@ -43,6 +43,9 @@ PIPELINES = [
                            "--steps", "8", "--natural-limit", "500", "--out", "{out}"),
              ("report.json", "model/weights.safetensors", "figure.png"),
              volatile=frozenset({"timing", "resumed_from_epoch"})),  # this process's CPU time; where it resumed
+    Pipeline("audit", ("audit", "fashion-cnn", "--layer", "block3", "--units", "0-11", "--steps", "8", "--top-k", "4",
+                       "--natural-limit", "300", "--chunk-units", "3", "--out", "{out}"),
+             ("audit.json",)),  # index.html prints the run's seconds
 ]
 
 RESULTS = []

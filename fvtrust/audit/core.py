@@ -18,8 +18,11 @@ modules, class names or metadata — only forward and backward passes):
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,8 +142,12 @@ def _layer_units(model, layer: str) -> tuple[str, int]:
     return key, info.units
 
 
+CHUNK_UNITS = 32  # units per cached chunk (and per Ray shard): a kill costs at most one chunk's work
+
+
 def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings | None = None,
-          visualizations: torch.Tensor | None = None, **overrides) -> AuditResult:
+          visualizations: torch.Tensor | None = None, cache_dir=None, chunk_units: int = CHUNK_UNITS,
+          **overrides) -> AuditResult:
     """Audit `units` (default: all) of `layer`: per-unit signals, score, flag, and a layer verdict.
 
     `model`: a spec, an FvModel or a plain nn.Module (see `fvtrust.as_model`).
@@ -152,10 +159,20 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     `THRESHOLDS` for the fixed decision rule. `visualizations` (U x C x H x W,
     one per unit in order) audits given visualizations instead of making them:
     the verdict then speaks for those images only.
+
+    Resumable: the ranking and each chunk of `chunk_units` units (its
+    visualizations and signals) are verified cache entries in `cache_dir`
+    (`fvtrust.cache`; the CLI uses OUT/.cache), so a rerun after a kill redoes
+    at most the chunk that was running. The chunks are independent, so they
+    are also the audit's shards for `fvtrust.scale` (``--ray``). Units are
+    visualized batch-invariantly (one generator per unit), so the result does
+    not depend on `chunk_units` or on where a chunk ran.
     """
+    from ..cache import fingerprint, locked
     from ..linearity.top_activating import top_activating_many
     from ..models.layers import parse_units
-    from ..visualize import visualize
+    from ..sanity.analysis import weights_digest
+    from ..scale import run_shards
 
     settings = settings or AuditSettings()
     bad = [k for k in overrides if k not in AuditSettings.__dataclass_fields__]
@@ -163,26 +180,134 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         raise FvtrustError(f"unknown audit setting {bad[0]!r}; valid: {', '.join(AuditSettings.__dataclass_fields__)}")
     settings = AuditSettings(**{**asdict(settings), **overrides})
     settings.check()
+    if not isinstance(chunk_units, (int, np.integer)) or chunk_units < 1:
+        raise FvtrustError(f"chunk_units must be a positive integer, got {chunk_units!r}")
     model, natural, data_desc = _resolve_inputs(model, data, settings.natural_limit)
     key, n_units = _layer_units(model, layer)
     units = parse_units(units if units is not None else "all", n_units, key)
     if len(natural) < settings.top_k:
         raise FvtrustError(f"the audit needs at least top_k={settings.top_k} natural images, got {len(natural)}")
-    seconds = {}
-    t0 = time.perf_counter()
-
-    top = top_activating_many(model, key, units, natural, m=settings.top_k, objective="channel",
-                              batch_size=settings.batch_size)
-    seconds["rank"] = time.perf_counter() - t0
-    t = time.perf_counter()
+    x_given = None
     if visualizations is not None:
-        x_v = visualizations.detach().float().cpu()
-        if tuple(x_v.shape) != (len(units), *model.input_shape):
+        x_given = visualizations.detach().float().cpu()
+        if tuple(x_given.shape) != (len(units), *model.input_shape):
             raise FvtrustError(f"visualizations must have shape {(len(units), *model.input_shape)} (one per unit), "
-                               f"got {tuple(x_v.shape)}")
+                               f"got {tuple(x_given.shape)}")
+    seconds = {"rank": 0.0, "visualize": 0.0, "mechanism": 0.0, "path": 0.0}
+    t0 = time.perf_counter()
+    cache = _AuditCache(cache_dir, fingerprint(
+        "audit-v1", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
+    plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
+    with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="audit cache"):
+        ranked = cache.get("rank", fmt="safetensors")
+        if ranked is None:
+            top = top_activating_many(model, key, units, natural, m=settings.top_k, objective="channel",
+                                      batch_size=settings.batch_size)
+            ranked = {"values": top.values, "indices": top.indices}
+            cache.put("rank", ranked, fmt="safetensors")
+        seconds["rank"] = time.perf_counter() - t0
+        top_images = natural[ranked["indices"]]  # (U, k, C, H, W): what top_activating_many gathers
+        parts = {ci: cache.get(f"chunk-{ci:05d}-{_span(c)}") for ci, c in enumerate(plan)}
+        starts = np.cumsum([0] + [len(c) for c in plan])
+
+        def finished(ci, part):
+            for stage in ("visualize", "mechanism", "path"):  # this run's time, not part of the entry
+                seconds[stage] += float(part.pop(f"seconds.{stage}"))
+            cache.put(f"chunk-{ci:05d}-{_span(plan[ci])}", part)
+            parts[ci] = part
+
+        shards = [(ci, (key, plan[ci], top_images[starts[ci]:starts[ci + 1]],
+                        None if x_given is None else x_given[starts[ci]:starts[ci + 1]], asdict(settings)))
+                  for ci in range(len(plan)) if parts[ci] is None]
+        run_shards(_audit_chunk, shards, shared=(model,), on_result=finished, desc=f"audit {key}", unit="chunk")
+    chunk = {name: torch.cat([parts[ci][name] for ci in range(len(plan))]) for name in parts[0]}
+    x_v = chunk["visualization"]
+    ga = {name.removeprefix("ga."): v for name, v in chunk.items() if name.startswith("ga.")}
+    failed, vis_value = chunk["failed"], chunk["vis_value"]
+    signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"]}
+    ev, score = score_signals(signals)
+    top_values, top_indices = ranked["values"], ranked["indices"]
+    nat_max = top_values[:, 0]
+    rows = []
+    for i, u in enumerate(units):
+        sig = {name: _num(val[i]) for name, val in signals.items()}
+        sig.update(natural_coherence=_num(ga["natural_coherence"][i]),
+                   visualization_gradient_zero=bool(ga["vis_gradient_zero"][i]),
+                   visualization_failed=bool(failed[i]),
+                   visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
+                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None)
+        fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
+        rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
+                     "signals": sig, "fired": fired, "top_natural_indices": top_indices[i].tolist()})
+    flagged = [r for r in rows if r["flagged"]]
+    by_signal = {name: sum(name in r["fired"] for r in rows) for name in signals}
+    verdict = "suspicious" if flagged else "clean"
+    evid = {"n_units": len(rows), "n_flagged": len(flagged), "flagged_units": [r["unit"] for r in flagged],
+            "flagged_by_signal": by_signal, "max_score": max(r["score"] for r in rows),
+            "rule": f"suspicious when any unit scores >= {FLAG_AT} (a signal past its fixed threshold)"}
+    seconds["total"] = time.perf_counter() - t0
+    seconds = {k: round(v, 3) for k, v in seconds.items()}
+    thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
+    return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
+                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top_images)
+
+
+def _code_digest() -> str:
+    """sha256 of the code that computes a chunk (this file, probes.py, signals.py): an entry made by other
+    signal code is stale, so changing a signal never reuses old chunks."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("core.py", "probes.py", "signals.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _span(units) -> str:
+    return f"u{units[0]}-{units[-1]}"
+
+
+class _AuditCache:
+    """The audit's verified entries (`fvtrust.cache`) in `cache_dir`, all keyed by one fingerprint."""
+
+    def __init__(self, cache_dir, key: str):
+        self.dir = None if cache_dir is None else Path(cache_dir)
+        self.key = key
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"audit-{self.key}-{name}.safetensors"
+
+    def get(self, name: str, fmt: str = "safetensors"):
+        from ..cache import read_entry
+
+        return None if self.dir is None else read_entry(self._path(name), fmt, f"{self.key}:{name}")
+
+    def put(self, name: str, payload: dict, fmt: str = "safetensors") -> None:
+        from ..cache import write_entry
+
+        if self.dir is not None:
+            write_entry(self._path(name), fmt, payload, f"{self.key}:{name}")
+
+
+def _audit_chunk(model, key: str, units: list, top_images: torch.Tensor, given: torch.Tensor | None,
+                 settings: dict) -> dict:
+    """Visualizations and signals of one chunk of units (a shard: depends on its arguments only).
+
+    Returns tensors, one row per unit: ``visualization``, ``ga.*`` (what
+    `gradient_agreement` returns, agreement NaN where the visualization
+    failed), ``failed``, ``vis_value``, ``path_jump``, and the stage times
+    ``seconds.*`` (0-d).
+    """
+    from ..visualize import visualize
+
+    settings = AuditSettings(**settings)
+    seconds = {}
+    t = time.perf_counter()
+    if given is not None:
+        x_v = given
     else:
         x_v = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
-                        progress_desc=f"audit: visualize {key}").final
+                        progress_desc=f"audit: visualize {key} {_span(units)}").final
     seconds["visualize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -190,10 +315,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     chw = tuple(model.input_shape)
     u_t = torch.as_tensor(units)
     # mechanism: gradients w.r.t. the layer input on the top natural images and on the visualization
-    nat_p = probe(model, key, top.images.reshape(U * k, *chw), u_t.repeat_interleave(k), image_grad=False,
+    nat_p = probe(model, key, top_images.reshape(U * k, *chw), u_t.repeat_interleave(k), image_grad=False,
                   batch_size=settings.batch_size)
     vis_p = probe(model, key, x_v, u_t, image_grad=True, batch_size=settings.batch_size)
-    vis_value = vis_p.value
     # a visualization whose image gradient vanishes is a failed optimization (a dead unit at the end: a grey
     # or blank image), not a mechanism: nothing to compare, so agreement is undefined rather than 0
     failed = vis_p.image_grad.abs().amax(1) == 0
@@ -207,7 +331,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     per = max(1, settings.batch_size // (P * (T + 1)))  # units per probe batch: paths never all in memory
     jumps = []
     for c0 in range(0, U, per):
-        starts = top.images[c0:c0 + per, :P]                              # (u, P, C, H, W)
+        starts = top_images[c0:c0 + per, :P]                              # (u, P, C, H, W)
         d = x_v[c0:c0 + per, None] - starts                                # (u, P, C, H, W)
         path = (starts[:, :, None] + ts * d[:, :, None]).clamp(0, 1)       # (u, P, T+1, C, H, W)
         n = len(starts)
@@ -215,34 +339,12 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                    image_grad=True, batch_size=settings.batch_size)
         jumps.append(path_jump(pp.value.reshape(n, P, T + 1), pp.image_grad.reshape(n, P, T + 1, -1),
                                d.reshape(n, P, -1)))
-    jump = torch.cat(jumps)
     seconds["path"] = time.perf_counter() - t
-
-    signals = {"gradient_agreement": ga["agreement"], "path_jump": jump}
-    ev, score = score_signals(signals)
-    nat_max = top.values[:, 0]
-    rows = []
-    for i, u in enumerate(units):
-        sig = {name: _num(val[i]) for name, val in signals.items()}
-        sig.update(natural_coherence=_num(ga["natural_coherence"][i]),
-                   visualization_gradient_zero=bool(ga["vis_gradient_zero"][i]),
-                   visualization_failed=bool(failed[i]),
-                   visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
-                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None)
-        fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
-        rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
-                     "signals": sig, "fired": fired, "top_natural_indices": top.indices[i].tolist()})
-    flagged = [r for r in rows if r["flagged"]]
-    by_signal = {name: sum(name in r["fired"] for r in rows) for name in signals}
-    verdict = "suspicious" if flagged else "clean"
-    evid = {"n_units": len(rows), "n_flagged": len(flagged), "flagged_units": [r["unit"] for r in flagged],
-            "flagged_by_signal": by_signal, "max_score": max(r["score"] for r in rows),
-            "rule": f"suspicious when any unit scores >= {FLAG_AT} (a signal past its fixed threshold)"}
-    seconds["total"] = time.perf_counter() - t0
-    seconds = {k: round(v, 3) for k, v in seconds.items()}
-    thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
-    return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
-                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top.images)
+    out = {"visualization": x_v.detach().float().cpu().contiguous(), "failed": failed.cpu(),
+           "vis_value": vis_p.value.detach().cpu(), "path_jump": torch.cat(jumps).detach().cpu()}
+    out.update({f"ga.{name}": v.detach().cpu() for name, v in ga.items()})
+    out.update({f"seconds.{name}": torch.tensor(v, dtype=torch.float64) for name, v in seconds.items()})
+    return out
 
 
 def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:

@@ -1,10 +1,11 @@
 """`fvtrust reproduce`: the whole paper on one model and its data (default: the embedded one), as an HTML report."""
 import click
 
-from ..cli_common import data_options
+from ..cli_common import data_options, ray_option
 
 
 @click.command("reproduce")
+@ray_option
 @click.option("--model", "spec", default="fashion-cnn", show_default=True,
               help="Any classifier spec (torchvision:googlenet, timm:NAME, py:file.py:factory, a saved dir).")
 @click.option("--weights", default=None, help="Weights of --model: default, random, an enum name or a file.")

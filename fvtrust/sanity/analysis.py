@@ -668,6 +668,8 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
     results: dict[str, dict] = {m: {} for m in metrics}
 
     def cached(lay: Layer) -> bool:
+        if all(lay.name in results[m] for m in metrics):  # computed by a worker (below)
+            return True
         hits = {m: cache.get(lay.name, f"{m}-{_stride_tag(strides[m], pair_seed)}") for m in metrics}
         for m, h in hits.items():
             if h is not None:  # a layer killed between its metrics keeps the finished ones
@@ -676,8 +678,21 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
 
     engine = {"dtype": dt}
     from ..cache import locked
+    from ..scale import current, run_shards
 
     with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="sanity cache"):
+        if current() is not None:
+            # on workers (--ray): one shard per unfinished layer, its metrics' statistics written here as
+            # each arrives; the loop below then finds every layer done. In one process the loop's grouped
+            # forward passes (several layers per pass) do the same work with fewer passes.
+            def finished(name, stats):
+                for m in metrics:
+                    results[m][name] = stats[m]
+                    cache.put(name, f"{m}-{_stride_tag(strides[m], pair_seed)}", _clean(stats[m]))
+
+            shards = [(lay.name, (lay, metrics, batch_size, dt, budget_bytes)) for lay in found if not cached(lay)]
+            run_shards(_layer_shard, shards, shared=(model, images, offsets, pairs), on_result=finished,
+                       desc="sanity layers", unit="layer")
         for rows in collect(model, images, found, metrics, batch_size=batch_size, dtype=dt,
                             budget_bytes=budget_bytes, spill_dir=spill_dir, skip=cached, desc="sanity"):
             for m in metrics:
@@ -734,6 +749,21 @@ def run(model, natural, visualizations, classes=None, per_class: int | None = No
         "runtime_s": time.time() - t0,
     }
     return _clean(result)
+
+
+@torch.no_grad()
+def _layer_shard(model, images, offsets, pairs, lay, metrics, batch_size, dtype, budget_bytes) -> dict:
+    """{metric: condition statistics} of one layer (a `fvtrust.scale` shard): exactly what `run`'s loop
+    computes for it, from a forward pass that stops at this layer."""
+    from .activations import collect
+
+    out = {}
+    for rows in collect(model, images, [lay], metrics, batch_size=batch_size, dtype=dtype, budget_bytes=budget_bytes,
+                        desc=f"sanity {lay.name}"):
+        for m in metrics:
+            out[m] = layer_conditions(rows.prepared[m], offsets, pairs[m],
+                                      blockwise=rows.spilled, dtype=dtype)
+    return out
 
 
 def _stride_tag(strides: dict, seed: int) -> str:

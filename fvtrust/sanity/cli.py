@@ -5,11 +5,12 @@ import shlex
 
 import click
 
-from ..cli_common import data_options
+from ..cli_common import data_options, ray_option
 from ..errors import FvtrustError
 
 
 @click.command("sanity-check")
+@ray_option
 @click.argument("spec")
 @click.option("--classes", default=None, help="Comma-separated class indices or names (default: all classes).")
 @click.option("--random-classes", "n_random", default=None, type=int,

@@ -1,12 +1,13 @@
 """`fvtrust fool circuit`: the fooling circuit of §2.1 on a layer, with a report and Figure 1/2."""
 import click
 
-from ...cli_common import data_options
+from ...cli_common import data_options, ray_option
 
 from ..detector.cli import budget_options
 
 
 @click.command("circuit")
+@ray_option
 @click.argument("spec")
 @click.option("--layer", required=True, help="Layer to manipulate, e.g. fc (the logits).")
 @click.option("--offset", type=int, default=None, help="Permutation: unit i visualizes as unit (i + N) mod units.")

@@ -1,7 +1,7 @@
 """`fvtrust fool detector`: build (or resume building) the visualization detector E alone."""
 import click
 
-from ...cli_common import data_options
+from ...cli_common import data_options, ray_option
 
 
 def budget_options(f):
@@ -24,6 +24,7 @@ def budget_options(f):
 
 
 @click.command("detector")
+@ray_option
 @click.argument("spec")
 @click.option("--layer", required=True, help="The layer whose units (plus hidden channels) provide visualizations.")
 @budget_options

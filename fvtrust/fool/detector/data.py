@@ -30,7 +30,6 @@ from torch import nn
 
 from ...errors import FvtrustError
 from ...io import atomic_write_json
-from ...progress import progress
 
 HIDDEN_SKIP = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.ReLU,
                nn.BatchNorm2d, nn.Flatten, nn.Identity)
@@ -192,38 +191,45 @@ def generate_visualizations(model, units, *, runs: int = 35, steps: int = 512, s
 
 
 def _generate_chunks(model, units, plan, out, key, config, *, runs, steps, th, seed, chunk_size, desc) -> list[dict]:
-    """Load the verified chunks of `out` and generate the missing (or damaged, or foreign) ones."""
+    """Load the verified chunks of `out` and generate the missing (or damaged, or foreign) ones.
+
+    The missing chunks are `fvtrust.scale` shards (one process, or Ray workers
+    with ``--ray``); each finished one is written here as soon as it arrives.
+    """
     from ...cache import read_entry, write_entry
-    from ...visualize import visualize
+    from ...scale import run_shards
 
     manifest = out / "manifest.json"
     if not manifest.exists():
         atomic_write_json(manifest, {"config": config, "chunks": plan})
-    parts = []
-    bar = progress(total=len(plan), desc=desc, unit="chunk")
-    try:
-        for ci, chunk in enumerate(plan):
-            f = out / f"chunk-{ci:05d}.safetensors"
-            part = read_entry(f, "safetensors", f"{key}:{ci}")
-            if part is None:
-                layer = units[chunk[0]][0]
-                reps = [units[i][1] for i in chunk for _ in range(runs)]
-                res = visualize(model, layer, reps, steps=steps, thresholds=th, seed=seed + 7919 * ci,
-                                chunk_size=chunk_size, progress_desc=f"{desc} {ci + 1}/{len(plan)}")
-                t, n = res.images.shape[:2]
-                idx = torch.as_tensor([i for i in chunk for _ in range(runs)], dtype=torch.long)
-                run = torch.as_tensor([r for _ in chunk for r in range(runs)], dtype=torch.long)
-                images = res.images.reshape(t * n, *res.images.shape[2:])
-                part = {"images": (images * 255).round().clamp(0, 255).to(torch.uint8),
-                        "unit": idx.repeat(t), "run": run.repeat(t),
-                        "step": torch.as_tensor(th, dtype=torch.long).repeat_interleave(n)}
-                write_entry(f, "safetensors", part, f"{key}:{ci}")
-            parts.append(part)
-            bar.update(1)
-    finally:
-        bar.close()
+    parts = [read_entry(out / f"chunk-{ci:05d}.safetensors", "safetensors", f"{key}:{ci}") for ci in range(len(plan))]
+
+    def finished(ci, part):
+        write_entry(out / f"chunk-{ci:05d}.safetensors", "safetensors", part, f"{key}:{ci}")
+        parts[ci] = part
+
+    shards = [(ci, (units[plan[ci][0]][0], [units[i][1] for i in plan[ci]], plan[ci], runs, steps, th,
+                    seed + 7919 * ci, chunk_size, f"{desc} {ci + 1}/{len(plan)}"))
+              for ci in range(len(plan)) if parts[ci] is None]
+    run_shards(_chunk_snapshots, shards, shared=(model,), on_result=finished, desc=desc, unit="chunk")
     atomic_write_json(manifest, {"config": config, "chunks": plan, "complete": True})
     return parts
+
+
+def _chunk_snapshots(model, layer, layer_units, chunk, runs, steps, th, seed, chunk_size, desc) -> dict:
+    """One chunk's snapshots (a shard: depends on its arguments only): `runs` runs of each unit of `layer`."""
+    from ...visualize import visualize
+
+    reps = [u for u in layer_units for _ in range(runs)]
+    res = visualize(model, layer, reps, steps=steps, thresholds=th, seed=seed, chunk_size=chunk_size,
+                    progress_desc=desc)
+    t, n = res.images.shape[:2]
+    idx = torch.as_tensor([i for i in chunk for _ in range(runs)], dtype=torch.long)
+    run = torch.as_tensor([r for _ in chunk for r in range(runs)], dtype=torch.long)
+    images = res.images.reshape(t * n, *res.images.shape[2:])
+    return {"images": (images * 255).round().clamp(0, 255).to(torch.uint8),
+            "unit": idx.repeat(t), "run": run.repeat(t),
+            "step": torch.as_tensor(th, dtype=torch.long).repeat_interleave(n)}
 
 
 def natural_sets(model, *, n_train: int | None = None, seed: int = 0, natural=None) -> tuple[torch.Tensor, torch.Tensor]:
