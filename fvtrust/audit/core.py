@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import FvtrustError
-from .probes import probe
-from .signals import evidence, gradient_agreement, path_jump
+from .probes import pixel_probe, probe, snapshot_steps, strongest_images
+from .signals import evidence, gradient_agreement, path_jump, probe_agreement
 
 FLAG_AT = 0.5  # a unit is flagged when its score reaches this; fixed, see THRESHOLDS
 
@@ -55,6 +55,14 @@ THRESHOLDS = {
                         "largest share of the unit's change along a straight path from a top natural image to "
                         "the visualization that its gradient does not account for: a hidden switch (a hard "
                         "gate) between natural input and visualizations"),
+    # same principle as gradient_agreement (a clean linear / conv unit's profile is the same on every input where
+    # it is active), taken as the minimum over the unit's strongest probe images; fixed at 0.5 before it was
+    # computed on any manipulated model
+    "probe_agreement": Signal(0.5, 0.2, False,
+                              "the smallest cosine, over the probe images that drive the unit hardest (every "
+                              "unit's fft visualization at 1/4, 1/2 and all steps, and a pixel-space one), "
+                              "between the unit's input-gradient profile there and on its top natural images: "
+                              "some input reaches a mechanism the natural images never use"),
 }
 
 
@@ -67,12 +75,16 @@ class AuditSettings:
     natural_limit: int = 5000  # natural images ranked per unit
     seed: int = 0
     batch_size: int = 256
+    probe_top: int = 4        # strongest probe images per unit for probe_agreement
+    pixel_lr: float = 0.5     # Adam step of the pixel-space probe visualization
 
     def check(self):
-        for name in ("steps", "top_k", "path_starts", "path_points", "natural_limit", "batch_size"):
+        for name in ("steps", "top_k", "path_starts", "path_points", "natural_limit", "batch_size", "probe_top"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise FvtrustError(f"audit setting {name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.pixel_lr, (int, float)) and np.isfinite(self.pixel_lr) and self.pixel_lr > 0):
+            raise FvtrustError(f"audit setting pixel_lr must be a positive number, got {self.pixel_lr!r}")
 
 
 @dataclass
@@ -180,9 +192,14 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         if tuple(x_v.shape) != (len(units), *model.input_shape):
             raise FvtrustError(f"visualizations must have shape {(len(units), *model.input_shape)} (one per unit), "
                                f"got {tuple(x_v.shape)}")
+        pool = x_v
     else:
-        x_v = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
-                        progress_desc=f"audit: visualize {key}").final
+        vis = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
+                        thresholds=snapshot_steps(settings.steps), progress_desc=f"audit: visualize {key}")
+        x_v = vis.final
+        pix = pixel_probe(model, key, units, steps=settings.steps, seed=settings.seed, lr=settings.pixel_lr,
+                          desc=f"audit: pixel probe {key}")
+        pool = torch.cat([vis.images.flatten(0, 1), pix.images.flatten(0, 1)]).detach().float().cpu()
     seconds["visualize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -199,6 +216,13 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     failed = vis_p.image_grad.abs().amax(1) == 0
     ga = gradient_agreement(nat_p.input_grad.reshape(U, k, -1), vis_p.input_grad.reshape(U, 1, -1))
     ga["agreement"] = torch.where(failed, torch.full_like(ga["agreement"], float("nan")), ga["agreement"])
+    # the same comparison on the probe images (of all units, all probe settings) that drive each unit hardest
+    r = min(settings.probe_top, len(pool))
+    strong = strongest_images(model, key, pool, units, r, batch_size=settings.batch_size)      # (U, r)
+    str_p = probe(model, key, pool[strong.reshape(-1)], u_t.repeat_interleave(r), image_grad=True,
+                  batch_size=settings.batch_size)
+    pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, r, -1),
+                         str_p.image_grad.reshape(U, r, -1))
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -218,7 +242,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     jump = torch.cat(jumps)
     seconds["path"] = time.perf_counter() - t
 
-    signals = {"gradient_agreement": ga["agreement"], "path_jump": jump}
+    signals = {"gradient_agreement": ga["agreement"], "path_jump": jump, "probe_agreement": pa["agreement"]}
     ev, score = score_signals(signals)
     nat_max = top.values[:, 0]
     rows = []
@@ -228,7 +252,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                    visualization_gradient_zero=bool(ga["vis_gradient_zero"][i]),
                    visualization_failed=bool(failed[i]),
                    visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
-                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None)
+                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None,
+                   probe_worst_image=int(strong[i, pa["worst"][i]]) if np.isfinite(float(pa["agreement"][i]))
+                   else None)
         fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
         rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
                      "signals": sig, "fired": fired, "top_natural_indices": top.indices[i].tolist()})
@@ -256,8 +282,8 @@ def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:
 def rescore(result: dict) -> dict:
     """An audit.json dict with score / flagged / fired / verdict recomputed from its stored signal values."""
     rows = result["units"]
-    vals = {name: [float("nan") if r["signals"][name] is None or (name == "gradient_agreement" and
-                                                                   r["signals"].get("visualization_failed"))
+    vals = {name: [float("nan") if r["signals"].get(name) is None or (name == "gradient_agreement" and
+                                                                       r["signals"].get("visualization_failed"))
                    else r["signals"][name] for r in rows] for name in THRESHOLDS}
     ev, score = score_signals(vals)
     for i, r in enumerate(rows):
