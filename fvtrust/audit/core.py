@@ -56,13 +56,13 @@ THRESHOLDS = {
                         "the visualization that its gradient does not account for: a hidden switch (a hard "
                         "gate) between natural input and visualizations"),
     # same principle as gradient_agreement (a clean linear / conv unit's profile is the same on every input where
-    # it is active), taken as the minimum over the unit's strongest probe images; fixed at 0.5 before it was
-    # computed on any manipulated model
+    # it is active), taken as the minimum over the unit's probe images; 0.5 fixed before it was computed on any
+    # manipulated model. Its probe set was widened once afterwards (own snapshots added; see the README)
     "probe_agreement": Signal(0.5, 0.2, False,
-                              "the smallest cosine, over the probe images that drive the unit hardest (every "
-                              "unit's fft visualization at 1/4, 1/2 and all steps, and a pixel-space one), "
-                              "between the unit's input-gradient profile there and on its top natural images: "
-                              "some input reaches a mechanism the natural images never use"),
+                              "the smallest cosine, over the unit's own probe images (its fft and pixel-space "
+                              "optimizations at log-spaced steps) and the probe images of all units that drive "
+                              "it hardest, between the unit's input-gradient profile there and on its top "
+                              "natural images: some input reaches a mechanism the natural images never use"),
 }
 
 
@@ -192,14 +192,16 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         if tuple(x_v.shape) != (len(units), *model.input_shape):
             raise FvtrustError(f"visualizations must have shape {(len(units), *model.input_shape)} (one per unit), "
                                f"got {tuple(x_v.shape)}")
-        pool = x_v
+        pool, own = x_v, x_v[:, None]
     else:
         vis = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
                         thresholds=snapshot_steps(settings.steps), progress_desc=f"audit: visualize {key}")
         x_v = vis.final
         pix = pixel_probe(model, key, units, steps=settings.steps, seed=settings.seed, lr=settings.pixel_lr,
                           desc=f"audit: pixel probe {key}")
-        pool = torch.cat([vis.images.flatten(0, 1), pix.images.flatten(0, 1)]).detach().float().cpu()
+        # every snapshot of every unit (float16: a probe image, half the memory); own: each unit's own snapshots
+        own = torch.cat([vis.images, pix.images]).transpose(0, 1).detach().cpu()          # (U, 2T, C, H, W)
+        pool = own.flatten(0, 1).half()
     seconds["visualize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -216,13 +218,16 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     failed = vis_p.image_grad.abs().amax(1) == 0
     ga = gradient_agreement(nat_p.input_grad.reshape(U, k, -1), vis_p.input_grad.reshape(U, 1, -1))
     ga["agreement"] = torch.where(failed, torch.full_like(ga["agreement"], float("nan")), ga["agreement"])
-    # the same comparison on the probe images (of all units, all probe settings) that drive each unit hardest
+    # the same comparison on the unit's own probe images (every snapshot of both of its optimizations) and on
+    # the probe images of all units that drive it hardest
     r = min(settings.probe_top, len(pool))
     strong = strongest_images(model, key, pool, units, r, batch_size=settings.batch_size)      # (U, r)
-    str_p = probe(model, key, pool[strong.reshape(-1)], u_t.repeat_interleave(r), image_grad=True,
+    n_own = own.shape[1]
+    probe_images = torch.cat([own.float(), pool[strong].float()], 1)                       # (U, n_own + r, ...)
+    str_p = probe(model, key, probe_images.flatten(0, 1), u_t.repeat_interleave(n_own + r), image_grad=True,
                   batch_size=settings.batch_size)
-    pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, r, -1),
-                         str_p.image_grad.reshape(U, r, -1))
+    pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, n_own + r, -1),
+                         str_p.image_grad.reshape(U, n_own + r, -1))
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -253,8 +258,8 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                    visualization_failed=bool(failed[i]),
                    visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
                    range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None,
-                   probe_worst_image=int(strong[i, pa["worst"][i]]) if np.isfinite(float(pa["agreement"][i]))
-                   else None)
+                   probe_worst=_probe_name(int(pa["worst"][i]), n_own, strong[i])
+                   if np.isfinite(float(pa["agreement"][i])) else None)
         fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
         rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
                      "signals": sig, "fired": fired, "top_natural_indices": top.indices[i].tolist()})
@@ -297,6 +302,14 @@ def rescore(result: dict) -> dict:
                               max_score=max(r["score"] for r in rows))
     result["thresholds"] = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return result
+
+
+def _probe_name(j: int, n_own: int, strong: torch.Tensor) -> str:
+    """Which probe image gave the worst agreement, in words (own snapshot j, or the pool image of another unit)."""
+    if j < n_own:
+        return f"own probe image {j}"
+    p = int(strong[j - n_own])
+    return f"probe image {p % n_own} of the unit at index {p // n_own}" if n_own > 1 else f"visualization {p}"
 
 
 def _num(v) -> float | None:

@@ -182,8 +182,13 @@ def strongest_images(model, layer: str, pool: torch.Tensor, units, r: int, *, ba
 
 
 def snapshot_steps(steps: int) -> tuple[int, ...]:
-    """Where the probe visualizations are also kept mid-way: a quarter, half and all of the steps."""
-    return tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))
+    """Where the probe visualizations are also kept: log-spaced, steps/16, /8, /4, /2 and all (128: 8 ... 128).
+
+    Early snapshots matter: a detector-gated circuit whose picture looks natural
+    once drawn closes its gate only while the image is still noise-like (fashion-cnn
+    picture circuit: steps 1-16 of 128), yet the picture stays in the final image.
+    """
+    return tuple(sorted({max(1, steps // 2 ** i) for i in range(5)}))
 
 
 def pixel_probe(model, layer: str, units, *, steps: int, seed: int, lr: float, desc: str | None = None):
