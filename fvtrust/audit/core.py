@@ -102,6 +102,7 @@ class AuditResult:
     spec: str | None = None
     visualizations: torch.Tensor | None = field(default=None, repr=False)   # (U, C, H, W)
     top_images: torch.Tensor | None = field(default=None, repr=False)       # (U, k, C, H, W)
+    worst_probes: torch.Tensor | None = field(default=None, repr=False)     # (U, C, H, W): probe_agreement's image
 
     @property
     def scores(self) -> np.ndarray:
@@ -273,7 +274,8 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {k: round(v, 3) for k, v in seconds.items()}
     thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
-                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top.images)
+                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top.images,
+                       worst_probes=probe_images[torch.arange(U), pa["worst"]])
 
 
 def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:

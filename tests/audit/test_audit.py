@@ -340,3 +340,7 @@ def test_dormant_hidden_branch_found_through_other_units_visualizations():
     assert by[0]["flagged"] and "probe_agreement" in by[0]["fired"] and res.verdict == "suspicious"
     assert not any(by[u]["flagged"] for u in (1, 2, 3))
     assert all(by[u]["signals"]["probe_agreement"] == pytest.approx(1.0, abs=1e-5) for u in (1, 2, 3))  # linear
+    from fvtrust.audit.report import render_html
+
+    assert res.worst_probes.shape == res.visualizations.shape
+    assert 'alt="worst probe image"' in render_html(res)   # the page shows the image that gave the evidence
