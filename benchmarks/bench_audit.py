@@ -6,6 +6,8 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
 * circuit-picture:     fooling circuit at `fc`, units 1,3,5,7,9 visualize as the 'camera' picture;
 * silent-picture:      silent units on `block3` (Conv-BN-ReLU, 64 units), 16 random units, target 'coffee';
 * silent-unit:         silent units on `block3`, 16 other random units, target `unit:N` (N untouched);
+* slingshot-fc:        gradient slingshot (`fvtrust.fool.slingshot`, defaults) on `fc` unit 0, target 'camera';
+* slingshot-block4:    gradient slingshot on `block4` unit 0 (Conv-BN-ReLU, 128 units), target 'camera';
 * clean:               the original model, audited at fc, block3 and block4 (128 units).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -14,7 +16,11 @@ model-level verdict. Clean model: FPR on every audited layer. Time: the 128-unit
 times, wall and CPU seconds, against a plain `fvtrust.visualize` of the same units in the same run (ratio).
 
 The circuit needs a trained visualization detector: built once per `--detector-budget` and cached under
-`--cache` (as are finished audits, so an interrupted run resumes).
+`--cache` (as are finished audits, so an interrupted run resumes; an audit cached before a signal was added is
+recomputed). The slingshot fine-tunes resume from their epoch checkpoints under `--cache`. For the slingshots the
+benchmark also reports, as ground truth the audit never sees, whether the attack took: Pearson of the unit's
+visualization to the target, for the audit's own visualization and for the slingshot's standard procedure
+(fft, no transforms, Adam lr 0.05, 512 steps).
 
     python benchmarks/bench_audit.py                      # everything
     python benchmarks/bench_audit.py --repeats 3 --only timing
@@ -72,7 +78,16 @@ def detector(model, cache: Path):
     return det
 
 
-ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit")
+ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit", "slingshot-fc",
+           "slingshot-block4")
+SLINGSHOTS = {"slingshot-fc": ("fc", 0), "slingshot-block4": ("block4", 0)}
+SLINGSHOT_TARGET = "camera"
+
+
+def attack_layer(name: str) -> str:
+    if name in SLINGSHOTS:
+        return SLINGSHOTS[name][0]
+    return "fc" if name.startswith("circuit") else "block3"
 
 
 def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
@@ -96,13 +111,26 @@ def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
     if name == "silent-unit":
         return "block3", silent_units(model, "block3", target=f"unit:{target_n}", natural=train[:20000],
                                       units=silent_b), silent_b
+    if name in SLINGSHOTS:
+        from fvtrust.fool.slingshot import slingshot
+
+        layer, unit = SLINGSHOTS[name]
+        fooled = slingshot(model, layer, unit, target=SLINGSHOT_TARGET, seed=seed,
+                           checkpoint_dir=cache / f"{name}-checkpoint")
+        return layer, fooled, [unit]
     raise SystemExit(f"unknown attack {name}")
 
 
 def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
+    from fvtrust.audit import THRESHOLDS
+
     f = cache / f"audit-{name}-{layer}.json"
     if f.exists():
-        return rescore(json.loads(f.read_text()))  # scores always under the current fixed thresholds
+        res = json.loads(f.read_text())
+        if all(s in res["units"][0]["signals"] for s in THRESHOLDS):
+            return rescore(res)  # scores always under the current fixed thresholds
+        print(f"  {f.name} was audited before signal(s) "
+              f"{[s for s in THRESHOLDS if s not in res['units'][0]['signals']]} existed: auditing again", flush=True)
     if callable(model):  # build lazily: a cached audit needs no model
         model = model() if not isinstance(model, torch.nn.Module) else model
     t0, c0 = time.perf_counter(), time.process_time()
@@ -112,6 +140,8 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
     save_audit(result, cache / f"page-{name}-{layer}", command=f"benchmarks/bench_audit.py ({name}, {layer})")
     res = result.to_dict()
     res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    if hasattr(model, "slingshot_info"):  # ground truth for the reader, not used by the audit: did it take?
+        res["slingshot_took"] = slingshot_took(model, result)
     if hasattr(model, "gate_values"):  # ground truth for the reader, not used by the audit: did E gate?
         with torch.no_grad():
             res["detector_on_audit"] = {
@@ -119,6 +149,23 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
                 "natural_gated_to_1": float((model.gate_values(data[:2000]) > 0.5).float().mean())}
     f.write_text(json.dumps(res))
     return res
+
+
+def slingshot_took(model, result) -> dict:
+    """Pearson to the target of the unit's visualization: the audit's, and the slingshot's standard procedure."""
+    from fvtrust.fool.slingshot.finetune import resolve_target
+    from fvtrust.fool.slingshot.report import similarity_to_target
+    from fvtrust.visualize import visualize
+
+    info = model.slingshot_info
+    target = resolve_target(info["target"], model)
+    i = [u["unit"] for u in result.units].index(info["unit"])
+    std = visualize(model, info["layer"], [info["unit"]], steps=512, transforms=None, objective="channel",
+                    lr=0.05, param=info["param"]).final[0]
+    return {"unit": info["unit"], "target": info["target"],
+            "audit_visualization": similarity_to_target(result.visualizations[i], target),
+            "standard_512_no_transforms": similarity_to_target(std, target),
+            "history_last": info["history"][-1] if info["history"] else None}
 
 
 def timing(model, data, repeats: int, steps: int) -> dict:
@@ -173,7 +220,7 @@ def main():
                 built["v"] = build_attack(name, model, args.cache, train, args.seed)
                 return built["v"][1]
 
-            layer = "fc" if name.startswith("circuit") else "block3"
+            layer = attack_layer(name)
             key = f"{name}@{DETECTOR_BUDGET}" if name.startswith("circuit") else name
             r = cached_audit(args.cache, key, make, layer, data, **kw)
             if "manipulated" not in r:
@@ -203,7 +250,7 @@ def main():
             # from the clean model's (same seed, deterministic pipeline): a dormant one was visualized exactly as
             # the clean unit, so its visualization is the clean one and there is nothing to flag
             ref = {u["unit"]: u["signals"] for u in clean[layer]["units"]}
-            keys = ("gradient_agreement", "path_jump", "visualization_activation")
+            keys = ("gradient_agreement", "path_jump", "probe_agreement", "visualization_activation")
             active = {u["unit"] for u in r["units"] if u["unit"] in man
                       and any(u["signals"][k] != ref[u["unit"]][k] for k in keys)}
             pos_active = [u["score"] for u in r["units"] if u["unit"] in active]
@@ -220,7 +267,8 @@ def main():
                    "verdict": r["verdict"], "verdict_right": r["verdict"] == "suspicious",
                    "s_per_unit_wall": r["bench_wall_s"] / len(r["units"]),
                    "s_per_unit_cpu": r["bench_cpu_s"] / len(r["units"]),
-                   "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit")}
+                   "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit"),
+                   "slingshot_took": r.get("slingshot_took")}
             out["attacks"][name] = row
             print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
                   f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  active in the visualization "
@@ -228,7 +276,8 @@ def main():
                   f"FPR untouched "
                   f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
-                  + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else ""), flush=True)
+                  + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
+                  + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
     if "timing" in only:
         print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
         out["timing"] = timing(model, data, args.repeats, args.steps or 128)

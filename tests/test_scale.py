@@ -169,7 +169,8 @@ def test_audit_on_ray(cluster, kill, tmp_path, single_thread):
     assert torch.equal(got.top_images, ref.top_images)
     # the same entries, whoever computed them
     names = sorted(p.name for p in (tmp_path / "ref").glob("audit-*"))
-    assert len(names) == 1 + 4 and names == sorted(p.name for p in (tmp_path / "ray").glob("audit-*"))
+    assert len(names) == 1 + 2 * 4  # the ranking + 4 chunks x 2 stages
+    assert names == sorted(p.name for p in (tmp_path / "ray").glob("audit-*"))
     for n in names:
         _same_entry(tmp_path / "ref" / n, tmp_path / "ray" / n)
 
@@ -247,11 +248,11 @@ def test_cli_ray_interrupted_driver_resumes(tmp_path, single_thread):
     env.pop(KILL_ONCE, None)
     out = tmp_path / "ray"
     rc, first, err = _run_cli([*AUDIT_ARGV, "--ray", "local:2", "--out", str(out)], env, kill_after_writes=2)
-    assert rc == -signal.SIGKILL and len(first) == 2  # the ranking and one chunk arrived, then the driver died
+    assert rc == -signal.SIGKILL and len(first) == 2  # the ranking and one chunk's probes arrived, then the driver died
     rc, second, err = _run_cli([*AUDIT_ARGV, "--ray", "local:2", "--out", str(out)], env)
     assert rc == 0, err
     assert not set(first) & set(second), "a finished shard was recomputed"
-    assert len(first) + len(second) == 1 + 3  # the ranking + 3 chunks of 2 units, each written once
+    assert len(first) + len(second) == 1 + 2 * 3  # the ranking + 3 chunks of 2 units x 2 stages, each written once
     # the same audit as one process computes (the CLI's settings: units 0-5, 4 steps, top-2, 100 images)
     ref = audit("fashion-cnn", "block3", units="0-5", steps=4, top_k=2, natural_limit=100, chunk_units=2)
     got = json.loads((out / "audit.json").read_text())

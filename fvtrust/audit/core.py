@@ -5,16 +5,24 @@ modules, class names or metadata — only forward and backward passes):
 
 1. rank natural images per unit (one streaming pass, `top_activating_many`);
 2. visualize every unit from noise (the batched `fvtrust.visualize`, the
-   `channel` objective, `steps` steps: what a user would look at);
+   `channel` objective, `steps` steps: what a user would look at), keeping
+   log-spaced snapshots, plus a pixel-space probe optimization with a large
+   step: the unit's probe images;
 3. probe the unit's gradient w.r.t. the layer's input on its top natural
-   images and on its visualization → `gradient_agreement`;
+   images and on its visualization → `gradient_agreement`
    (undefined where the visualization itself failed: zero image gradient);
+   and on its own probe images and the layer's probe images that drive it
+   hardest → `probe_agreement`;
 4. walk straight paths from `path_starts` top natural images to the
    visualization and compare the unit's change with what its gradient
    predicts → `path_jump`;
 5. map each signal to evidence in [0, 1] (0.5 at its fixed threshold),
    score = max evidence, flagged = score ≥ 0.5; the layer is `suspicious`
    when any unit is flagged.
+
+Steps 2 and 3-4 run as two stages of chunks of units, each chunk a verified
+cache entry and a `fvtrust.scale` shard; stage 2 needs the probe images of
+the whole layer, so it starts when stage 1 is complete.
 """
 from __future__ import annotations
 
@@ -28,8 +36,8 @@ import numpy as np
 import torch
 
 from ..errors import FvtrustError
-from .probes import probe
-from .signals import evidence, gradient_agreement, path_jump
+from .probes import pixel_probe, probe, snapshot_steps, strongest_images
+from .signals import evidence, gradient_agreement, path_jump, probe_agreement
 
 FLAG_AT = 0.5  # a unit is flagged when its score reaches this; fixed, see THRESHOLDS
 
@@ -58,6 +66,14 @@ THRESHOLDS = {
                         "largest share of the unit's change along a straight path from a top natural image to "
                         "the visualization that its gradient does not account for: a hidden switch (a hard "
                         "gate) between natural input and visualizations"),
+    # same principle as gradient_agreement (a clean linear / conv unit's profile is the same on every input where
+    # it is active), taken as the minimum over the unit's probe images; 0.5 fixed before it was computed on any
+    # manipulated model. Its probe set was widened once afterwards (own snapshots added; see the README)
+    "probe_agreement": Signal(0.5, 0.2, False,
+                              "the smallest cosine, over the unit's own probe images (its fft and pixel-space "
+                              "optimizations at log-spaced steps) and the probe images of all units that drive "
+                              "it hardest, between the unit's input-gradient profile there and on its top "
+                              "natural images: some input reaches a mechanism the natural images never use"),
 }
 
 
@@ -70,12 +86,16 @@ class AuditSettings:
     natural_limit: int = 5000  # natural images ranked per unit
     seed: int = 0
     batch_size: int = 256
+    probe_top: int = 4        # strongest probe images per unit for probe_agreement
+    pixel_lr: float = 0.5     # Adam step of the pixel-space probe visualization
 
     def check(self):
-        for name in ("steps", "top_k", "path_starts", "path_points", "natural_limit", "batch_size"):
+        for name in ("steps", "top_k", "path_starts", "path_points", "natural_limit", "batch_size", "probe_top"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise FvtrustError(f"audit setting {name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.pixel_lr, (int, float)) and np.isfinite(self.pixel_lr) and self.pixel_lr > 0):
+            raise FvtrustError(f"audit setting pixel_lr must be a positive number, got {self.pixel_lr!r}")
 
 
 @dataclass
@@ -93,6 +113,7 @@ class AuditResult:
     spec: str | None = None
     visualizations: torch.Tensor | None = field(default=None, repr=False)   # (U, C, H, W)
     top_images: torch.Tensor | None = field(default=None, repr=False)       # (U, k, C, H, W)
+    worst_probes: torch.Tensor | None = field(default=None, repr=False)     # (U, C, H, W): probe_agreement's image
 
     @property
     def scores(self) -> np.ndarray:
@@ -196,9 +217,11 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "mechanism": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v1", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        "audit-v2", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
+    bounds = np.cumsum([0] + [len(c) for c in plan])
+    names = [f"{ci:05d}-{_span(c)}" for ci, c in enumerate(plan)]
     with contextlib.nullcontext() if cache_dir is None else locked(cache_dir, what="audit cache"):
         ranked = cache.get("rank", fmt="safetensors")
         if ranked is None:
@@ -208,24 +231,46 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
             cache.put("rank", ranked, fmt="safetensors")
         seconds["rank"] = time.perf_counter() - t0
         top_images = natural[ranked["indices"]]  # (U, k, C, H, W): what top_activating_many gathers
-        parts = {ci: cache.get(f"chunk-{ci:05d}-{_span(c)}") for ci, c in enumerate(plan)}
-        starts = np.cumsum([0] + [len(c) for c in plan])
 
-        def finished(ci, part):
-            for stage in ("visualize", "mechanism", "path"):  # this run's time, not part of the entry
+        # stage 1, per chunk: every unit's probe images (its fft visualization and pixel-space probe snapshots)
+        probed = {ci: cache.get(f"probes-{names[ci]}") for ci in range(len(plan))}
+
+        def probes_done(ci, part):
+            seconds["visualize"] += float(part.pop("seconds.visualize"))  # this run's time, not in the entry
+            cache.put(f"probes-{names[ci]}", part)
+            probed[ci] = part
+
+        shards = [(ci, (key, plan[ci], None if x_given is None else x_given[bounds[ci]:bounds[ci + 1]],
+                        asdict(settings))) for ci in range(len(plan)) if probed[ci] is None]
+        run_shards(_probe_chunk, shards, shared=(model,), on_result=probes_done, desc=f"audit {key}: probes",
+                   unit="chunk")
+        x_v = torch.cat([probed[ci]["visualization"] for ci in range(len(plan))])
+        own = torch.cat([probed[ci]["own"] for ci in range(len(plan))])                   # (U, n_own, C, H, W)
+        # the pool of every unit's probe images, which stage 2 searches for the images driving each unit hardest
+        # (float16 halves its memory; given visualizations are used as they are)
+        pool = own.flatten(0, 1) if x_given is not None else own.flatten(0, 1).half()
+
+        # stage 2, per chunk: the signals (they need the whole layer's pool, hence two stages)
+        parts = {ci: cache.get(f"signals-{names[ci]}") for ci in range(len(plan))}
+
+        def signals_done(ci, part):
+            for stage in ("mechanism", "path"):
                 seconds[stage] += float(part.pop(f"seconds.{stage}"))
-            cache.put(f"chunk-{ci:05d}-{_span(plan[ci])}", part)
+            cache.put(f"signals-{names[ci]}", part)
             parts[ci] = part
 
-        shards = [(ci, (key, plan[ci], top_images[starts[ci]:starts[ci + 1]],
-                        None if x_given is None else x_given[starts[ci]:starts[ci + 1]], asdict(settings)))
+        shards = [(ci, (key, plan[ci], top_images[bounds[ci]:bounds[ci + 1]], x_v[bounds[ci]:bounds[ci + 1]],
+                        own[bounds[ci]:bounds[ci + 1]], asdict(settings)))
                   for ci in range(len(plan)) if parts[ci] is None]
-        run_shards(_audit_chunk, shards, shared=(model,), on_result=finished, desc=f"audit {key}", unit="chunk")
+        run_shards(_signal_chunk, shards, shared=(model, pool), on_result=signals_done,
+                   desc=f"audit {key}: signals", unit="chunk")
     chunk = {name: torch.cat([parts[ci][name] for ci in range(len(plan))]) for name in parts[0]}
-    x_v = chunk["visualization"]
     ga = {name.removeprefix("ga."): v for name, v in chunk.items() if name.startswith("ga.")}
-    failed, vis_value = chunk["failed"], chunk["vis_value"]
-    signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"]}
+    pa = {name.removeprefix("pa."): v for name, v in chunk.items() if name.startswith("pa.")}
+    failed, vis_value, strong = chunk["failed"], chunk["vis_value"], chunk["strong"]
+    n_own = own.shape[1]
+    signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"],
+               "probe_agreement": pa["agreement"]}
     ev, score = score_signals(signals)
     top_values, top_indices = ranked["values"], ranked["indices"]
     nat_max = top_values[:, 0]
@@ -236,7 +281,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                    visualization_gradient_zero=bool(ga["vis_gradient_zero"][i]),
                    visualization_failed=bool(failed[i]),
                    visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
-                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None)
+                   range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None,
+                   probe_worst=_probe_name(int(pa["worst"][i]), n_own, strong[i])
+                   if np.isfinite(float(pa["agreement"][i])) else None)
         fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
         rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
                      "signals": sig, "fired": fired, "top_natural_indices": top_indices[i].tolist()})
@@ -250,7 +297,8 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {k: round(v, 3) for k, v in seconds.items()}
     thresholds = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return AuditResult(key, rows, verdict, evid, asdict(settings), thresholds, data_desc, seconds,
-                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top_images)
+                       spec=getattr(model, "spec", None), visualizations=x_v, top_images=top_images,
+                       worst_probes=chunk["worst_probe"])
 
 
 def _code_digest() -> str:
@@ -289,27 +337,44 @@ class _AuditCache:
             write_entry(self._path(name), fmt, payload, f"{self.key}:{name}")
 
 
-def _audit_chunk(model, key: str, units: list, top_images: torch.Tensor, given: torch.Tensor | None,
-                 settings: dict) -> dict:
-    """Visualizations and signals of one chunk of units (a shard: depends on its arguments only).
+def _probe_chunk(model, key: str, units: list, given: torch.Tensor | None, settings: dict) -> dict:
+    """Stage 1 of one chunk (a shard: depends on its arguments only): the units' probe images.
 
-    Returns tensors, one row per unit: ``visualization``, ``ga.*`` (what
-    `gradient_agreement` returns, agreement NaN where the visualization
-    failed), ``failed``, ``vis_value``, ``path_jump``, and the stage times
-    ``seconds.*`` (0-d).
+    ``visualization`` (U, C, H, W): the standard fft visualization (or the given
+    one); ``own`` (U, n_own, C, H, W): every snapshot of the unit's two
+    optimizations (fft, then pixel space; just the given image when one is
+    given); ``seconds.visualize`` (0-d).
     """
     from ..visualize import visualize
 
     settings = AuditSettings(**settings)
-    seconds = {}
     t = time.perf_counter()
     if given is not None:
-        x_v = given
+        x_v, own = given, given[:, None]
     else:
-        x_v = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
-                        progress_desc=f"audit: visualize {key} {_span(units)}").final
-    seconds["visualize"] = time.perf_counter() - t
+        vis = visualize(model, key, units, steps=settings.steps, objective="channel", seed=settings.seed,
+                        thresholds=snapshot_steps(settings.steps), progress_desc=f"audit: visualize {key} {_span(units)}")
+        x_v = vis.final
+        pix = pixel_probe(model, key, units, steps=settings.steps, seed=settings.seed, lr=settings.pixel_lr,
+                          desc=f"audit: pixel probe {key} {_span(units)}")
+        own = torch.cat([vis.images, pix.images]).transpose(0, 1)                         # (U, 2T, C, H, W)
+    return {"visualization": x_v.detach().float().cpu().contiguous(),
+            "own": own.detach().float().cpu().contiguous(),
+            "seconds.visualize": torch.tensor(time.perf_counter() - t, dtype=torch.float64)}
 
+
+def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: torch.Tensor, x_v: torch.Tensor,
+                  own: torch.Tensor, settings: dict) -> dict:
+    """Stage 2 of one chunk (a shard): its units' signals, given the whole layer's probe-image `pool`.
+
+    Returns tensors, one row per unit: ``failed``, ``vis_value``,
+    ``path_jump``, ``ga.*`` (what `gradient_agreement` returns, agreement NaN
+    where the visualization failed), ``pa.*`` (`probe_agreement`),
+    ``strong`` (indices into `pool`), ``worst_probe`` (the image that gave
+    probe_agreement its value), and the stage times ``seconds.*`` (0-d).
+    """
+    settings = AuditSettings(**settings)
+    seconds = {}
     t = time.perf_counter()
     U, k = len(units), settings.top_k
     chw = tuple(model.input_shape)
@@ -323,6 +388,16 @@ def _audit_chunk(model, key: str, units: list, top_images: torch.Tensor, given: 
     failed = vis_p.image_grad.abs().amax(1) == 0
     ga = gradient_agreement(nat_p.input_grad.reshape(U, k, -1), vis_p.input_grad.reshape(U, 1, -1))
     ga["agreement"] = torch.where(failed, torch.full_like(ga["agreement"], float("nan")), ga["agreement"])
+    # the same comparison on the unit's own probe images (every snapshot of both of its optimizations) and on
+    # the probe images of all units that drive it hardest
+    r = min(settings.probe_top, len(pool))
+    strong = strongest_images(model, key, pool, units, r, batch_size=settings.batch_size)      # (U, r)
+    n_own = own.shape[1]
+    probe_images = torch.cat([own.float(), pool[strong].float()], 1)                       # (U, n_own + r, ...)
+    str_p = probe(model, key, probe_images.flatten(0, 1), u_t.repeat_interleave(n_own + r), image_grad=True,
+                  batch_size=settings.batch_size)
+    pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, n_own + r, -1),
+                         str_p.image_grad.reshape(U, n_own + r, -1))
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -340,9 +415,11 @@ def _audit_chunk(model, key: str, units: list, top_images: torch.Tensor, given: 
         jumps.append(path_jump(pp.value.reshape(n, P, T + 1), pp.image_grad.reshape(n, P, T + 1, -1),
                                d.reshape(n, P, -1)))
     seconds["path"] = time.perf_counter() - t
-    out = {"visualization": x_v.detach().float().cpu().contiguous(), "failed": failed.cpu(),
-           "vis_value": vis_p.value.detach().cpu(), "path_jump": torch.cat(jumps).detach().cpu()}
+    out = {"failed": failed.cpu(), "vis_value": vis_p.value.detach().cpu(),
+           "path_jump": torch.cat(jumps).detach().cpu(), "strong": strong.cpu(),
+           "worst_probe": probe_images[torch.arange(U), pa["worst"]].detach().float().cpu().contiguous()}
     out.update({f"ga.{name}": v.detach().cpu() for name, v in ga.items()})
+    out.update({f"pa.{name}": v.detach().cpu() for name, v in pa.items()})
     out.update({f"seconds.{name}": torch.tensor(v, dtype=torch.float64) for name, v in seconds.items()})
     return out
 
@@ -358,8 +435,8 @@ def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:
 def rescore(result: dict) -> dict:
     """An audit.json dict with score / flagged / fired / verdict recomputed from its stored signal values."""
     rows = result["units"]
-    vals = {name: [float("nan") if r["signals"][name] is None or (name == "gradient_agreement" and
-                                                                   r["signals"].get("visualization_failed"))
+    vals = {name: [float("nan") if r["signals"].get(name) is None or (name == "gradient_agreement" and
+                                                                       r["signals"].get("visualization_failed"))
                    else r["signals"][name] for r in rows] for name in THRESHOLDS}
     ev, score = score_signals(vals)
     for i, r in enumerate(rows):
@@ -373,6 +450,14 @@ def rescore(result: dict) -> dict:
                               max_score=max(r["score"] for r in rows))
     result["thresholds"] = {name: asdict(s) for name, s in THRESHOLDS.items()}
     return result
+
+
+def _probe_name(j: int, n_own: int, strong: torch.Tensor) -> str:
+    """Which probe image gave the worst agreement, in words (own snapshot j, or the pool image of another unit)."""
+    if j < n_own:
+        return f"own probe image {j}"
+    p = int(strong[j - n_own])
+    return f"probe image {p % n_own} of the unit at index {p // n_own}" if n_own > 1 else f"visualization {p}"
 
 
 def _num(v) -> float | None:

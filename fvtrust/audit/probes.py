@@ -137,3 +137,71 @@ def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = 
     return Probe(torch.cat([p.value for p in out]),
                  torch.cat([p.image_grad for p in out]) if image_grad else None,
                  torch.cat([p.input_grad for p in out]))
+
+
+@torch.no_grad()
+def unit_activations(model, layer: str, images: torch.Tensor, units, *, batch_size: int = 256) -> torch.Tensor:
+    """(N, U): every listed unit's activation (`unit_value`: spatial mean) on every image, one forward each."""
+    module = model.get_layer(layer)
+    units = torch.as_tensor(units, dtype=torch.long)
+    store: dict = {}
+
+    def post(_m, _args, out):
+        store["out"] = out[0] if isinstance(out, (tuple, list)) else out
+        raise _Reached
+
+    h = module.register_forward_hook(post)
+    rows = []
+    try:
+        for i in range(0, len(images), batch_size):
+            store.clear()
+            try:
+                model(images[i:i + batch_size].to(model.device, torch.float32))
+            except _Reached:
+                pass
+            if "out" not in store or not isinstance(store["out"], torch.Tensor) or store["out"].dim() < 2:
+                raise FvtrustError("the audited layer did not produce a tensor with a unit dimension")
+            out = store["out"][:, units.to(store["out"].device)]
+            rows.append(out.reshape(len(out), len(units), -1).mean(2).float().cpu())
+    finally:
+        h.remove()
+    return torch.cat(rows)
+
+
+def strongest_images(model, layer: str, pool: torch.Tensor, units, r: int, *, batch_size: int = 256) -> torch.Tensor:
+    """(U, r) indices into `pool` of the r images that drive each unit hardest (highest `unit_value`).
+
+    The pool is every probe image the audit made (all units' visualizations, at
+    several steps and parameterizations): a unit is then also examined on the
+    images that *other* units' optimizations found, which reach regions of
+    input space its own visualization may not (a dormant hidden branch).
+    """
+    acts = unit_activations(model, layer, pool, units, batch_size=batch_size)   # (P, U)
+    r = min(r, len(pool))
+    return acts.topk(r, dim=0).indices.T.contiguous()
+
+
+def snapshot_steps(steps: int) -> tuple[int, ...]:
+    """Where the probe visualizations are also kept: log-spaced, steps/16, /8, /4, /2 and all (128: 8 ... 128).
+
+    Early snapshots matter: a detector-gated circuit whose picture looks natural
+    once drawn closes its gate only while the image is still noise-like (fashion-cnn
+    picture circuit: steps 1-16 of 128), yet the picture stays in the final image.
+    """
+    return tuple(sorted({max(1, steps // 2 ** i) for i in range(5)}))
+
+
+def pixel_probe(model, layer: str, units, *, steps: int, seed: int, lr: float, desc: str | None = None):
+    """A second visualization per unit in *pixel* space with a large step (Adam, lr `lr`), snapshots kept.
+
+    Why: the standard fft visualization (lr 0.05) stays close to where its
+    optimizer's tuning (and an attacker's detector or tunnel) expects it; a
+    pixel-space optimization with a large step reaches other, higher-activation
+    images. On fashion-cnn block3 it switched on 11 of 16 dormant silent units
+    that the 128-step fft visualization left off (2 of 16), measured with
+    the attack's own internals (not available to the audit) in the audit's notes.
+    """
+    from ..visualize import visualize
+
+    return visualize(model, layer, units, steps=steps, objective="channel", seed=seed, param="pixel", lr=lr,
+                     thresholds=snapshot_steps(steps), progress_desc=desc)

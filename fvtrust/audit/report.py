@@ -12,22 +12,30 @@ from ..io import atomic_write_json, atomic_write_text, staged_dir
 from .core import FLAG_AT, THRESHOLDS
 
 BLIND_SPOTS = [
-    "The audit judges the visualization it makes itself (fft parameterization, standard transforms, channel "
-    "objective, the settings recorded below). A manipulation that only shows under other settings, or only "
-    "after more steps, is not seen.",
-    "Both signals compare a unit's behaviour on its top natural images with its behaviour on its visualization. "
+    "The audit judges the probe images it makes itself: per unit an fft visualization (channel objective, "
+    "standard transforms, the steps recorded below, kept at log-spaced steps) and a pixel-space optimization "
+    "with a large step (same snapshots), plus, for each unit, the probe images of all units that drive it "
+    "hardest. A manipulation that shows only under other settings (another objective, many more steps, another "
+    "start distribution) and in none of these probes is not seen.",
+    "All signals compare a unit's behaviour on its top natural images with its behaviour on probe images. "
     "An attacker who knows them can build a manipulation that keeps the gradient direction w.r.t. the layer "
     "input and stays continuous along straight paths (e.g. a soft, smooth takeover spread over the inputs the "
     "audit probes); such a model is not caught by construction.",
-    "Changes made before the audited layer (in earlier layers, or by fine-tuning the whole network, as "
-    "gradient slingshots do) keep the layer's own mechanism intact; the gradient signal only sees them when they "
-    "change which input features drive the unit on the visualization, and the path signal only when they "
-    "introduce a switch.",
+    "Gradient slingshots and other changes made before the audited layer (in earlier layers, or by fine-tuning "
+    "the whole network) keep the layer's own mechanism intact: a linear or conv unit's input-gradient profile "
+    "is the same on every input, and the function stays continuous. Such models are a blind spot. In "
+    "bench_audit the slingshots fvtrust makes today (fc:0 and block4:0, target camera) did not take at all "
+    "(their visualizations do not resemble the target), so the 'clean' verdict on them says nothing about an "
+    "effective slingshot, which is expected to pass as well.",
+    "A silent unit that none of the probes switches on is, on every image the audit makes, the clean unit; "
+    "the audit cannot tell it apart (on fashion-cnn the pool of all units' probes reached every one).",
     "Units that never respond to the natural data given have no mechanism to compare with: their agreement is "
     "undefined (reported as null) and does not raise the score. Dead units are listed, not flagged.",
-    "A clean unit whose visualization reaches its maximum through a different mechanism than its natural images "
-    "(strongly non-linear units deep in large networks) can be flagged: the threshold was set on clean layers "
-    "of fashion-cnn and a random-init network, not on every architecture.",
+    "A clean unit whose probe images reach it through a different mechanism than its natural images "
+    "(strongly non-linear units deep in large networks, or a conv unit active only at a few border positions "
+    "early in an optimization) can be flagged: the thresholds follow from linear / conv units and were checked "
+    "on the clean layers of fashion-cnn (lowest clean probe_agreement 0.68 on block3, threshold 0.5), not on "
+    "every architecture.",
     "The verdict concerns the audited layer and units only, on the natural data given.",
 ]
 
@@ -112,16 +120,18 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
     else:
         if len(flagged) > max_shown:
             parts.append(f'<p class="note">Showing the {max_shown} highest scores; all are in audit.json.</p>')
-        parts.append("<table><tr><th>unit</th><th>score</th><th>visualization</th><th>top natural images</th>"
-                     "<th>signals (fired in bold)</th></tr>")
+        parts.append("<table><tr><th>unit</th><th>score</th><th>visualization</th><th>worst probe image</th>"
+                     "<th>top natural images</th><th>signals (fired in bold)</th></tr>")
         for i, u in flagged[:max_shown]:
             vis = _png(result.visualizations[i]) if result.visualizations is not None else ""
+            worst = (f'<img class="px" src="{_png(result.worst_probes[i])}" alt="worst probe image">'
+                     if getattr(result, "worst_probes", None) is not None and "probe_agreement" in u["fired"] else "")
             tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
                            for im in (result.top_images[i][:4] if result.top_images is not None else []))
             sig = "<br>".join((f"<b>{html.escape(k)} = {_fmt(v)}</b>" if k in u["fired"] else
                                f"{html.escape(k)} = {_fmt(v)}") for k, v in u["signals"].items())
             parts.append(f"<tr><td>{u['unit']}</td><td>{u['score']:.3f}</td><td><img class=\"px\" src=\"{vis}\" "
-                         f"alt=\"visualization\"></td><td>{tops}</td><td>{sig}</td></tr>")
+                         f"alt=\"visualization\"></td><td>{worst}</td><td>{tops}</td><td>{sig}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>What this audit can and cannot see</h2><ul>"
                  + "".join(f"<li>{html.escape(b)}</li>" for b in BLIND_SPOTS) + "</ul>")

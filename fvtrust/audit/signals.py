@@ -77,3 +77,36 @@ def evidence(value: torch.Tensor, threshold: float, width: float, higher_is_susp
     z = (value - threshold) if higher_is_suspicious else (threshold - value)
     e = (0.5 + z / (2 * width)).clamp(0, 1)
     return torch.nan_to_num(e, nan=0.0)
+
+
+def probe_agreement(natural_grads: torch.Tensor, probe_grads: torch.Tensor, probe_image_grads: torch.Tensor) -> dict:
+    """The worst mechanism agreement over a unit's strongest probe images (see `strongest_images`).
+
+    natural_grads (U, k, D): layer-input gradient profiles on the unit's top
+    natural images; probe_grads (U, r, D): the same on the r probe images
+    that drive the unit hardest (its own and the other units'
+    visualizations, under every probe setting); probe_image_grads (U, r, Dx):
+    the gradient w.r.t. the image there. Per probe j: c_j = cos(n̄, p_j) with
+    n̄ the normalized sum of the normalized natural profiles (as in
+    `gradient_agreement`); c_j = 0 where p_j vanishes but the image gradient
+    does not (the unit is driven around the layer input); undefined (NaN)
+    where the image gradient vanishes too (the unit is dead there: no
+    mechanism at all). Returns `agreement` = min_j c_j over defined probes
+    (NaN if none, or if the unit has no natural gradient) and `worst` = the
+    index j of that probe.
+
+    Why the minimum: for a linear or conv unit the profile does not depend on
+    the input wherever the unit is active, so *every* c_j of a clean unit
+    sits near 1, and one probe image that reaches a hidden branch (a silent
+    unit's ΔΘ⊥ switched on, a circuit's gate closed) is enough evidence.
+    """
+    nat, _ = _unit_vectors(natural_grads)
+    mean_nat, mn_ok = _unit_vectors(nat.sum(1))
+    prb, p_ok = _unit_vectors(probe_grads)
+    img_ok = probe_image_grads.abs().amax(-1) > 0
+    cos = (prb * mean_nat[:, None, :]).sum(-1)                       # (U, r); 0 where p_j vanished
+    defined = img_ok & mn_ok[:, None]
+    cos = torch.where(defined, cos, torch.full_like(cos, float("inf")))
+    worst_val, worst = cos.min(1)
+    agree = torch.where(torch.isfinite(worst_val), worst_val, torch.full_like(worst_val, float("nan")))
+    return {"agreement": agree.float(), "worst": worst, "bypass": (~p_ok) & img_ok}

@@ -192,7 +192,7 @@ def test_layer_without_units(natural8):
 
 def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
-    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump"}
+    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
 
 
@@ -261,3 +261,86 @@ def test_failed_visualization_is_not_evidence():
     assert u0["signals"]["visualization_failed"] and u0["signals"]["gradient_agreement"] is None
     assert not u1["signals"]["visualization_failed"] and u1["signals"]["gradient_agreement"] == pytest.approx(1.0)
     assert res.verdict == "clean"
+
+
+def test_probe_agreement_values():
+    from fvtrust.audit.signals import probe_agreement
+
+    nat = torch.tensor([[[1.0, 0.0], [1.0, 0.1]], [[0.0, 0.0], [0.0, 0.0]]])
+    prb = torch.tensor([[[2.0, 0.1], [0.3, 1.0], [-5.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    img = torch.tensor([[[1.0], [2.0], [0.0]], [[1.0], [1.0], [1.0]]])  # unit 0, probe 2: dead there (undefined)
+    out = probe_agreement(nat, prb, img)
+    mean_nat = torch.tensor([1.0, 0.0]) + torch.tensor([1.0, 0.1]) / torch.tensor([1.0, 0.1]).norm()
+    cos = [float(torch.nn.functional.cosine_similarity(mean_nat, p, dim=0)) for p in prb[0, :2]]
+    assert out["agreement"][0] == pytest.approx(min(cos), abs=1e-6) and int(out["worst"][0]) == 1
+    assert torch.isnan(out["agreement"][1])           # no natural gradient: nothing to compare with
+    bypass = probe_agreement(nat[:1], torch.zeros(1, 2, 2), torch.ones(1, 2, 1))  # image gradient, none at input
+    assert bypass["agreement"][0] == 0.0 and bool(bypass["bypass"].all())
+    dead = probe_agreement(nat[:1], torch.zeros(1, 2, 2), torch.zeros(1, 2, 1))
+    assert torch.isnan(dead["agreement"][0])
+
+
+def test_unit_activations_and_strongest_images():
+    from fvtrust.audit.probes import strongest_images, unit_activations
+    from fvtrust.models.hooks import LayerTap
+
+    torch.manual_seed(0)
+    m = _fv(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU()))
+    pool = torch.rand(7, 1, 8, 8) - 0.5   # signed pixels: every unit active somewhere, no ties
+    acts = unit_activations(m, "1", pool, [2, 0], batch_size=3)
+    with LayerTap(m, ["1"]) as tap, torch.no_grad():
+        ref = tap(pool)["1"].mean((2, 3))[:, [2, 0]]
+    assert torch.allclose(acts, ref, atol=1e-6)
+    idx = strongest_images(m, "1", pool, [2, 0], 2, batch_size=3)
+    assert idx.shape == (2, 2)
+    assert idx[0].tolist() == ref[:, 0].argsort(descending=True)[:2].tolist()
+    assert idx[1].tolist() == ref[:, 1].argsort(descending=True)[:2].tolist()
+
+
+class HiddenBranch(nn.Module):
+    """A hand-made dormant manipulation (not fvtrust's silent units): unit 0 = w0·h + ReLU(30 v·h + b), v the
+    part of unit 1's weight orthogonal to w0, b set so the branch is off on every natural image. The branch is
+    reached by unit 1's visualization, not (or hardly) by unit 0's own."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+        w0, w1 = lin.weight[0].detach(), lin.weight[1].detach()
+        v = w1 - (w1 @ w0) / (w0 @ w0) * w0
+        self.register_buffer("v", v / v.norm() * w0.norm())
+        self.register_buffer("b", torch.zeros(()))
+        self.on = None
+
+    def forward(self, h):
+        y = self.lin(h)
+        pre = 30 * h @ self.v + self.b
+        self.on = pre > 0
+        return torch.cat([y[:, :1] + torch.relu(pre)[:, None], y[:, 1:]], 1)
+
+
+def test_dormant_hidden_branch_found_through_other_units_visualizations():
+    natural = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), HiddenBranch(nn.Linear(8, 4)))
+    m = _fv(net)
+    hb = net[3]
+    with torch.no_grad():
+        h = torch.relu(net[1](natural.flatten(1)))
+        top = (30 * h @ hb.v).max()
+        hb.b.fill_(-float(top) - 0.1 * abs(float(top)))
+        m(natural)
+    assert not hb.on.any()                                      # silent on natural data: outputs unchanged
+    res = audit(m, "3", data=natural, steps=48, top_k=4, path_starts=2, path_points=8)
+    by = {u["unit"]: u for u in res.units}
+    with torch.no_grad():
+        m(res.visualizations)
+    assert bool(hb.on[1]) and not bool(hb.on[0])   # unit 1's visualization reaches the branch, unit 0's own not
+    assert by[0]["signals"]["gradient_agreement"] == pytest.approx(1.0, abs=1e-5)  # so its own image looks honest
+    assert by[0]["signals"]["probe_agreement"] < THRESHOLDS["probe_agreement"].threshold
+    assert by[0]["flagged"] and "probe_agreement" in by[0]["fired"] and res.verdict == "suspicious"
+    assert not any(by[u]["flagged"] for u in (1, 2, 3))
+    assert all(by[u]["signals"]["probe_agreement"] == pytest.approx(1.0, abs=1e-5) for u in (1, 2, 3))  # linear
+    from fvtrust.audit.report import render_html
+
+    assert res.worst_probes.shape == res.visualizations.shape
+    assert 'alt="worst probe image"' in render_html(res)   # the page shows the image that gave the evidence

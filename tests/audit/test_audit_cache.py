@@ -20,8 +20,9 @@ def test_rerun_reads_every_chunk_and_recomputes_nothing(tmp_path, monkeypatch):
 
     first = audit("fashion-cnn", "block3", cache_dir=tmp_path, chunk_units=3, **ARGS)
     entries = sorted(p.name for p in tmp_path.glob("audit-*.safetensors"))
-    assert len(entries) == 1 + 3  # the ranking + chunks of 3, 3, 1 units
-    monkeypatch.setattr(core, "_audit_chunk", lambda *a: pytest.fail("a finished chunk was recomputed"))
+    assert len(entries) == 1 + 2 * 3  # the ranking + chunks of 3, 3, 1 units, each in two stages
+    monkeypatch.setattr(core, "_probe_chunk", lambda *a: pytest.fail("a finished chunk was recomputed"))
+    monkeypatch.setattr(core, "_signal_chunk", lambda *a: pytest.fail("a finished chunk was recomputed"))
     again = audit("fashion-cnn", "block3", cache_dir=tmp_path, chunk_units=3, **ARGS)
     assert again.units == first.units
     assert torch.equal(again.visualizations, first.visualizations)
@@ -30,7 +31,7 @@ def test_rerun_reads_every_chunk_and_recomputes_nothing(tmp_path, monkeypatch):
 
 def test_damaged_chunk_is_recomputed(tmp_path, capsys):
     first = audit("fashion-cnn", "block3", cache_dir=tmp_path, chunk_units=3, **ARGS)
-    chunk = sorted(tmp_path.glob("audit-*-chunk-00001-*.safetensors"))[0]
+    chunk = sorted(tmp_path.glob("audit-*-signals-00001-*.safetensors"))[0]
     raw = bytearray(chunk.read_bytes())
     raw[-5] ^= 0xFF
     chunk.write_bytes(bytes(raw))
