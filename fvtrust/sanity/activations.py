@@ -33,7 +33,7 @@ import torch
 
 from ..errors import FvtrustError, nearest
 from ..progress import progress
-from .similarity import METRICS, Prepared, prepare
+from .similarity import METRICS, Prepared, _new_shift, prepare
 
 # Prepared rows held in memory at once across a group of layers.
 BUDGET_BYTES = 2 * 2**30
@@ -196,8 +196,7 @@ def collect(model, images: torch.Tensor, layers: list[Layer], metrics=METRICS, *
             where = None if spill is None else Path(spill.name)
             store_dev = "cpu" if spill is not None else device
             bufs = {lay.name: {m: Prepared(_alloc(n, lay.numel, dtype, store_dev, where), m,
-                                           torch.empty(n, dtype=torch.float64, device=store_dev)
-                                           if dtype == torch.float32 else None) for m in metrics}
+                                           _new_shift(m, dtype, n, store_dev)) for m in metrics}
                     for lay in group}
             _fill(model, images, group, metrics, bufs, batch_size, dtype, device, desc)
             for lay in group:
