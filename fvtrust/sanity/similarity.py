@@ -300,6 +300,11 @@ def prepare(
     ``block_rows`` at a time so temporaries stay bounded. An already
     :class:`Prepared` input is returned as is (its metric must match).
     """
+    return _prepare_for(X, metric, None, block_rows=block_rows, device=device, dtype=dtype, nan_policy=nan_policy)
+
+
+def _prepare_for(X, metric, store, *, block_rows=None, device=None, dtype=torch.float64, nan_policy="propagate"):
+    """:func:`prepare`, into a reused buffer of ``store`` (a :class:`_PreparedStore`) when X will be spilled."""
     _check_metric(metric)
     _check_nan_policy(nan_policy)
     dtype = _check_dtype(dtype)
@@ -307,7 +312,8 @@ def prepare(
         _check_same_metric(X, metric)
         return X if device is None else X.to(device)
     rows = _Rows(X, "X", device)
-    return _prepare_rows(rows, metric, dtype, nan_policy, block_rows)
+    buf = None if store is None else store.buffer_for(rows.n, rows.d, dtype, rows.device)
+    return _prepare_rows(rows, metric, dtype, nan_policy, block_rows, out=buf)
 
 
 def _check_same_metric(p: Prepared, metric: str) -> None:
@@ -315,17 +321,19 @@ def _check_same_metric(p: Prepared, metric: str) -> None:
         raise FvtrustError(f"rows were prepared for {p.metric!r}, not {metric!r}")
 
 
-def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
+def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0, out=None) -> Prepared:
     if rows.prepared is not None:
         _check_same_metric(rows.prepared, metric)
         return rows.prepared.to(rows.device)
-    return _prepare_some(rows, None, metric, dtype, nan_policy, block_rows, offset)
+    return _prepare_some(rows, None, metric, dtype, nan_policy, block_rows, offset, out)
 
 
-def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
-    """Prepare all rows (``idx`` None) or the rows ``idx`` (sorted: memmaps are read in order)."""
+def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offset: int = 0, out=None) -> Prepared:
+    """Prepare all rows (``idx`` None) or the rows ``idx`` (sorted: memmaps are read in order),
+    into ``out`` when given (a reused buffer of the right shape, dtype and device)."""
     n = rows.n if idx is None else len(idx)
-    out = torch.empty((n, rows.d), dtype=dtype, device=rows.device)
+    if out is None:
+        out = torch.empty((n, rows.d), dtype=dtype, device=rows.device)
     shift = _new_shift(metric, dtype, n, rows.device)
     step = block_rows or rows.auto_block_rows()
     for i in range(0, n, step):
@@ -609,7 +617,10 @@ class _PreparedStore:
     disk), so the in-memory blocks are always a prefix and :meth:`chunks`
     yields rows in order. Shifts (one float64 per row) stay in memory.
     Spilled rows are read back ``SPILL_READ_BYTES`` at a time, two chunks
-    ahead, starting while the caller prepares its next block.
+    ahead, starting while the caller prepares its next block, into reused
+    buffers; blocks bound for the spill are prepared into reused buffers too
+    (:meth:`buffer_for`): fresh ones would cost a page fault per 4 KiB, more
+    CPU than the I/O itself.
     """
 
     def __init__(self, metric: str, memory_bytes: int | None, spill_dir=None, device=None):
@@ -621,6 +632,30 @@ class _PreparedStore:
         self.spill_shift: list[torch.Tensor] = []
         self.n = 0
         self.d: int | None = None
+        self._scratch: list[list] = []  # [buffer, future of its spill write or None], oldest first
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes)
+
+    def buffer_for(self, n: int, d: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """A reusable (n, d) buffer to prepare a block into if that block will be
+        spilled (None if it will be kept, or off CPU). Two buffers alternate:
+        one is written to disk while the next block is prepared into the other."""
+        device = torch.device(device or "cpu")
+        if device.type != "cpu" or self._fits(n * d * torch.empty((), dtype=dtype).element_size()):
+            return None
+        for entry in self._scratch:  # drop buffers of another shape
+            if entry[0].shape[1] != d or entry[0].dtype != dtype or entry[0].shape[0] < n:
+                entry[0] = None
+        self._scratch = [e for e in self._scratch if e[0] is not None]
+        if len(self._scratch) < 2:
+            buf = torch.empty((n, d), dtype=dtype)
+        else:
+            buf, future = self._scratch.pop(0)
+            if future is not None:
+                future.result()  # its previous block is on disk
+        self._scratch.append([buf, None])
+        return buf[:n]
 
     @property
     def spilled(self) -> int:
@@ -632,7 +667,7 @@ class _PreparedStore:
         self.d = p.vectors.shape[1]
         self.device = p.vectors.device
         nbytes = p.vectors.numel() * p.vectors.element_size()
-        if self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes):
+        if self._fits(nbytes):
             self.blocks.append(p)
             self.in_memory += nbytes
         else:
@@ -641,7 +676,10 @@ class _PreparedStore:
                 os.close(fd)
                 dtype = np.float32 if p.vectors.dtype == torch.float32 else np.float64
                 self.spill = RowFile(path, self.d, dtype, "w", drop_cache=True, delete=True)
-            self.spill.append(p.vectors)  # the store holds one dtype
+            written = self.spill.append(p.vectors)  # the store holds one dtype
+            for entry in self._scratch:  # a reused buffer is free again once this write is done
+                if entry[0].data_ptr() == p.vectors.data_ptr():
+                    entry[1] = written
             if p.shift is not None:
                 self.spill_shift.append(p.shift.cpu())
         self.n += len(p)
@@ -656,7 +694,7 @@ class _PreparedStore:
         # Big chunks: a product against few rows is slow per value (tall-skinny BLAS), one against
         # tens of rows runs at matrix-product speed.
         rows = max(1, SPILL_READ_BYTES // self.spill.row_bytes)
-        reads = self.spill.blocks(rows, ahead=2)
+        reads = self.spill.blocks(rows, ahead=2, reuse=True)  # each chunk is used before the next is asked for
         shift = torch.cat(self.spill_shift) if self.spill_shift else None
         blocks = list(self.blocks)
 
@@ -749,7 +787,8 @@ class SimilarityAccumulator:
             raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
         base = self.n
         kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
-        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base)
+        buf = None if self.reference is not None else self._kept.buffer_for(r.n, r.d, self.dtype, r.device)
+        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base, buf)
         if self.reference is not None:
             strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in kept], dim=1)
         else:
@@ -824,7 +863,7 @@ def similarity_blocks(
             for b in blocks_b:
                 if _is_empty(b):
                     continue
-                p = prepare(b, metric, **prep)
+                p = _prepare_for(b, metric, reference, **prep)
                 if d is not None and p.vectors.shape[1] != d:
                     raise FvtrustError(f"B blocks have {p.vectors.shape[1]} features but earlier ones had {d}")
                 d = p.vectors.shape[1]

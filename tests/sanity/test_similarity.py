@@ -1,6 +1,7 @@
 """The similarity engine must equal scipy on the data the sanity check feeds it:
 post-ReLU rows (heavy ties, all-zero rows), constant rows, mixed signs, NaN."""
 
+import sys
 import warnings
 
 import numpy as np
@@ -214,6 +215,28 @@ def test_spilled_streaming_equals_in_memory(metric, dtype, tmp_path):
             acc.add(b)
         assert acc.spilled_rows == 0  # no limit: nothing goes to disk
     assert list(tmp_path.iterdir()) == []  # spill files are removed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reused_spill_buffers_do_not_mix_blocks(dtype, tmp_path, monkeypatch):
+    """Spilled blocks are prepared into two alternating buffers and read back
+    through a ring of buffers: many small blocks and small read chunks must
+    still give the in-memory result."""
+    sim = sys.modules[similarity_blocks.__module__]
+    X = np.concatenate([tricky_rows(), tricky_rows(seed=1)])
+    row_bytes = X.shape[1] * (8 if dtype == torch.float64 else 4)
+    monkeypatch.setattr(sim, "SPILL_READ_BYTES", 3 * row_bytes)  # 3-row read chunks, 2 ahead
+    want = similarity(X, dtype=dtype)
+    tol = 1e-15 if dtype == torch.float64 else TOL
+    blocks = [X[i : i + 2] for i in range(0, len(X), 2)]
+    opts = dict(dtype=dtype, memory_bytes=2 * row_bytes, spill_dir=tmp_path)
+    with SimilarityAccumulator(**opts) as acc:
+        for b in blocks:
+            acc.add(b)
+        assert acc.spilled_rows == len(X) - 2 and len(acc._kept._scratch) == 2
+        assert same(acc.result(), want, tol)
+    vs_b = similarity_blocks(blocks[::-1], blocks, **opts)  # B spilled block by block too
+    assert same(vs_b, similarity(np.concatenate(blocks[::-1]), X, dtype=dtype), tol)
 
 
 def test_streaming_checks_widths_across_blocks():
