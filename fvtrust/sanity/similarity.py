@@ -61,7 +61,7 @@ import torch
 
 from fvtrust.errors import FvtrustError, nearest
 from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, unit_ranks
-from fvtrust.sanity.rowfile import RowFile
+from fvtrust.sanity.rowfile import RowFile, aligned_empty
 
 METRICS = ("spearman", "pearson", "cosine")
 # Metrics whose exact unit vectors sum to 0 (ranks, values minus their mean).
@@ -648,8 +648,8 @@ class _PreparedStore:
             if entry[0].shape[1] != d or entry[0].dtype != dtype or entry[0].shape[0] < n:
                 entry[0] = None
         self._scratch = [e for e in self._scratch if e[0] is not None]
-        if len(self._scratch) < 2:
-            buf = torch.empty((n, d), dtype=dtype)
+        if len(self._scratch) < 2:  # page-aligned: its spill write can skip the page cache
+            buf = torch.from_numpy(aligned_empty((n, d), np.float32 if dtype == torch.float32 else np.float64))
         else:
             buf, future = self._scratch.pop(0)
             if future is not None:

@@ -78,3 +78,27 @@ def test_reused_buffers_and_memory_map(tmp_path, drop_cache):
         np.testing.assert_array_equal(m[[0, 17, 40]], X[[0, 17, 40]])
         m[0] = 0.0  # copy-on-write: the file keeps its rows
         np.testing.assert_array_equal(f.read(0, 1), X[:1])
+
+
+def test_page_aligned_rows_skip_the_page_cache(tmp_path, monkeypatch):
+    """drop_cache writes go through O_DIRECT when buffer, offset and length are page-aligned."""
+    import os
+
+    from fvtrust.sanity.rowfile import aligned_empty
+
+    used = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: used.append(fd) or pwrite(fd, data, off))
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(9, 1024)).astype(np.float32)  # 4 KiB rows
+    aligned = aligned_empty((4, 1024), np.float32)
+    with RowFile(tmp_path / "x.rows", 1024, np.float32, "w", drop_cache=True) as f:
+        aligned[:] = X[:4]
+        f.append(aligned).result()  # aligned: O_DIRECT
+        shifted = aligned_empty((1025,), np.float32)[1:].reshape(1, 1024)  # 4 bytes past a page
+        shifted[:] = X[4:5]
+        f.append(shifted).result()  # misaligned in memory: page cache, then dropped
+        aligned[:] = X[5:9]
+        f.append(aligned).result()  # aligned again (offset 5 rows = 5 pages)
+        assert used == [f.direct_fd, f.fd, f.direct_fd]
+        np.testing.assert_array_equal(f.read(), X)
