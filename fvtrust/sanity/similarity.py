@@ -845,7 +845,9 @@ def similarity_blocks(
     memory work at the speed of the in-memory path plus what the disk cannot
     hide behind the products. Bigger A blocks mean fewer passes over the spill.
     ``options`` are those of :func:`similarity` plus ``memory_bytes`` and
-    ``spill_dir``. Returns a float64 CPU tensor.
+    ``spill_dir``. Each block is fully consumed before the next one is
+    requested, so a reader may hand out one reused buffer after another
+    (``RowFile.blocks(..., reuse=True)``). Returns a float64 CPU tensor.
     """
     if callable(blocks_a):
         blocks_a = blocks_a()
