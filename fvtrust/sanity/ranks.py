@@ -29,6 +29,7 @@ permutation. The sum of squared centred ranks has the closed form
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -218,14 +219,16 @@ def _float32_rows(x: torch.Tensor) -> np.ndarray | None:
 
 
 _pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool per size and process (a forked child must not inherit a pool whose threads it lacks)."""
+    key = (os.getpid(), workers)
     with _pool_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fvtrust-ranks")
-        return _pools[workers]
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="fvtrust-ranks")
+        return _pools[key]
 
 
 def _rank_rows(rows: np.ndarray, out: np.ndarray, *, unit: bool, shift_mode: bool):

@@ -103,3 +103,19 @@ def test_which_inputs_take_the_numpy_path():
     assert ranks._float32_rows(nan) is None
     wide = torch.tensor([[2**25, 2**25 + 1]])
     assert torch.equal(average_ranks(wide), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+
+
+def test_a_forked_child_ranks_with_its_own_pool():
+    import multiprocessing as mp
+
+    x = edge_rows()
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = average_ranks(x)  # the parent's pool now has threads
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(average_ranks, (x,)).get(timeout=30)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got.nan_to_num(9.0), want.nan_to_num(9.0))
