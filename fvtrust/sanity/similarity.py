@@ -53,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -633,6 +635,7 @@ class _PreparedStore:
         self.n = 0
         self.d: int | None = None
         self._scratch: list[list] = []  # [buffer, future of its spill write or None], oldest first
+        self._lock = threading.Lock()  # buffer_for (ranking thread) vs append (product thread)
 
     def _fits(self, nbytes: int) -> bool:
         return self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes)
@@ -642,8 +645,13 @@ class _PreparedStore:
         spilled (None if it will be kept, or off CPU). Two buffers alternate:
         one is written to disk while the next block is prepared into the other."""
         device = torch.device(device or "cpu")
-        if device.type != "cpu" or self._fits(n * d * torch.empty((), dtype=dtype).element_size()):
-            return None
+        with self._lock:
+            # Safe while another thread appends: a block that does not fit now never will (spilling is monotone).
+            if device.type != "cpu" or self._fits(n * d * torch.empty((), dtype=dtype).element_size()):
+                return None
+            return self._scratch_buffer(n, d, dtype)
+
+    def _scratch_buffer(self, n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         for entry in self._scratch:  # drop buffers of another shape
             if entry[0].shape[1] != d or entry[0].dtype != dtype or entry[0].shape[0] < n:
                 entry[0] = None
@@ -677,9 +685,10 @@ class _PreparedStore:
                 dtype = np.float32 if p.vectors.dtype == torch.float32 else np.float64
                 self.spill = RowFile(path, self.d, dtype, "w", drop_cache=True, delete=True)
             written = self.spill.append(p.vectors)  # the store holds one dtype
-            for entry in self._scratch:  # a reused buffer is free again once this write is done
-                if entry[0].data_ptr() == p.vectors.data_ptr():
-                    entry[1] = written
+            with self._lock:
+                for entry in self._scratch:  # a reused buffer is free again once this write is done
+                    if entry[0].data_ptr() == p.vectors.data_ptr():
+                        entry[1] = written
             if p.shift is not None:
                 self.spill_shift.append(p.shift.cpu())
         self.n += len(p)
@@ -767,7 +776,9 @@ class SimilarityAccumulator:
             self.reference.append(_prepare_rows(ref, metric, self.dtype, nan_policy, block_rows))
         self._kept = _PreparedStore(metric, budget, spill_dir, self.device)  # prepared blocks (no reference)
         self._strips: list[torch.Tensor] = []  # result rows per add()
-        self.n = 0
+        self.n = 0  # rows multiplied
+        self._prepared = 0  # rows prepared (ahead of n while similarity_blocks pipelines)
+        self._d: int | None = None
 
     @property
     def d(self) -> int | None:
@@ -781,14 +792,29 @@ class SimilarityAccumulator:
     def add(self, rows) -> torch.Tensor:
         """Prepare ``rows`` and return their similarities (float64 CPU) with the
         reference, or with all rows so far including themselves."""
+        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
+        return self._multiply(self._prepare(rows), kept)
+
+    def _prepare(self, rows) -> Prepared:
+        """The ranking half of :meth:`add`. :func:`similarity_blocks` runs it for
+        block k + 1 while :meth:`_multiply` works on block k in another thread:
+        numpy's sort holds the GIL, so ranking keeps one core busy and the
+        products (torch releases the GIL) can use the other."""
         r = _Rows(rows, "rows", self.device)
         self.device = r.device
-        if self.d is not None and r.d != self.d:
-            raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
-        base = self.n
-        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
+        d = self.d if self._d is None else self._d
+        if d is not None and r.d != d:
+            raise FvtrustError(f"rows have {r.d} features but earlier rows had {d}")
+        self._d = r.d
         buf = None if self.reference is not None else self._kept.buffer_for(r.n, r.d, self.dtype, r.device)
-        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base, buf)
+        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, self._prepared, buf)
+        self._prepared += r.n
+        return p
+
+    def _multiply(self, p: Prepared, kept=None) -> torch.Tensor:
+        """The product half of :meth:`add`, for blocks in the order they were prepared."""
+        if kept is None:
+            kept = (self.reference if self.reference is not None else self._kept).chunks()
         if self.reference is not None:
             strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in kept], dim=1)
         else:
@@ -797,7 +823,7 @@ class SimilarityAccumulator:
             strip = torch.cat(parts + [own.cpu()], dim=1)
             self._kept.append(p)
         self._strips.append(strip)
-        self.n += r.n
+        self.n += len(p)
         return strip
 
     def result(self) -> torch.Tensor:
@@ -872,10 +898,20 @@ def similarity_blocks(
                 reference.append(p)
             if reference.n == 0:
                 raise FvtrustError("blocks_b yielded no rows")
-        with SimilarityAccumulator(metric, reference, **options) as acc:
+        # Block k + 1 is ranked (one core: numpy's sort holds the GIL) while block k's
+        # products run on a second thread; products stay in block order.
+        with SimilarityAccumulator(metric, reference, **options) as acc, \
+                ThreadPoolExecutor(1, thread_name_prefix="fvtrust-products") as products:
+            pending = None
             for blk in blocks_a:
-                if not _is_empty(blk):
-                    acc.add(blk)
+                if _is_empty(blk):
+                    continue
+                p = acc._prepare(blk)
+                if pending is not None:
+                    pending.result()
+                pending = products.submit(acc._multiply, p)
+            if pending is not None:
+                pending.result()
             if acc.n == 0:
                 raise FvtrustError("blocks_a yielded no rows")
             return acc.result()
