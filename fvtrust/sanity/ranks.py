@@ -12,8 +12,11 @@ implementations of the same arithmetic:
   values are sorted: each becomes a 64-bit integer, an order-preserving key of
   its float32 bits above its position, and numpy sorts those (x86-simd-sort's
   AVX-512/AVX2 integer sort, ~10x faster than ``torch.sort`` with indices on
-  the same row; numpy releases the GIL, so the workers run in parallel). The
-  sorted integers give the sorted values and the permutation at once.
+  the same row). The sorted integers give the sorted values and the
+  permutation at once. numpy 2.4 holds the GIL in that sort and in the final
+  scatter, so the workers only overlap the other steps (measured: 2 workers
+  rank as fast as 1); that is why :func:`~fvtrust.sanity.similarity.similarity_blocks`
+  overlaps ranking with the matrix products of the previous block instead.
 * **Anything else** (GPU, float64 that float32 would round, huge rows): one
   batched ``torch.sort`` over the block and a tie pass on the flattened
   sorted block, with no Python loop over rows or groups (:func:`tie_groups`).
