@@ -17,8 +17,11 @@ activations never pile up; only the prepared rows are kept (float32 by
 default: half the memory, ~3e-8 from scipy). Layers are processed in groups
 whose prepared rows fit ``budget_bytes``: one forward pass over all images per
 group, stopping at the group's deepest layer. A single layer larger than the
-budget is spilled to a temporary memory-mapped file, and the analysis then
-reads it one class block at a time (see :mod:`fvtrust.sanity.analysis`).
+budget is spilled to a temporary :class:`~fvtrust.sanity.rowfile.RowFile`
+(the same out-of-core store the streamed similarity spills to), written batch
+by batch on its background thread, and the analysis then reads it one class
+block at a time through :meth:`~fvtrust.sanity.rowfile.RowFile.as_array` (see
+:mod:`fvtrust.sanity.analysis`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 
 from ..errors import FvtrustError, nearest
 from ..progress import progress
-from .similarity import METRICS, Prepared, prepare
+from .rowfile import RowFile
+from .similarity import METRICS, Prepared, _new_shift, prepare
 
 # Prepared rows held in memory at once across a group of layers.
 BUDGET_BYTES = 2 * 2**30
@@ -140,13 +144,38 @@ class LayerRows:
     spilled: bool = False
 
 
-def _alloc(n: int, d: int, dtype: torch.dtype, device, spill_dir: Path | None) -> torch.Tensor:
-    if spill_dir is None:
-        return torch.empty((n, d), dtype=dtype, device=device)
-    fd, name = tempfile.mkstemp(dir=spill_dir, suffix=".f32" if dtype == torch.float32 else ".f64")
-    os.close(fd)
-    arr = np.memmap(name, dtype=np.float32 if dtype == torch.float32 else np.float64, mode="w+", shape=(n, d))
-    return torch.from_numpy(arr)
+class _Sink:
+    """Where the hooks put one layer's prepared rows for one metric: a tensor,
+    or a :class:`RowFile` under ``spill_dir`` (rows arrive in order, batch by batch)."""
+
+    def __init__(self, n: int, d: int, metric: str, dtype: torch.dtype, device, spill_dir: Path | None):
+        self.metric = metric
+        self.file = self.vectors = None
+        if spill_dir is None:
+            self.vectors = torch.empty((n, d), dtype=dtype, device=device)
+        else:
+            fd, name = tempfile.mkstemp(dir=spill_dir, suffix=".rows")
+            os.close(fd)
+            self.file = RowFile(name, d, np.float32 if dtype == torch.float32 else np.float64, "w")
+            device = "cpu"
+        self.shift = _new_shift(metric, dtype, n, device)
+
+    def put(self, rows: slice, p: Prepared) -> None:
+        if self.file is None:
+            self.vectors[rows] = p.vectors.to(self.vectors.device)
+        else:
+            assert rows.start == len(self.file), "spilled rows must arrive in order"
+            self.file.append(p.vectors)  # p is fresh: the write may still be running when the next batch comes
+        if self.shift is not None:
+            self.shift[rows] = p.shift.to(self.shift.device)
+
+    def prepared(self) -> Prepared:
+        vectors = self.vectors if self.file is None else torch.from_numpy(self.file.as_array())
+        return Prepared(vectors, self.metric, self.shift)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _bytes_per_value(dtype: torch.dtype) -> int:
@@ -181,8 +210,9 @@ def collect(model, images: torch.Tensor, layers: list[Layer], metrics=METRICS, *
     layers whose results are already known (resumed runs): a group with
     nothing left runs no forward pass. Memory: the current group's prepared
     rows (<= ``budget_bytes`` unless one layer alone is larger, which then
-    lives in a memory-mapped file under ``spill_dir``, default the system
-    temp folder, deleted once the caller moves to the next layer).
+    goes to a :class:`RowFile` under ``spill_dir``, default the system temp
+    folder, read back through a memory map and deleted once the caller moves
+    to the next layer).
     """
     metrics = list(metrics)
     todo = [lay for lay in layers if not (skip and skip(lay))]
@@ -192,23 +222,25 @@ def collect(model, images: torch.Tensor, layers: list[Layer], metrics=METRICS, *
         spill = None
         if len(group) == 1 and n * group[0].numel * len(metrics) * _bytes_per_value(dtype) > budget_bytes:
             spill = tempfile.TemporaryDirectory(prefix="fvtrust-sanity-", dir=spill_dir)
+        where = None if spill is None else Path(spill.name)
+        sinks = {}
         try:
-            where = None if spill is None else Path(spill.name)
-            store_dev = "cpu" if spill is not None else device
-            bufs = {lay.name: {m: Prepared(_alloc(n, lay.numel, dtype, store_dev, where), m,
-                                           torch.empty(n, dtype=torch.float64, device=store_dev)
-                                           if dtype == torch.float32 else None) for m in metrics}
-                    for lay in group}
-            _fill(model, images, group, metrics, bufs, batch_size, dtype, device, desc)
             for lay in group:
-                yield LayerRows(lay, bufs[lay.name], spilled=spill is not None)
-            del bufs
+                sinks[lay.name] = {m: _Sink(n, lay.numel, m, dtype, device, where) for m in metrics}
+            _fill(model, images, group, metrics, sinks, batch_size, dtype, device, desc)
+            for lay in group:
+                yield LayerRows(lay, {m: sink.prepared() for m, sink in sinks[lay.name].items()},
+                                spilled=spill is not None)
         finally:
+            for per_metric in sinks.values():
+                for sink in per_metric.values():
+                    sink.close()
+            del sinks
             if spill is not None:
                 spill.cleanup()
 
 
-def _fill(model, images, group, metrics, bufs, batch_size, dtype, device, desc):
+def _fill(model, images, group, metrics, sinks, batch_size, dtype, device, desc):
     wanted = {(lay.module, lay.call): lay for lay in group}
     modules = dict(model.net.named_modules())
     state = {"calls": {}, "fired": 0, "rows": slice(0, 0)}
@@ -226,11 +258,7 @@ def _fill(model, images, group, metrics, bufs, batch_size, dtype, device, desc):
                 raise FvtrustError(f"layer {lay.name} changed size: {flat.shape[1]} values, expected {lay.numel}")
             rows = state["rows"]
             for m in metrics:
-                p = prepare(flat, m, dtype=dtype)
-                dst = bufs[lay.name][m]
-                dst.vectors[rows] = p.vectors.to(dst.vectors.device)
-                if dst.shift is not None:
-                    dst.shift[rows] = p.shift.to(dst.shift.device)
+                sinks[lay.name][m].put(rows, prepare(flat, m, dtype=dtype))
             state["fired"] += 1
             if state["fired"] == len(wanted):
                 raise _Stop  # nothing after the group's deepest layer is needed

@@ -27,18 +27,19 @@ Conventions (all entry points):
   rank-once, so it is refused. Infinite values rank like scipy (Spearman) and
   give NaN rows for Pearson and cosine.
 * Precision: ``dtype=torch.float64`` (default) keeps prepared vectors and the
-  matrix product in float64: ~1e-14 from scipy at 802,816 features. Average
-  ranks are exact (half-integers), the centring is exact, so nothing but the
-  final dot products rounds. ``dtype=torch.float32`` halves the memory of the
-  prepared rows (and is the fast path on GPUs with slow float64). A plain
-  float32 product is off by ~1.5e-6 there: its accumulator adds ~400,000
-  identical zero-group terms and their rounding errors all point the same way.
-  So each row's largest tie group (Spearman) or its zeros (Pearson, cosine) is
-  shifted to exactly 0 before rounding to float32 (a float64 correction from
-  row sums restores the dot product), and column chunks of
-  ``chunk_features`` are accumulated in float64: ~3e-8 on activations.
-  Rows with further huge tie groups away from zero (binary, quantized data)
-  stay at ~1e-6 in float32: use float64 there. TF32 is off for these products.
+  matrix product in float64: ~5e-14 from the exact value at 802,816 features
+  (scipy itself is within ~1e-17 there). Average ranks are exact
+  (half-integers), so nothing but the division by the norm and the final dot
+  products rounds. A dot product over a post-ReLU layer adds ~400,000
+  identical zero-group terms, whose rounding errors all point the same way:
+  ~1e-11 in float64, ~1.5e-6 in float32. So each row's largest tie group
+  (Spearman) or its zeros (Pearson; cosine in float32) is shifted to exactly 0
+  and contributes nothing, and the shift is added back in float64 (see
+  :class:`Prepared`). ``dtype=torch.float32`` halves the memory of the prepared
+  rows (and is the fast path on GPUs with slow float64); its column chunks of
+  ``chunk_features`` are accumulated in float64: ~3e-8 on activations. Rows
+  with further huge tie groups away from zero (binary, quantized data) stay at
+  ~1e-6 in float32: use float64 there. TF32 is off for these products.
 * Memory: rows are prepared ``block_rows`` at a time (default sized from a
   512 MiB budget for temporaries), so the peak is the prepared matrix plus one
   block. :func:`similarity_blocks` and :class:`SimilarityAccumulator` go
@@ -52,17 +53,21 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fvtrust.errors import FvtrustError, nearest
-from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, centred_ranks
-from fvtrust.sanity.rowfile import RowFile
+from fvtrust.sanity.ranks import BYTES_PER_RANKED_VALUE, unit_ranks
+from fvtrust.sanity.rowfile import RowFile, aligned_empty
 
 METRICS = ("spearman", "pearson", "cosine")
+# Metrics whose exact unit vectors sum to 0 (ranks, values minus their mean).
+_CENTRED = ("spearman", "pearson")
 NAN_POLICIES = ("propagate", "raise")
 
 # Budget for the temporaries of one row block (sort, ranks, float64 copies).
@@ -88,16 +93,18 @@ SPILL_READ_BYTES = 256 * 2**20
 class Prepared:
     """Rows turned into unit vectors whose dot products are the metric.
 
-    Row i's unit vector is ``vectors[i] + shift[i]`` (``shift`` is None, i.e.
-    0, in float64). A row whose similarity is undefined (constant, zero, NaN)
+    Row i's unit vector is ``vectors[i] + shift[i]`` (``shift`` None means 0:
+    float64 cosine). A row whose similarity is undefined (constant, zero, NaN)
     is all-NaN, so NaN flows through matrix products to exactly the pairs that
     involve it.
 
-    Why the shift (float32 only): a row's largest tie group (post-ReLU zeros)
-    shares one prepared value, so a float32 dot product would add ~400,000
-    identical terms whose rounding errors pile up in one direction. Shifting
-    that value to exactly 0 removes them; ``_gram`` adds the shift back in
-    float64.
+    Why the shift: a row's largest tie group (post-ReLU zeros) shares one
+    prepared value, so a dot product would add ~400,000 identical terms whose
+    rounding errors pile up in one direction (~1e-11 in float64, ~1e-6 in
+    float32). Shifting that value to exactly 0 removes them; ``_gram`` adds the
+    shift back in float64: with row sums for float32, and for the centred
+    metrics in float64 from ``sum(unit) = 0``, which turns
+    ``(v_a + s_a).(v_b + s_b)`` into ``v_a.v_b - d s_a s_b`` at no extra pass.
     """
 
     vectors: torch.Tensor
@@ -116,7 +123,7 @@ class Prepared:
         return Prepared(self.vectors.to(device), self.metric, shift)
 
     def unit_vectors(self) -> torch.Tensor:
-        """The float64 unit vectors (undoes the float32 shift)."""
+        """The float64 unit vectors (adds the shift back)."""
         v = self.vectors.to(torch.float64)
         return v if self.shift is None else v + self.shift.unsqueeze(1)
 
@@ -227,23 +234,28 @@ def _is_empty(X) -> bool:
 # ----------------------------------------------------------------- preparation
 
 
+def _has_shift(metric: str, dtype: torch.dtype) -> bool:
+    """Whether prepared rows carry a shift (see :class:`Prepared`): every float32
+    metric, and the centred ones (whose unit vectors sum to 0) in float64."""
+    return dtype == torch.float32 or metric in _CENTRED
+
+
+def _new_shift(metric: str, dtype: torch.dtype, n: int, device) -> torch.Tensor | None:
+    return torch.empty(n, dtype=torch.float64, device=device) if _has_shift(metric, dtype) else None
+
+
 def _prepare_block(x: torch.Tensor, metric: str, dtype: torch.dtype, nan_policy: str, row_ids, out, shift) -> None:
-    """Unit vectors for one block of raw rows, written into ``out``; for float32
-    minus a per-row ``shift`` (see :class:`Prepared`), written into ``shift``.
-    ``row_ids(k)`` names row k in errors."""
+    """Unit vectors for one block of raw rows, written into ``out``; with a
+    ``shift`` (see :func:`_has_shift`) minus a per-row shift (see
+    :class:`Prepared`), written into ``shift``. ``row_ids(k)`` names row k in
+    errors."""
     nan_rows = torch.isnan(x).any(dim=1) if x.is_floating_point() else None
     if nan_rows is not None and nan_policy == "raise" and bool(nan_rows.any()):
         bad = row_ids(int(nan_rows.nonzero()[0, 0]))
         raise FvtrustError(f"row {bad} contains NaN (nan_policy='raise'); 'propagate' gives NaN similarities instead")
     if metric == "spearman":
         # Constant rows have norm 0 and centred ranks 0: 0 / 0 = NaN, as scipy.
-        if shift is None:
-            centred, norm = centred_ranks(x)
-        else:
-            centred, norm, c0 = centred_ranks(x, with_mode=True)  # shift out the largest tie group
-            centred -= c0.unsqueeze(1)  # exact: half-integers of magnitude < 2**23
-            torch.div(c0.to(torch.float64), norm, out=shift)
-        torch.div(centred, norm.unsqueeze(1), out=out)  # float64 division, one rounding
+        unit_ranks(x, out, shift)  # the largest tie group shifted to exactly 0
     else:
         v = x.to(torch.float64)
         if metric == "pearson":
@@ -290,6 +302,11 @@ def prepare(
     ``block_rows`` at a time so temporaries stay bounded. An already
     :class:`Prepared` input is returned as is (its metric must match).
     """
+    return _prepare_for(X, metric, None, block_rows=block_rows, device=device, dtype=dtype, nan_policy=nan_policy)
+
+
+def _prepare_for(X, metric, store, *, block_rows=None, device=None, dtype=torch.float64, nan_policy="propagate"):
+    """:func:`prepare`, into a reused buffer of ``store`` (a :class:`_PreparedStore`) when X will be spilled."""
     _check_metric(metric)
     _check_nan_policy(nan_policy)
     dtype = _check_dtype(dtype)
@@ -297,7 +314,8 @@ def prepare(
         _check_same_metric(X, metric)
         return X if device is None else X.to(device)
     rows = _Rows(X, "X", device)
-    return _prepare_rows(rows, metric, dtype, nan_policy, block_rows)
+    buf = None if store is None else store.buffer_for(rows.n, rows.d, dtype, rows.device)
+    return _prepare_rows(rows, metric, dtype, nan_policy, block_rows, out=buf)
 
 
 def _check_same_metric(p: Prepared, metric: str) -> None:
@@ -305,18 +323,20 @@ def _check_same_metric(p: Prepared, metric: str) -> None:
         raise FvtrustError(f"rows were prepared for {p.metric!r}, not {metric!r}")
 
 
-def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
+def _prepare_rows(rows: _Rows, metric, dtype, nan_policy, block_rows, offset: int = 0, out=None) -> Prepared:
     if rows.prepared is not None:
         _check_same_metric(rows.prepared, metric)
         return rows.prepared.to(rows.device)
-    return _prepare_some(rows, None, metric, dtype, nan_policy, block_rows, offset)
+    return _prepare_some(rows, None, metric, dtype, nan_policy, block_rows, offset, out)
 
 
-def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offset: int = 0) -> Prepared:
-    """Prepare all rows (``idx`` None) or the rows ``idx`` (sorted: memmaps are read in order)."""
+def _prepare_some(rows: _Rows, idx, metric, dtype, nan_policy, block_rows, offset: int = 0, out=None) -> Prepared:
+    """Prepare all rows (``idx`` None) or the rows ``idx`` (sorted: memmaps are read in order),
+    into ``out`` when given (a reused buffer of the right shape, dtype and device)."""
     n = rows.n if idx is None else len(idx)
-    out = torch.empty((n, rows.d), dtype=dtype, device=rows.device)
-    shift = torch.empty(n, dtype=torch.float64, device=rows.device) if dtype == torch.float32 else None
+    if out is None:
+        out = torch.empty((n, rows.d), dtype=dtype, device=rows.device)
+    shift = _new_shift(metric, dtype, n, rows.device)
     step = block_rows or rows.auto_block_rows()
     for i in range(0, n, step):
         if idx is None:
@@ -365,8 +385,14 @@ def _gram(a: Prepared, b: Prepared, chunk_features: int | None = None) -> torch.
     if a.vectors.dtype != b.vectors.dtype:
         a, b = Prepared(a.unit_vectors(), a.metric), Prepared(b.unit_vectors(), b.metric)
     va, vb = a.vectors, b.vectors
-    if va.dtype == torch.float64 and a.shift is None and b.shift is None:
-        return (va @ vb.T).clamp_(-1.0, 1.0)
+    if va.dtype == torch.float64:
+        if (a.shift is not None or b.shift is not None) and a.metric not in _CENTRED:
+            va, vb = a.unit_vectors(), b.unit_vectors()  # only hand-made Prepared get here
+        out = va @ vb.T
+        if a.shift is not None and b.shift is not None and a.metric in _CENTRED:
+            # sum(v + s) = 0 per row, so (va + sa).(vb + sb) = va.vb - d sa sb
+            out.addr_(a.shift, b.shift, alpha=-va.shape[1])
+        return out.clamp_(-1.0, 1.0)
     step = chunk_features or CHUNK_FEATURES
     n_a, n_b, d = va.shape[0], vb.shape[0], va.shape[1]
     f64 = dict(dtype=torch.float64, device=va.device)
@@ -395,10 +421,15 @@ def _gram(a: Prepared, b: Prepared, chunk_features: int | None = None) -> torch.
 
 
 def _rowwise_dot(a: Prepared, b: Prepared) -> torch.Tensor:
-    """Row i of a . row i of b, in float64."""
-    ua, ub = a.unit_vectors(), b.unit_vectors()
+    """Row i of a . row i of b, in float64, the shifts added back from row sums."""
+    va, vb = a.vectors.to(torch.float64), b.vectors.to(torch.float64)
     # bmm of (k,1,d) x (k,d,1): a BLAS kernel, ~4x faster than vecdot or mul+sum on CPU.
-    return torch.bmm(ua.unsqueeze(1), ub.unsqueeze(2)).view(-1).clamp_(-1.0, 1.0)
+    out = torch.bmm(va.unsqueeze(1), vb.unsqueeze(2)).view(-1)
+    zero = torch.zeros(len(va), dtype=torch.float64, device=va.device)
+    sa = zero if a.shift is None else a.shift
+    sb = zero if b.shift is None else b.shift
+    out += sa * vb.sum(dim=1) + sb * va.sum(dim=1) + va.shape[1] * sa * sb
+    return out.clamp_(-1.0, 1.0)
 
 
 def _symmetrize(s: torch.Tensor) -> torch.Tensor:
@@ -484,7 +515,7 @@ def paired_similarity(
         if r.prepared is not None:
             return r.prepared[i:j].to(r.device)
         out = torch.empty((j - i, r.d), dtype=dtype, device=r.device)
-        shift = torch.empty(j - i, dtype=torch.float64, device=r.device) if dtype == torch.float32 else None
+        shift = _new_shift(metric, dtype, j - i, r.device)
         _prepare_block(r.block(i, j), metric, dtype, nan_policy, lambda k: i + k, out, shift)
         return Prepared(out, metric, shift)
 
@@ -586,9 +617,12 @@ class _PreparedStore:
     :class:`~fvtrust.sanity.rowfile.RowFile` (a temporary file in
     ``spill_dir``, deleted on close, page cache dropped so it really is on
     disk), so the in-memory blocks are always a prefix and :meth:`chunks`
-    yields rows in order. float32 shifts (one float64 per row) stay in memory.
+    yields rows in order. Shifts (one float64 per row) stay in memory.
     Spilled rows are read back ``SPILL_READ_BYTES`` at a time, two chunks
-    ahead, starting while the caller prepares its next block.
+    ahead, starting while the caller prepares its next block, into reused
+    buffers; blocks bound for the spill are prepared into reused buffers too
+    (:meth:`buffer_for`): fresh ones would cost a page fault per 4 KiB, more
+    CPU than the I/O itself.
     """
 
     def __init__(self, metric: str, memory_bytes: int | None, spill_dir=None, device=None):
@@ -600,6 +634,36 @@ class _PreparedStore:
         self.spill_shift: list[torch.Tensor] = []
         self.n = 0
         self.d: int | None = None
+        self._scratch: list[list] = []  # [buffer, future of its spill write or None], oldest first
+        self._lock = threading.Lock()  # buffer_for (ranking thread) vs append (product thread)
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes)
+
+    def buffer_for(self, n: int, d: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """A reusable (n, d) buffer to prepare a block into if that block will be
+        spilled (None if it will be kept, or off CPU). Two buffers alternate:
+        one is written to disk while the next block is prepared into the other."""
+        device = torch.device(device or "cpu")
+        with self._lock:
+            # Safe while another thread appends: a block that does not fit now never will (spilling is monotone).
+            if device.type != "cpu" or self._fits(n * d * torch.empty((), dtype=dtype).element_size()):
+                return None
+            return self._scratch_buffer(n, d, dtype)
+
+    def _scratch_buffer(self, n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        for entry in self._scratch:  # drop buffers of another shape
+            if entry[0].shape[1] != d or entry[0].dtype != dtype or entry[0].shape[0] < n:
+                entry[0] = None
+        self._scratch = [e for e in self._scratch if e[0] is not None]
+        if len(self._scratch) < 2:  # page-aligned: its spill write can skip the page cache
+            buf = torch.from_numpy(aligned_empty((n, d), np.float32 if dtype == torch.float32 else np.float64))
+        else:
+            buf, future = self._scratch.pop(0)
+            if future is not None:
+                future.result()  # its previous block is on disk
+        self._scratch.append([buf, None])
+        return buf[:n]
 
     @property
     def spilled(self) -> int:
@@ -611,7 +675,7 @@ class _PreparedStore:
         self.d = p.vectors.shape[1]
         self.device = p.vectors.device
         nbytes = p.vectors.numel() * p.vectors.element_size()
-        if self.spill is None and (self.memory_bytes is None or self.in_memory + nbytes <= self.memory_bytes):
+        if self._fits(nbytes):
             self.blocks.append(p)
             self.in_memory += nbytes
         else:
@@ -620,12 +684,13 @@ class _PreparedStore:
                 os.close(fd)
                 dtype = np.float32 if p.vectors.dtype == torch.float32 else np.float64
                 self.spill = RowFile(path, self.d, dtype, "w", drop_cache=True, delete=True)
-            if self.spill.dtype == np.float64:
-                self.spill.append(p.unit_vectors())
-            else:
-                self.spill.append(p.vectors.to(torch.float32))
-                shift = p.shift if p.shift is not None else torch.zeros(len(p), dtype=torch.float64)
-                self.spill_shift.append(shift.cpu())
+            written = self.spill.append(p.vectors)  # the store holds one dtype
+            with self._lock:
+                for entry in self._scratch:  # a reused buffer is free again once this write is done
+                    if entry[0].data_ptr() == p.vectors.data_ptr():
+                        entry[1] = written
+            if p.shift is not None:
+                self.spill_shift.append(p.shift.cpu())
         self.n += len(p)
 
     def chunks(self):
@@ -638,7 +703,7 @@ class _PreparedStore:
         # Big chunks: a product against few rows is slow per value (tall-skinny BLAS), one against
         # tens of rows runs at matrix-product speed.
         rows = max(1, SPILL_READ_BYTES // self.spill.row_bytes)
-        reads = self.spill.blocks(rows, ahead=2)
+        reads = self.spill.blocks(rows, ahead=2, reuse=True)  # each chunk is used before the next is asked for
         shift = torch.cat(self.spill_shift) if self.spill_shift else None
         blocks = list(self.blocks)
 
@@ -711,7 +776,9 @@ class SimilarityAccumulator:
             self.reference.append(_prepare_rows(ref, metric, self.dtype, nan_policy, block_rows))
         self._kept = _PreparedStore(metric, budget, spill_dir, self.device)  # prepared blocks (no reference)
         self._strips: list[torch.Tensor] = []  # result rows per add()
-        self.n = 0
+        self.n = 0  # rows multiplied
+        self._prepared = 0  # rows prepared (ahead of n while similarity_blocks pipelines)
+        self._d: int | None = None
 
     @property
     def d(self) -> int | None:
@@ -725,13 +792,29 @@ class SimilarityAccumulator:
     def add(self, rows) -> torch.Tensor:
         """Prepare ``rows`` and return their similarities (float64 CPU) with the
         reference, or with all rows so far including themselves."""
+        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
+        return self._multiply(self._prepare(rows), kept)
+
+    def _prepare(self, rows) -> Prepared:
+        """The ranking half of :meth:`add`. :func:`similarity_blocks` runs it for
+        block k + 1 while :meth:`_multiply` works on block k in another thread:
+        numpy's sort holds the GIL, so ranking keeps one core busy and the
+        products (torch releases the GIL) can use the other."""
         r = _Rows(rows, "rows", self.device)
         self.device = r.device
-        if self.d is not None and r.d != self.d:
-            raise FvtrustError(f"rows have {r.d} features but earlier rows had {self.d}")
-        base = self.n
-        kept = (self.reference if self.reference is not None else self._kept).chunks()  # spill reads start now
-        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, base)
+        d = self.d if self._d is None else self._d
+        if d is not None and r.d != d:
+            raise FvtrustError(f"rows have {r.d} features but earlier rows had {d}")
+        self._d = r.d
+        buf = None if self.reference is not None else self._kept.buffer_for(r.n, r.d, self.dtype, r.device)
+        p = _prepare_rows(r, self.metric, self.dtype, self.nan_policy, self.block_rows, self._prepared, buf)
+        self._prepared += r.n
+        return p
+
+    def _multiply(self, p: Prepared, kept=None) -> torch.Tensor:
+        """The product half of :meth:`add`, for blocks in the order they were prepared."""
+        if kept is None:
+            kept = (self.reference if self.reference is not None else self._kept).chunks()
         if self.reference is not None:
             strip = torch.cat([_gram(p, q, self.chunk_features).cpu() for q in kept], dim=1)
         else:
@@ -740,7 +823,7 @@ class SimilarityAccumulator:
             strip = torch.cat(parts + [own.cpu()], dim=1)
             self._kept.append(p)
         self._strips.append(strip)
-        self.n += r.n
+        self.n += len(p)
         return strip
 
     def result(self) -> torch.Tensor:
@@ -788,7 +871,9 @@ def similarity_blocks(
     memory work at the speed of the in-memory path plus what the disk cannot
     hide behind the products. Bigger A blocks mean fewer passes over the spill.
     ``options`` are those of :func:`similarity` plus ``memory_bytes`` and
-    ``spill_dir``. Returns a float64 CPU tensor.
+    ``spill_dir``. Each block is fully consumed before the next one is
+    requested, so a reader may hand out one reused buffer after another
+    (``RowFile.blocks(..., reuse=True)``). Returns a float64 CPU tensor.
     """
     if callable(blocks_a):
         blocks_a = blocks_a()
@@ -806,17 +891,27 @@ def similarity_blocks(
             for b in blocks_b:
                 if _is_empty(b):
                     continue
-                p = prepare(b, metric, **prep)
+                p = _prepare_for(b, metric, reference, **prep)
                 if d is not None and p.vectors.shape[1] != d:
                     raise FvtrustError(f"B blocks have {p.vectors.shape[1]} features but earlier ones had {d}")
                 d = p.vectors.shape[1]
                 reference.append(p)
             if reference.n == 0:
                 raise FvtrustError("blocks_b yielded no rows")
-        with SimilarityAccumulator(metric, reference, **options) as acc:
+        # Block k + 1 is ranked (one core: numpy's sort holds the GIL) while block k's
+        # products run on a second thread; products stay in block order.
+        with SimilarityAccumulator(metric, reference, **options) as acc, \
+                ThreadPoolExecutor(1, thread_name_prefix="fvtrust-products") as products:
+            pending = None
             for blk in blocks_a:
-                if not _is_empty(blk):
-                    acc.add(blk)
+                if _is_empty(blk):
+                    continue
+                p = acc._prepare(blk)
+                if pending is not None:
+                    pending.result()
+                pending = products.submit(acc._multiply, p)
+            if pending is not None:
+                pending.result()
             if acc.n == 0:
                 raise FvtrustError("blocks_a yielded no rows")
             return acc.result()

@@ -399,6 +399,24 @@ def test_spilled_layers_give_the_same_numbers(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []  # spill files are removed
 
 
+def test_a_layer_over_budget_goes_to_a_rowfile(tiny, tmp_path):
+    from fvtrust.sanity.activations import collect
+    from fvtrust.sanity.similarity import similarity
+
+    m, x, *_ = tiny
+    layer = discover_layers(m, x[:4])[0]
+    mem = next(collect(m, x, [layer], ["spearman"], batch_size=5, dtype=torch.float64))
+    out = collect(m, x, [layer], ["spearman"], batch_size=5, dtype=torch.float64, budget_bytes=1, spill_dir=tmp_path)
+    rows = next(out)
+    p = rows.prepared["spearman"]
+    assert rows.spilled and [f.suffix for f in next(tmp_path.iterdir()).iterdir()] == [".rows"]
+    assert torch.equal(p.vectors.nan_to_num(7.0), mem.prepared["spearman"].vectors.nan_to_num(7.0))
+    assert torch.equal(p.shift, mem.prepared["spearman"].shift)
+    assert torch.allclose(similarity(p), similarity(mem.prepared["spearman"]), atol=0, equal_nan=True)
+    out.close()  # the consumer moves on: the spill file goes
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_skips_finished_layers(tiny, tmp_path, monkeypatch):
     m, x, y, _, vis = tiny
     kw = {"per_class_natural": 6, "metrics": ["pearson"], "pair_stride": "all", "cache_dir": tmp_path}

@@ -50,3 +50,55 @@ def test_bad_files_are_fvtrust_errors(tmp_path):
         with pytest.raises(FvtrustError, match="row range"):
             f.read(2, 1)
     assert not (tmp_path / "y.rows").exists()  # delete=True removes it on close
+
+
+@pytest.mark.parametrize("drop_cache", [False, True])
+def test_reused_buffers_and_memory_map(tmp_path, drop_cache):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(41, 1031)).astype(np.float64)  # rows straddle 4 KiB pages: O_DIRECT reads realign
+    path = tmp_path / "x.rows"
+    with RowFile(path, X.shape[1], np.float64, "w", drop_cache=drop_cache) as f:
+        for i in range(0, len(X), 7):
+            f.append(X[i : i + 7])
+        assert f.as_array().shape == X.shape  # flushes the queued writes first
+    with RowFile(path, X.shape[1], np.float64, drop_cache=drop_cache) as f:
+        if drop_cache:
+            assert f.direct_fd >= 0  # ext4/xfs/btrfs take O_DIRECT (tmpfs would fall back to dropping pages)
+        seen, ptrs = [], set()  # the memory behind each block
+        for b in f.blocks(5, start=3, ahead=2, reuse=True):
+            seen.append(b.copy())  # a reused block is valid until the next one is requested
+            owner = b
+            while isinstance(owner, np.ndarray) and owner.base is not None:
+                owner = owner.base
+            ptrs.add(id(owner.obj if isinstance(owner, memoryview) else owner))
+        np.testing.assert_array_equal(np.concatenate(seen), X[3:])
+        assert len(ptrs) <= 3  # a ring of ahead + 1 buffers
+        np.testing.assert_array_equal(f.read(40), X[40:])  # the last, partial page
+        m = f.as_array()
+        np.testing.assert_array_equal(m[[0, 17, 40]], X[[0, 17, 40]])
+        m[0] = 0.0  # copy-on-write: the file keeps its rows
+        np.testing.assert_array_equal(f.read(0, 1), X[:1])
+
+
+def test_page_aligned_rows_skip_the_page_cache(tmp_path, monkeypatch):
+    """drop_cache writes go through O_DIRECT when buffer, offset and length are page-aligned."""
+    import os
+
+    from fvtrust.sanity.rowfile import aligned_empty
+
+    used = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: used.append(fd) or pwrite(fd, data, off))
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(9, 1024)).astype(np.float32)  # 4 KiB rows
+    aligned = aligned_empty((4, 1024), np.float32)
+    with RowFile(tmp_path / "x.rows", 1024, np.float32, "w", drop_cache=True) as f:
+        aligned[:] = X[:4]
+        f.append(aligned).result()  # aligned: O_DIRECT
+        shifted = aligned_empty((1025,), np.float32)[1:].reshape(1, 1024)  # 4 bytes past a page
+        shifted[:] = X[4:5]
+        f.append(shifted).result()  # misaligned in memory: page cache, then dropped
+        aligned[:] = X[5:9]
+        f.append(aligned).result()  # aligned again (offset 5 rows = 5 pages)
+        assert used == [f.direct_fd, f.fd, f.direct_fd]
+        np.testing.assert_array_equal(f.read(), X)

@@ -1,6 +1,7 @@
 """The similarity engine must equal scipy on the data the sanity check feeds it:
 post-ReLU rows (heavy ties, all-zero rows), constant rows, mixed signs, NaN."""
 
+import sys
 import warnings
 
 import numpy as np
@@ -104,6 +105,20 @@ def test_large_relu_rows_match_scipy():
     base = rng.normal(size=20_000)
     X = np.maximum(base + rng.normal(size=(4, 20_000)) * [[0.1], [0.5], [1.0], [3.0]], 0).astype(np.float32)
     assert_matches(similarity(X), reference(X, X, "spearman"))
+
+
+def test_float64_relu_rows_are_exact_to_1e14():
+    """The zero group is shifted out of float64 products too: without that, its
+    ~half of identical terms push the error to ~1e-13 here (1e-11 at 802,816)."""
+    rng = np.random.default_rng(0)
+    d = 20_000
+    X = np.maximum(rng.normal(size=d) + rng.normal(size=(6, d)) * np.linspace(0.2, 2, 6)[:, None] - 0.1, 0)
+    for rows in (X, X.astype(np.float32)):  # torch and numpy ranking paths
+        two_c = (2 * scipy.stats.rankdata(rows, axis=1) - (d + 1)).astype(np.int64)
+        g = two_c @ two_c.T  # exact integers
+        norm = np.sqrt(np.diag(g).astype(np.float64))
+        exact = g / np.outer(norm, norm)
+        assert np.abs(similarity(rows).numpy() - exact).max() < 2e-14
 
 
 def test_two_features_and_one_feature():
@@ -216,6 +231,28 @@ def test_spilled_streaming_equals_in_memory(metric, dtype, tmp_path):
     assert list(tmp_path.iterdir()) == []  # spill files are removed
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reused_spill_buffers_do_not_mix_blocks(dtype, tmp_path, monkeypatch):
+    """Spilled blocks are prepared into two alternating buffers and read back
+    through a ring of buffers: many small blocks and small read chunks must
+    still give the in-memory result."""
+    sim = sys.modules[similarity_blocks.__module__]
+    X = np.concatenate([tricky_rows(), tricky_rows(seed=1)])
+    row_bytes = X.shape[1] * (8 if dtype == torch.float64 else 4)
+    monkeypatch.setattr(sim, "SPILL_READ_BYTES", 3 * row_bytes)  # 3-row read chunks, 2 ahead
+    want = similarity(X, dtype=dtype)
+    tol = 1e-15 if dtype == torch.float64 else TOL
+    blocks = [X[i : i + 2] for i in range(0, len(X), 2)]
+    opts = dict(dtype=dtype, memory_bytes=2 * row_bytes, spill_dir=tmp_path)
+    with SimilarityAccumulator(**opts) as acc:
+        for b in blocks:
+            acc.add(b)
+        assert acc.spilled_rows == len(X) - 2 and len(acc._kept._scratch) == 2
+        assert same(acc.result(), want, tol)
+    vs_b = similarity_blocks(blocks[::-1], blocks, **opts)  # B spilled block by block too
+    assert same(vs_b, similarity(np.concatenate(blocks[::-1]), X, dtype=dtype), tol)
+
+
 def test_streaming_checks_widths_across_blocks():
     X = tricky_rows()
     with pytest.raises(FvtrustError, match="features"):
@@ -251,7 +288,7 @@ def test_float32_stays_within_1e6(metric):
     assert same(paired_similarity(X, X[::-1].copy(), **f32), want.flip(1).diagonal(), TOL)
     p = prepare(X, metric, dtype="float32")
     assert p.vectors.dtype == torch.float32 and p.shift.dtype == torch.float64
-    assert same(p.unit_vectors(), prepare(X, metric).vectors, 1e-7)
+    assert same(p.unit_vectors(), prepare(X, metric).unit_vectors(), 1e-7)
     # Huge tie groups away from zero (binary, quantized) keep identical float32
     # terms in the sum: still close, but use float64 when 1e-6 matters.
     Q = tricky_rows(d=5000)
