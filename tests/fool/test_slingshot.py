@@ -347,6 +347,24 @@ def test_unit_scores_are_the_channel_objective():
     assert torch.allclose(s, want, atol=1e-6)
 
 
+def test_standard_visualization_is_visualize_defaults_and_variants_change_one_thing():
+    from fvtrust.fool.slingshot.report import defense_settings, stronger_transforms
+    from fvtrust.visualize import transforms as T
+
+    model = tiny_model()
+    sets = {s["name"]: s for s in defense_settings(model, "fc", 1)}
+    assert sets["standard"] == {"name": "standard", "param": "fft", "optimizer": "adam", "lr": 0.05,
+                                "transforms": "standard"}
+    changed = {n: {k for k in set(s) | set(sets["standard"]) if k != "name" and s.get(k) != sets["standard"].get(k)}
+               for n, s in sets.items() if n != "standard"}
+    assert changed == {"gradient clipping": {"grad_clip"}, "stronger transforms": {"transforms"},
+                       "no transforms": {"transforms"}, "SGD": {"optimizer", "lr"},
+                       "pixel parameterization": {"param"}}
+    std, strong = T.TransformSpec.standard(28), stronger_transforms(28)
+    assert (strong.pad, strong.jitter1, strong.jitter2) == (2 * std.pad, 2 * std.jitter1, 2 * std.jitter2)
+    assert max(strong.angles) == 2 * max(std.angles) and max(strong.scales) - 1 == pytest.approx(2 * (max(std.scales) - 1))
+
+
 def test_visualize_grad_clip_limits_steps():
     model = tiny_model()
     kw = dict(steps=5, objective="channel", transforms="none", optimizer="sgd", lr=10.0, param="pixel")
