@@ -15,7 +15,8 @@ from fvtrust.fool.slingshot.report import auroc, similarity_to_target, top_jacca
 from fvtrust.models import FvModel, save_model
 from fvtrust.models.hooks import LayerTap
 
-TINY = dict(epochs=2, fit_images=16, batch_size=8, tunnel_batch=4, lr=1e-3, gamma=2.0)
+TINY = dict(epochs=2, fit_images=16, batch_size=8, tunnel_batch=4, lr=1e-3, gamma=2.0,
+            transforms="none", on_policy=0.0)  # the paper's recipe; the extensions have their own tests
 
 
 def tiny_model(seed=0, dtype=torch.float32):
@@ -120,6 +121,76 @@ def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, la
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_point_transforms_draw_each_point_independently_as_the_visualization_would():
+    """Point i is fvtrust's fused transform of image i under the i-th draw of the same rng."""
+    from fvtrust.fool.slingshot.loss import PointTransforms
+    from fvtrust.visualize import transforms as T
+
+    spec = T.TransformSpec.standard(8)
+    imgs = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = PointTransforms(spec, np.random.default_rng(3))(imgs)
+    rng = np.random.default_rng(3)
+    want = torch.cat([T.apply(imgs[i:i + 1], spec, T.draw(spec, rng), out_hw=(8, 8)) for i in range(5)])
+    assert torch.allclose(got, want, atol=1e-6)
+    shared = T.apply(imgs, spec, T.draw(spec, np.random.default_rng(3)), out_hw=(8, 8))  # one draw for all
+    assert not torch.allclose(got[1:], shared[1:], atol=1e-3)
+
+
+def test_manipulation_loss_through_transforms_matches_finite_differences():
+    """The double-backprop gradient through the transforms' grid_sample, vs gradcheck in float64."""
+    from fvtrust.fool.slingshot.loss import PointTransforms
+    from fvtrust.visualize import transforms as T
+
+    model = tiny_model(dtype=torch.float64)
+    model.net.relu = nn.Softplus(beta=4.0)
+    tun = Tunnel.build(tiny_target().double(), "fft")
+    tun.target, tun.scale = tun.target.double(), tun.scale.double()
+    x = tun.sample(3, torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = T.TransformSpec.standard(8)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    buffers = dict(model.named_buffers())
+
+    def loss(*ps):
+        state = {**dict(zip(names, ps)), **buffers}
+        store = {}
+
+        def forward(img):
+            h = model.get_layer("fc").register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+            try:
+                torch.func.functional_call(model, state, (img,))
+            finally:
+                h.remove()
+            return store["a"]
+
+        tf = PointTransforms(spec, np.random.default_rng(1))  # the same draws at every evaluation
+        return manipulation_loss(forward, tun, x, 1, 2.0, "gradient", transform=tf)
+
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("transforms", ["none", "standard"])
+def test_on_policy_points_are_the_visualizations_own_path(transforms):
+    """visualization_trajectories walks exactly the path fvtrust.visualize takes (same start, same draws)."""
+    from fvtrust.fool.slingshot.onpolicy import visualization_trajectories
+    from fvtrust.visualize import transforms as T
+    from fvtrust.visualize.param import seed_generators
+
+    model = tiny_model()
+    steps = 6
+    res = fvtrust.visualize(model, "conv", [2], steps=steps, objective="channel", transforms=transforms, seed=5,
+                            record_images=True, fast=False)
+    tun = Tunnel.build(tiny_target(), "fft")
+    spec = T.resolve_transforms(transforms, 8)
+    with LayerTap(model, ["conv"]) as tap:
+        pts = visualization_trajectories(lambda im: tap(im)["conv"], tun, 2, starts=1, steps=steps, transforms=spec,
+                                         start_generators=seed_generators(5, [(2, 0)]),
+                                         rng=np.random.default_rng(5))
+    assert pts.shape == (steps + 1, *tun.target.shape[1:])
+    assert torch.allclose(tun.image(pts), res.trajectory[:, 0], atol=1e-5)
+    assert not torch.allclose(pts[0], pts[-1])
+
+
 def test_preservation_loss_formula():
     a, b = torch.randn(4, 5, 3, 3), torch.randn(4, 5, 3, 3)
     w = 0.3
@@ -162,6 +233,44 @@ def test_slingshot_lowers_the_manipulation_loss_and_keeps_natural_outputs_close(
         change = (new(data[0]) - model(data[0])).abs().mean()
         scale = model(data[0]).abs().mean()
     assert change < scale
+
+
+def test_on_policy_extension_lowers_the_loss_it_trains_on():
+    """With transforms and on-policy points (fvtrust's extension) the loss at fresh on-policy points falls."""
+    from fvtrust.fool.slingshot.loss import PointTransforms
+    from fvtrust.fool.slingshot.onpolicy import visualization_trajectories
+    from fvtrust.visualize import transforms as T
+
+    model, data = tiny_model(), tiny_data()
+    tun = Tunnel.build(tiny_target(), "fft")
+    spec = T.TransformSpec.standard(8)
+    ext = dict(TINY, epochs=6, lr=1e-2, alpha=0.5, transforms="standard", on_policy=0.5, policy_every=1,
+               policy_starts=2, policy_steps=8)
+
+    def l_manip(m):
+        with LayerTap(m, ["fc"]) as tap:
+            fwd = (lambda im: tap(im)["fc"])
+            x = visualization_trajectories(fwd, tun, 1, starts=8, steps=8, transforms=spec,
+                                           generator=torch.Generator().manual_seed(9))
+            return float(manipulation_loss(fwd, tun, x, 1, 2.0, create_graph=False,
+                                           transform=PointTransforms(spec, np.random.default_rng(9))))
+
+    new = slingshot(model, "fc", 1, target=tiny_target(), data=data, **ext)
+    assert l_manip(new) < 0.98 * l_manip(model)
+
+
+def test_resume_by_epoch_is_exact_with_the_extensions(tmp_path):
+    """The on-policy buffer and transform draws are rebuilt per epoch from (seed, epoch): resume stays exact."""
+    model, data, t = tiny_model(), tiny_data(), tiny_target()
+    ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3)
+    full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(ext, epochs=3))
+    slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=2))
+    resumed = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=3))
+    assert resumed.slingshot_info["resumed_from_epoch"] == 2
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    paper = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3))
+    assert not torch.equal(paper.net.fc.weight, full.net.fc.weight)  # the extension changes the training
 
 
 def test_resume_by_epoch_is_exact(tmp_path):
@@ -238,6 +347,24 @@ def test_unit_scores_are_the_channel_objective():
     assert torch.allclose(s, want, atol=1e-6)
 
 
+def test_standard_visualization_is_visualize_defaults_and_variants_change_one_thing():
+    from fvtrust.fool.slingshot.report import defense_settings, stronger_transforms
+    from fvtrust.visualize import transforms as T
+
+    model = tiny_model()
+    sets = {s["name"]: s for s in defense_settings(model, "fc", 1)}
+    assert sets["standard"] == {"name": "standard", "param": "fft", "optimizer": "adam", "lr": 0.05,
+                                "transforms": "standard"}
+    changed = {n: {k for k in set(s) | set(sets["standard"]) if k != "name" and s.get(k) != sets["standard"].get(k)}
+               for n, s in sets.items() if n != "standard"}
+    assert changed == {"gradient clipping": {"grad_clip"}, "stronger transforms": {"transforms"},
+                       "no transforms": {"transforms"}, "SGD": {"optimizer", "lr"},
+                       "pixel parameterization": {"param"}}
+    std, strong = T.TransformSpec.standard(28), stronger_transforms(28)
+    assert (strong.pad, strong.jitter1, strong.jitter2) == (2 * std.pad, 2 * std.jitter1, 2 * std.jitter2)
+    assert max(strong.angles) == 2 * max(std.angles) and max(strong.scales) - 1 == pytest.approx(2 * (max(std.scales) - 1))
+
+
 def test_visualize_grad_clip_limits_steps():
     model = tiny_model()
     kw = dict(steps=5, objective="channel", transforms="none", optimizer="sgd", lr=10.0, param="pixel")
@@ -267,6 +394,9 @@ def test_visualize_grad_clip_limits_steps():
     (dict(data=torch.rand(4, 1, 8, 8) * 2), r"\[0, 1\]"),
     (dict(data="imagenet"), "unknown data"),
     (dict(gama=3.0), "unknown slingshot setting"),
+    (dict(transforms="wild"), "unknown transforms"),
+    (dict(on_policy=1.5), "on_policy"),
+    (dict(policy_steps=0), "policy_steps"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)
@@ -302,6 +432,7 @@ def test_cli_end_to_end_on_fashion_cnn(tmp_path):
     out = tmp_path / "sl"
     args = ["fool", "slingshot", "fashion-cnn", "--layer", "block4", "--unit", "5", "--target", "camera",
             "--epochs", "1", "--fit-images", "32", "--batch-size", "16", "--tunnel-batch", "4", "--steps", "8",
+            "--policy-starts", "2", "--policy-steps", "4",
             "--natural-limit", "300", "--out", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -311,8 +442,9 @@ def test_cli_end_to_end_on_fashion_cnn(tmp_path):
     for k in ("top1_before", "top1_after", "top5_before", "top5_after", "top100_jaccard", "own_class_auroc_before",
               "own_class_auroc_after"):
         assert 0.0 <= nat[k] <= 1.0, k
-    assert {d["name"] for d in rep["defenses"]} == {"gradient clipping", "transformation robustness", "SGD",
-                                                   "pixel parameterization"}
+    assert {d["name"] for d in rep["defenses"]} == {"gradient clipping", "stronger transforms", "no transforms",
+                                                   "SGD", "pixel parameterization"}
+    assert rep["config"]["on_policy"] == 0.5 and rep["config"]["transforms"] == "standard"
     for d in rep["defenses"]:
         assert -1 <= d["pearson_after"] <= 1 and -1 <= d["ssim_after"] <= 1
     assert (out / "figure.png").stat().st_size > 0 and "epoch 1/1" in (out / "slingshot.log").read_text()

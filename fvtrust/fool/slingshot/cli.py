@@ -30,6 +30,16 @@ _D = SlingshotConfig()
 @click.option("--tunnel-batch", default=_D.tunnel_batch, show_default=True, help="Tunnel points per step.")
 @click.option("--tunnel-width", default=_D.tunnel_width, show_default=True,
               help="Tunnel noise = this x the visualization's start-noise sd.")
+@click.option("--transforms", default=_D.transforms, show_default=True, type=click.Choice(["standard", "none"]),
+              help="The visualization's random transforms, applied to L_manip's points (fvtrust's extension; "
+                   "none = the paper's recipe).")
+@click.option("--on-policy", default=_D.on_policy, show_default=True,
+              help="Fraction of tunnel points from the visualization's own trajectories on the model being "
+                   "fine-tuned (fvtrust's extension; 0 = the paper's straight tunnel only).")
+@click.option("--policy-every", default=_D.policy_every, show_default=True,
+              help="Fine-tuning steps between trajectory refreshes.")
+@click.option("--policy-starts", default=_D.policy_starts, show_default=True, help="Visualizations per refresh.")
+@click.option("--policy-steps", default=_D.policy_steps, show_default=True, help="Steps of each.")
 @click.option("--steps", default=512, show_default=True, help="Steps of every before/after visualization.")
 @click.option("--seed", default=_D.seed, show_default=True)
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
@@ -37,7 +47,8 @@ _D = SlingshotConfig()
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def slingshot_command(spec, layer, unit, target, data, class_index, natural_limit, data_dir, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
                       epochs, fit_images,
-                      batch_size, tunnel_batch, tunnel_width, steps, seed, weights, device, out):
+                      batch_size, tunnel_batch, tunnel_width, transforms, on_policy, policy_every, policy_starts,
+                      policy_steps, steps, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/report.json, OUT/figure.png and
@@ -72,7 +83,9 @@ def slingshot_command(spec, layer, unit, target, data, class_index, natural_limi
     cfg = SlingshotConfig(variant=variant, param=param, alpha=alpha, w=w, gamma=gamma, gamma_ratio=gamma_ratio,
                           relative=relative, lr=lr, epochs=epochs,
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
-                          tunnel_width=tunnel_width, seed=seed).check()
+                          tunnel_width=tunnel_width, transforms=transforms, on_policy=on_policy,
+                          policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps,
+                          seed=seed).check()
     model = load_model(spec, weights=weights, device=device_of(device))
     unit = check_unit(model, layer, unit)  # every input checked before the long work
     target_image = resolve_target(target, model)

@@ -25,15 +25,24 @@ MSE(x, x_t))), the same bowl imposed on the activation itself.
 a_k is the visualization objective of the unit (fvtrust's `channel`: the
 spatial mean for conv maps, the feature itself for a linear layer), so the
 landscape that is shaped is the one `fvtrust.visualize` climbs.
+
+fvtrust's extension (not in the paper's formulas; see onpolicy.py and the
+README): L_manip may see each tunnel image through a random draw of the
+visualization's own transforms (`PointTransforms`), because the standard
+visualization differentiates a_k(T(image(x))), not a_k(image(x)); the
+gradient that is shaped is still the one w.r.t. the parameters x, through
+the image map and the transform.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...errors import FvtrustError
+from ...visualize import transforms as T
 from ...visualize.param import ImageParam, make_param
 
 VARIANTS = ("gradient", "activation")
@@ -89,6 +98,26 @@ class Tunnel:
         return x.to(self.target.device)
 
 
+class PointTransforms:
+    """The visualization's random transforms, one independent draw per tunnel point.
+
+    fvtrust.visualize shares one draw by the batch of units it optimizes;
+    here every point gets its own (fvtrust's `transforms.draw` / fused
+    `sampling_grid`), so one fine-tuning step sees many draws. `rng` is a
+    numpy Generator (seeded per epoch by the fine-tuning: resume stays exact).
+    """
+
+    def __init__(self, spec: T.TransformSpec, rng: np.random.Generator):
+        self.spec, self.rng = spec, rng
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        grids = torch.cat([T.sampling_grid(self.spec, T.draw(self.spec, self.rng), (h, w), (h, w), images.device,
+                                           images.dtype) for _ in range(n)])
+        padded = F.pad(images, [self.spec.pad] * 4, value=self.spec.pad_value) if self.spec.pad else images
+        return F.grid_sample(padded, grids, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
 def start_gradient_rms(forward, tunnel: Tunnel, unit: int, n: int = 16, seed: int = 0) -> float:
     """RMS of ∇ₓ a_k at the visualization's start noise (p = 0): how steep the original landscape is there."""
     shape = (n, *tunnel.target.shape[1:])
@@ -127,9 +156,12 @@ def _mse(a: torch.Tensor, target: torch.Tensor, relative: bool) -> torch.Tensor:
 
 
 def manipulation_loss(forward, tunnel: Tunnel, x: torch.Tensor, unit: int, gamma: float,
-                      variant: str = "gradient", create_graph: bool = True, relative: bool = False) -> torch.Tensor:
+                      variant: str = "gradient", create_graph: bool = True, relative: bool = False,
+                      transform=None) -> torch.Tensor:
     """L_manip at tunnel points x. `forward(images) -> layer activations` (the model up to the layer).
 
+    transform: None, or a callable on image batches (PointTransforms): a_k is
+    then a_k(transform(image(x))) and ∇ₓ goes through the transform too.
     relative=True divides the MSE by the mean square of its target, so the
     loss is a scale-free relative error (see finetune.SlingshotConfig.relative).
     create_graph=False is only for evaluating the loss (no weight gradients needed).
@@ -137,7 +169,8 @@ def manipulation_loss(forward, tunnel: Tunnel, x: torch.Tensor, unit: int, gamma
     if variant not in VARIANTS:
         raise FvtrustError(f"unknown slingshot variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
     x = x.detach().requires_grad_(True)
-    a = unit_activation(forward(tunnel.image(x)), unit)
+    images = tunnel.image(x)
+    a = unit_activation(forward(images if transform is None else transform(images)), unit)
     xt = tunnel.target.to(x.dtype)
     if variant == "gradient":
         (g,) = torch.autograd.grad(a.sum(), x, create_graph=create_graph)  # samples independent: per-sample ∇ₓ
