@@ -23,10 +23,9 @@ BLIND_SPOTS = [
     "audit probes); such a model is not caught by construction.",
     "Gradient slingshots and other changes made before the audited layer (in earlier layers, or by fine-tuning "
     "the whole network) keep the layer's own mechanism intact: a linear or conv unit's input-gradient profile "
-    "is the same on every input, and the function stays continuous. Such models are a blind spot. In "
-    "bench_audit the slingshots fvtrust makes today (fc:0 and block4:0, target camera) did not take at all "
-    "(their visualizations do not resemble the target), so the 'clean' verdict on them says nothing about an "
-    "effective slingshot, which is expected to pass as well.",
+    "is the same on every input, and the function stays continuous. Such models are a blind spot, measured: "
+    "fvtrust's own slingshots on fashion-cnn (fc:0 and block4:0, target camera), whose visualizations do "
+    "resemble the target (Pearson 0.63 and 0.65), were audited clean, every signal at its clean value.",
     "A silent unit that none of the probes switches on is, on every image the audit makes, the clean unit; "
     "the audit cannot tell it apart (on fashion-cnn the pool of all units' probes reached every one).",
     "Units that never respond to the natural data given have no mechanism to compare with: their agreement is "
