@@ -54,7 +54,8 @@ if [[ $WITH_TEST == 1 ]]; then
   "${PIP[@]}" "kornia==0.9.0" decorator ipython 2>&1 | grep -v "is ignored" || true
   install_anchors || echo "fvtrust setup: anchors (horama, faccent) not installed (continuing; compare-methods runs without them)"
   # optional model zoo (timm: specs); a failure leaves the base install intact and its tests skip
-  "${PIP[@]}" "timm>=1.0" 2>&1 | grep -v "is ignored" || echo "fvtrust setup: timm not installed (optional)"
+  "${PIP[@]}" "timm>=1.0" 2>&1 | grep -v "is ignored" || true  # grep -v exits 1 on quiet pip: check the import
+  "$VENV/bin/python" -c "import timm" 2>/dev/null || echo "fvtrust setup: timm not installed (optional)"
   # optional scale-out backend (--ray); a failure leaves the base install intact, and the Makefile's test target
   # then fails the Ray tests instead of skipping them (FVTRUST_REQUIRE_RAY=1)
   "${PIP[@]}" "ray>=2.9" 2>&1 | grep -v "is ignored" || true
