@@ -16,7 +16,8 @@ from fvtrust.models import FvModel, save_model
 from fvtrust.models.hooks import LayerTap
 
 TINY = dict(epochs=2, fit_images=16, batch_size=8, tunnel_batch=4, lr=1e-3, gamma=2.0,
-            transforms="none", on_policy=0.0)  # the paper's recipe; the extensions have their own tests
+            transforms="none", on_policy=0.0, protect_top=0, protect_batch=0,
+            lr_schedule="constant")  # the paper's recipe; the extensions have their own tests
 
 
 def tiny_model(seed=0, dtype=torch.float32):
@@ -273,6 +274,56 @@ def test_resume_by_epoch_is_exact_with_the_extensions(tmp_path):
     assert not torch.equal(paper.net.fc.weight, full.net.fc.weight)  # the extension changes the training
 
 
+def test_resume_is_exact_with_protected_top_images_and_cosine_lr(tmp_path):
+    """The protected pool is fixed by the frozen original, its draws come from (seed, epoch), the lr is a
+    function of the step: resume stays exact, and each extension changes the training."""
+    model, data, t = tiny_model(), tiny_data(), tiny_target()
+    ext = dict(TINY, protect_top=4, protect_batch=3, lr_schedule="cosine")
+    full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(ext, epochs=3))
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted after epoch 1 of 3
+        slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", on_epoch=interrupt,
+                  **dict(ext, epochs=3))
+    resumed = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=3))
+    assert resumed.slingshot_info["resumed_from_epoch"] == 1
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    with pytest.raises(FvtrustError, match="different slingshot run"):  # cosine: the total is part of the run
+        slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=4))
+    paper = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3))
+    for one in (dict(protect_top=4, protect_batch=3), dict(lr_schedule="cosine")):
+        other = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3, **one))
+        assert not torch.equal(paper.net.fc.weight, other.net.fc.weight), one
+
+
+def test_protected_pool_is_the_original_units_top_fit_images(monkeypatch):
+    """With protect_top = all fit images but one, the one left out is the unit's lowest-scoring image: only
+    the other images may join the batches (checked by recording what L_pres sees)."""
+    from fvtrust.fool.slingshot import finetune
+
+    model, t = tiny_model(), tiny_target()
+    x = tiny_data(16)[0]
+    with LayerTap(model, ["fc"]) as tap, torch.no_grad():
+        low = int(tap(x)["fc"][:, 0].argmin())
+    seen = []
+    real = finetune.preservation_loss
+
+    def spy(acts, original, *a, **k):
+        seen.append(original[8:].clone())  # the 8 batch images come first, then the protected draws
+        return real(acts, original, *a, **k)
+
+    monkeypatch.setattr(finetune, "preservation_loss", spy)
+    slingshot(model, "fc", 0, target=t, data=x, **dict(TINY, epochs=2, protect_top=15, protect_batch=8))
+    with LayerTap(model, ["fc"]) as tap, torch.no_grad():
+        low_out = tap(x[low:low + 1])["fc"][0]
+    drawn = torch.cat(seen)
+    assert len(drawn) == 2 * 2 * 8
+    assert not any(torch.allclose(row, low_out) for row in drawn)
+
+
 def test_resume_by_epoch_is_exact(tmp_path):
     model, data, t = tiny_model(), tiny_data(), tiny_target()
     full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(TINY, epochs=3))
@@ -397,6 +448,9 @@ def test_visualize_grad_clip_limits_steps():
     (dict(transforms="wild"), "unknown transforms"),
     (dict(on_policy=1.5), "on_policy"),
     (dict(policy_steps=0), "policy_steps"),
+    (dict(protect_batch=4), "protect_top"),
+    (dict(protect_top=-1), "protect_top"),
+    (dict(lr_schedule="step"), "lr schedule"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)

@@ -40,6 +40,12 @@ _D = SlingshotConfig()
               help="Fine-tuning steps between trajectory refreshes.")
 @click.option("--policy-starts", default=_D.policy_starts, show_default=True, help="Visualizations per refresh.")
 @click.option("--policy-steps", default=_D.policy_steps, show_default=True, help="Steps of each.")
+@click.option("--protect-top", default=_D.protect_top, show_default=True,
+              help="Pool of the original unit's top-scoring fit images that L_pres protects (fvtrust's extension).")
+@click.option("--protect-batch", default=_D.protect_batch, show_default=True,
+              help="Images of that pool added to every natural batch (0 = off, the paper's L_pres).")
+@click.option("--lr-schedule", default=_D.lr_schedule, show_default=True, type=click.Choice(["constant", "cosine"]),
+              help="Fine-tuning lr: constant, or cosine decay to 0 over all steps.")
 @click.option("--steps", default=512, show_default=True, help="Steps of every before/after visualization.")
 @click.option("--seed", default=_D.seed, show_default=True)
 @click.option("--weights", default=None, help="Weights of SPEC: default, random, an enum name or a file.")
@@ -48,7 +54,7 @@ _D = SlingshotConfig()
 def slingshot_command(spec, layer, unit, target, data, class_index, natural_limit, data_dir, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
                       epochs, fit_images,
                       batch_size, tunnel_batch, tunnel_width, transforms, on_policy, policy_every, policy_starts,
-                      policy_steps, steps, seed, weights, device, out):
+                      policy_steps, protect_top, protect_batch, lr_schedule, steps, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/report.json, OUT/figure.png and
@@ -85,6 +91,7 @@ def slingshot_command(spec, layer, unit, target, data, class_index, natural_limi
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
                           tunnel_width=tunnel_width, transforms=transforms, on_policy=on_policy,
                           policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps,
+                          protect_top=protect_top, protect_batch=protect_batch, lr_schedule=lr_schedule,
                           seed=seed).check()
     model = load_model(spec, weights=weights, device=device_of(device))
     unit = check_unit(model, layer, unit)  # every input checked before the long work
