@@ -101,6 +101,14 @@ def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, la
     tun.target = tun.target.double()
     tun.scale = None if tun.scale is None else tun.scale.double()
     x = tun.sample(3, torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss, params = _loss_of_weights(model, layer, lambda forward: manipulation_loss(
+        forward, tun, x, 1, 2.0, variant, relative=relative))
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def _loss_of_weights(model, layer, loss_of_forward):
+    """(loss(*weights), weights): `loss_of_forward(forward)` as a function of the model's weights, for gradcheck;
+    forward(img) returns `layer`'s activations under those weights (torch.func.functional_call)."""
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
     buffers = dict(model.named_buffers())
@@ -117,9 +125,9 @@ def test_manipulation_loss_gradient_matches_finite_differences(variant, kind, la
                 h.remove()
             return store["a"]
 
-        return manipulation_loss(forward, tun, x, 1, 2.0, variant, relative=relative)
+        return loss_of_forward(forward)
 
-    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
+    return loss, params
 
 
 def test_point_transforms_draw_each_point_independently_as_the_visualization_would():
@@ -148,25 +156,8 @@ def test_manipulation_loss_through_transforms_matches_finite_differences():
     tun.target, tun.scale = tun.target.double(), tun.scale.double()
     x = tun.sample(3, torch.Generator().manual_seed(0), dtype=torch.float64)
     spec = T.TransformSpec.standard(8)
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
-    buffers = dict(model.named_buffers())
-
-    def loss(*ps):
-        state = {**dict(zip(names, ps)), **buffers}
-        store = {}
-
-        def forward(img):
-            h = model.get_layer("fc").register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-            try:
-                torch.func.functional_call(model, state, (img,))
-            finally:
-                h.remove()
-            return store["a"]
-
-        tf = PointTransforms(spec, np.random.default_rng(1))  # the same draws at every evaluation
-        return manipulation_loss(forward, tun, x, 1, 2.0, "gradient", transform=tf)
-
+    loss, params = _loss_of_weights(model, "fc", lambda forward: manipulation_loss(  # the same draws every time
+        forward, tun, x, 1, 2.0, "gradient", transform=PointTransforms(spec, np.random.default_rng(1))))
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -260,16 +251,25 @@ def test_on_policy_extension_lowers_the_loss_it_trains_on():
     assert l_manip(new) < 0.98 * l_manip(model)
 
 
+def _full_and_resumed(tmp_path, model, data, target, settings, *, stop_after: int, epochs: int = 3):
+    """(3 epochs in one go, `stop_after` epochs then resumed to 3): the resumed weights must be the same bytes."""
+    full = slingshot(model, "fc", 0, target=target, data=data, checkpoint_dir=tmp_path / "a",
+                     **dict(settings, epochs=epochs))
+    slingshot(model, "fc", 0, target=target, data=data, checkpoint_dir=tmp_path / "b",
+              **dict(settings, epochs=stop_after))
+    resumed = slingshot(model, "fc", 0, target=target, data=data, checkpoint_dir=tmp_path / "b",
+                        **dict(settings, epochs=epochs))
+    assert resumed.slingshot_info["resumed_from_epoch"] == stop_after
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    return full, resumed
+
+
 def test_resume_by_epoch_is_exact_with_the_extensions(tmp_path):
     """The on-policy buffer and transform draws are rebuilt per epoch from (seed, epoch): resume stays exact."""
     model, data, t = tiny_model(), tiny_data(), tiny_target()
     ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3)
-    full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(ext, epochs=3))
-    slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=2))
-    resumed = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(ext, epochs=3))
-    assert resumed.slingshot_info["resumed_from_epoch"] == 2
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
+    full, resumed = _full_and_resumed(tmp_path, model, data, t, ext, stop_after=2)
     paper = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3))
     assert not torch.equal(paper.net.fc.weight, full.net.fc.weight)  # the extension changes the training
 
@@ -326,12 +326,7 @@ def test_protected_pool_is_the_original_units_top_fit_images(monkeypatch):
 
 def test_resume_by_epoch_is_exact(tmp_path):
     model, data, t = tiny_model(), tiny_data(), tiny_target()
-    full = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "a", **dict(TINY, epochs=3))
-    slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=1))
-    resumed = slingshot(model, "fc", 0, target=t, data=data, checkpoint_dir=tmp_path / "b", **dict(TINY, epochs=3))
-    assert resumed.slingshot_info["resumed_from_epoch"] == 1
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
+    full, resumed = _full_and_resumed(tmp_path, model, data, t, TINY, stop_after=1)
     assert [r["loss"] for r in full.slingshot_info["history"]] == [r["loss"] for r in resumed.slingshot_info["history"]]
     assert len(list((tmp_path / "b").glob("epoch-*.safetensors"))) == 1  # only the latest is kept
     with pytest.raises(FvtrustError, match="different slingshot run"):
