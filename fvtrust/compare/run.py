@@ -78,10 +78,7 @@ def compare_methods(model, layer: str, units, *, data=None, data_dir=None, metho
     methods = check_methods(methods)
     if replicates < 1:
         raise FvtrustError(f"replicates must be >= 1, got {replicates}")
-    if isinstance(units, (list, tuple)):
-        units = [int(u) for u in units]
-    else:
-        units = parse_units(units, layer_units(model, layer), layer)
+    units = parse_units(units, layer_units(model, layer), layer)
     from ..models import as_model
 
     model = as_model(model)

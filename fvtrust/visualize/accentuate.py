@@ -75,10 +75,7 @@ def accentuate(model, layer: str, units="all", *, seeds: torch.Tensor | None = N
 
     if weight < 0:
         raise FvtrustError(f"accentuation weight must be >= 0, got {weight}")
-    if isinstance(units, (list, tuple)):
-        units = [int(u) for u in units]
-    else:
-        units = parse_units(units, layer_units(model, layer), layer)
+    units = parse_units(units, layer_units(model, layer), layer)
     origin = "given"
     if seeds is None:
         from ..data import natural

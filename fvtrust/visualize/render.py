@@ -159,13 +159,7 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
 
         param = maco_for(getattr(model, "default_data", None))  # the spectrum of the model's own natural data
     n_units = layer_units(model, layer)
-    if isinstance(units, (list, tuple)) and units and all(isinstance(u, (int, np.integer)) for u in units):
-        bad = [u for u in units if not 0 <= int(u) < n_units]
-        if bad:
-            raise FvtrustError(f"unit {bad[0]} out of range for {layer}: valid units are 0..{n_units - 1}")
-        units = [int(u) for u in units]
-    else:
-        units = parse_units(units, n_units, layer)
+    units = parse_units(units, n_units, layer)
     thresholds = _check_thresholds(thresholds if thresholds is not None else (steps,), steps)
     c = model.input_shape[0]
     if size is None:

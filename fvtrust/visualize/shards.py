@@ -41,13 +41,7 @@ def visualize_sharded(model, layer: str, units="all", *, shard_units: int = SHAR
         raise FvtrustError(f"shard_units must be a positive integer, got {shard_units!r}")
     model = as_model(model)
     n_units = layer_units(model, layer)
-    if isinstance(units, (list, tuple)) and all(isinstance(u, int) for u in units):
-        bad = [u for u in units if not 0 <= u < n_units]
-        if bad:
-            raise FvtrustError(f"unit {bad[0]} out of range for {layer}: valid units are 0..{n_units - 1}")
-        units = list(units)
-    else:
-        units = parse_units(units, n_units, layer)
+    units = parse_units(units, n_units, layer)
     distinct = len(set(units)) == len(units)
     plan = [units[i:i + shard_units] for i in range(0, len(units), shard_units)] if distinct else [units]
     key = fingerprint("visualize-v1", weights_digest(model), layer, alpha,
