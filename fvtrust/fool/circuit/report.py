@@ -62,13 +62,12 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _unit_response(model, images: torch.Tensor, layer: str) -> torch.Tensor:
     """The neuron objective (centre position) of every unit of `layer`: images x units."""
+    from ...linearity import unit_activations
     from ...models.hooks import forward_to
 
     with torch.no_grad():
         y = forward_to(model, images.to(model.device), [layer])[layer]
-    if y.dim() == 4:
-        y = y[:, :, y.shape[2] // 2, y.shape[3] // 2]
-    return y.flatten(2).mean(2).cpu() if y.dim() > 2 else y.cpu()
+    return unit_activations(y, torch.arange(y.shape[1], device=y.device), "neuron").cpu()
 
 
 def natural_test_data(model, natural=None):
