@@ -4,13 +4,33 @@ Fel et al., "Unlocking Feature Visualization for Deeper Networks with
 MAgnitude Constrained Optimization" (NeurIPS 2023). With φ the optimized phase
 (C x H x W//2+1 per image) and M a fixed magnitude spectrum,
 
-    s = irfft2(M · e^{iφ})                      (the real image whose spectrum has magnitude M)
+    ψ = standardize(φ)                          (the authors' code, Horama and xplique, does this)
+    s = irfft2(M · e^{iψ})                      (the real image whose spectrum has magnitude M)
     x = sigmoid(colour(standardize(s)))          (standardize: zero mean, unit std per image)
 
 so the image's energy per frequency stays that of natural images and only
-*where* structure sits is free; colour recorrelation is lucid's matrix for RGB
-(none for grey models). Horama also standardizes φ before use; the paper's
-formula does not, and neither do we (a phase is defined modulo 2π anyway).
+*where* structure sits is free. colour is lucid's recorrelation matrix for RGB.
+For a grey model it is the matrix's luminance weight L = 1/√3 (the mean of its
+first column; the other two columns sum to 0): a grey MACO image is the grey
+(channel mean) of the colour image MACO would make, x = sigmoid(L · standardize(s)),
+so grey and RGB models get the same contrast per channel. Before, grey models
+got sigmoid(standardize(s)), √3 times the per-channel contrast of RGB ones.
+
+**The recipe is part of the method.** MACO was published with its own
+optimization: NAdam at lr 1.0 on the (standardized) phase, and every step the
+objective averaged over 6 random near-full crops of the image plus pixel noise
+(`transforms="maco"`, transforms.CropSpec). :data:`MACO_RECIPE` holds these
+settings; `fvtrust visualize --param maco` and compare-methods use them unless
+told otherwise. Measured on fashion-cnn (README), each of the recipe's parts,
+and the grey luminance, brings fvtrust's MACO closer to how the network
+processes natural images; lucent's transforms at Adam lr 0.05 were the old
+setting.
+
+Standardizing φ matters with that learning rate: an update changes ψ by
+about lr / std(φ), and std(φ) grows as the run goes, so the effective step on
+the image shrinks. A run that starts from given images (`start`) keeps their
+phase unstandardized, since a real image's phase (spread over (-π, π]) is not
+a standardized one and standardizing it would change the start image.
 
 **The spectrum comes from the user's natural data, never a download.** M is
 the mean over natural images (resized to the visualization size) of
@@ -40,6 +60,8 @@ import torch.nn.functional as F
 from ..errors import FvtrustError
 
 DEFAULT_LIMIT = 2000  # natural images averaged for the spectrum (the estimate is stable long before)
+# Fel et al.'s optimization recipe (as in the authors' Horama): NAdam, lr 1.0, 6 crops + noise per step
+MACO_RECIPE = {"optimizer": "nadam", "lr": 1.0, "transforms": "maco"}
 
 
 def standardize(t: torch.Tensor, dims=(1, 2, 3), eps: float = 1e-4) -> torch.Tensor:
@@ -78,13 +100,16 @@ class Maco:
     `param="maco"` in `visualize` uses the model's own default data.
     `magnitude`: a given spectrum (C x H x W//2+1 tensor or a .npy path)
     instead. Spectra are computed once per size and cached.
+    `standardize_phase`: standardize φ before use (the authors' code; the
+    paper's formula omits it). Optimize with :data:`MACO_RECIPE`.
     """
 
     name = "maco"
 
     def __init__(self, data=None, *, magnitude=None, limit: int = DEFAULT_LIMIT, data_dir=None, cache: bool = True,
-                 class_index=None):
+                 class_index=None, standardize_phase: bool = True):
         self.data, self.limit, self.data_dir, self.cache = data, int(limit), data_dir, cache
+        self.standardize_phase = bool(standardize_phase)
         self.class_index = class_index
         if isinstance(magnitude, (str, Path)):
             magnitude = torch.as_tensor(np.load(magnitude), dtype=torch.float32)
@@ -95,7 +120,7 @@ class Maco:
     def __repr__(self):
         src = "given" if self._given is not None else ("tensor" if isinstance(self.data, torch.Tensor)
                                                        else (self.data or "default"))
-        return f"maco(spectrum={src})"
+        return f"maco(spectrum={src}, standardize_phase={self.standardize_phase})"
 
     def _key(self, chw, decorrelate) -> dict:
         return {"source": str(self.data), "limit": self.limit, "chw": list(chw), "decorrelate": bool(decorrelate),
@@ -148,12 +173,12 @@ class Maco:
 
     def make(self, shape, *, decorrelate=True, generators=None, start=None, device=None, sd: float = 1.0):
         """An ImageParam over the phase: random phase N(0, sd²) (Horama), or the phase of `start`."""
-        from .param import ImageParam, _color_matrix, _logit
+        from .param import ImageParam, _logit
 
         n, c, h, w = shape
         device = torch.device(device or "cpu")
         mag = self.magnitude((c, h, w), decorrelate=decorrelate).to(device)
-        color = _color_matrix(c, decorrelate, device)
+        color = maco_color(c, decorrelate, device)
         if start is not None:
             t = _logit(start.to(device=device, dtype=torch.float32))
             if color is not None:
@@ -163,7 +188,8 @@ class Maco:
             gens = generators if generators is not None else [None] * n
             leaf = torch.stack([torch.randn((c, h, w // 2 + 1), generator=g) for g in gens]).to(device) * sd
         leaf.requires_grad_(True)
-        return ImageParam("maco", leaf, (n, c, h, w), decorrelate, scale=mag, color=color)
+        return ImageParam("maco", leaf, (n, c, h, w), decorrelate, scale=mag, color=color,
+                          standardize_phase=self.standardize_phase and start is None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,8 +198,27 @@ def maco_for(default_data: str | None) -> Maco:
     return Maco(data=default_data)
 
 
-def maco_image(phase: torch.Tensor, magnitude: torch.Tensor, hw, color: torch.Tensor | None = None) -> torch.Tensor:
-    """sigmoid(colour(standardize(irfft2(M e^{iφ})))) for a batch of phases (N x C x H x W//2+1)."""
+def luminance_weight() -> float:
+    """The per-channel weight of the luminance axis in lucid's colour matrix (the mean of its first column)."""
+    from .param import COLOR_CORRELATION_NORMALIZED
+
+    return float(COLOR_CORRELATION_NORMALIZED[:, 0].mean())
+
+
+def maco_color(channels: int, decorrelate: bool, device) -> torch.Tensor | None:
+    """MACO's colour step: lucid's matrix for RGB; for grey, the 1 x 1 matrix [luminance weight]."""
+    from .param import _color_matrix
+
+    if decorrelate and channels == 1:
+        return torch.tensor([[luminance_weight()]], device=device)
+    return _color_matrix(channels, decorrelate, device)
+
+
+def maco_image(phase: torch.Tensor, magnitude: torch.Tensor, hw, color: torch.Tensor | None = None,
+               standardize_phase: bool = False) -> torch.Tensor:
+    """sigmoid(colour(standardize(irfft2(M e^{iψ})))), ψ = standardize(φ) or φ, for phases N x C x H x W//2+1."""
+    if standardize_phase:
+        phase = standardize(phase)
     spatial = torch.fft.irfft2(torch.polar(magnitude.expand_as(phase), phase), s=tuple(hw))
     t = standardize(spatial)
     if color is not None:
@@ -193,4 +238,5 @@ def _save_npy(path: Path, array: np.ndarray, key: dict):
     atomic_write_json(path.with_suffix(".json"), key)
 
 
-__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "standardize", "cache_dir"]
+__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "maco_color", "luminance_weight", "standardize",
+           "cache_dir", "MACO_RECIPE"]
