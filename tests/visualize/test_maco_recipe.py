@@ -154,3 +154,26 @@ def test_maco_recipe_is_batch_invariant(random_fashion):
 def test_unknown_optimizer_names_the_choices(random_fashion):
     with pytest.raises(FvtrustError, match="adam, nadam, sgd"):
         visualize(random_fashion, "fc", [0], steps=1, optimizer="rmsprop")
+
+
+def test_cli_param_maco_uses_the_recipe_unless_told_otherwise(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from fvtrust.cli import main
+
+    real = M.Maco
+    monkeypatch.setattr(M, "Maco", lambda data=None, **kw: real(data=torch.rand(8, 1, 28, 28), **kw))
+
+    def settings(*extra):
+        out = tmp_path / f"o{len(extra)}"
+        r = CliRunner().invoke(main, ["visualize", "fashion-cnn", "fc", "--units", "0", "--steps", "2", "--param",
+                                      "maco", "--weights", "random", "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "visualization.json").read_text())["settings"]
+
+    s = settings()
+    assert (s["optimizer"], s["lr"], s["transforms"]["kind"]) == ("nadam", 1.0, "maco-crops")
+    s = settings("--optimizer", "adam", "--lr", "0.05", "--transforms", "standard")
+    assert (s["optimizer"], s["lr"], s["transforms"]["pad"]) == ("adam", 0.05, 2)
