@@ -6,7 +6,7 @@ MAgnitude Constrained Optimization" (NeurIPS 2023). With φ the optimized phase
 
     ψ = standardize(φ)                          (the authors' code, Horama and xplique, does this)
     s = irfft2(M · e^{iψ})                      (the real image whose spectrum has magnitude M)
-    x = sigmoid(colour(standardize(s)))          (standardize: zero mean, unit std per image)
+    x = sigmoid(colour(standardize(s)) + a)      (standardize: zero mean, unit std per image)
 
 so the image's energy per frequency stays that of natural images and only
 *where* structure sits is free. colour is lucid's recorrelation matrix for RGB.
@@ -15,6 +15,19 @@ first column; the other two columns sum to 0): a grey MACO image is the grey
 (channel mean) of the colour image MACO would make, x = sigmoid(L · standardize(s)),
 so grey and RGB models get the same contrast per channel. Before, grey models
 got sigmoid(standardize(s)), √3 times the per-channel contrast of RGB ones.
+
+**The image mean is natural too.** MACO's premise is that the image keeps the
+natural data's statistics and only the phase is free. M is estimated from
+standardized images, so its DC coefficient (the image mean) is ~0, and the
+sigmoid then puts every image's mean at 0.5, whatever the data: a mid-grey
+that suits ImageNet but not objects on black (Fashion-MNIST's mean is 0.28).
+The offset a (per channel) restores the one statistic the template cannot
+carry, from the same natural images M comes from: a solves
+E[sigmoid(a + g·z)] = μ for z ~ N(0, 1) (Gauss-Hermite quadrature), with μ
+the channel's natural mean pixel and g the channel's gain (the norm of its
+row of the colour matrix; the luminance weight for grey). The contrast stays
+the recipe's. `value_mean=None` is the old (and Horama's) a = 0; a given
+`magnitude` without data carries no mean, so it gets a = 0 as well.
 
 **The recipe is part of the method.** MACO was published with its own
 optimization: NAdam at lr 1.0 on the (standardized) phase, and every step the
@@ -62,6 +75,7 @@ import torch.nn.functional as F
 from ..errors import FvtrustError
 
 DEFAULT_LIMIT = 2000  # natural images averaged for the spectrum (the estimate is stable long before)
+CACHE_VERSION = 2  # 2: the natural mean pixel is cached with the spectrum
 # Fel et al.'s optimization recipe (as in the authors' Horama): NAdam, lr 1.0, 6 crops + noise per step
 MACO_RECIPE = {"optimizer": "nadam", "lr": 1.0, "transforms": "maco"}
 
@@ -103,15 +117,23 @@ class Maco:
     `magnitude`: a given spectrum (C x H x W//2+1 tensor or a .npy path)
     instead. Spectra are computed once per size and cached.
     `standardize_phase`: standardize φ before use (the authors' code; the
-    paper's formula omits it). Optimize with :data:`MACO_RECIPE`.
+    paper's formula omits it). `value_mean`: "natural" (the data's mean pixel
+    per channel, cached with the spectrum), a number or per-channel sequence,
+    or None (0.5, the sigmoid's centre). Optimize with :data:`MACO_RECIPE`.
     """
 
     name = "maco"
 
     def __init__(self, data=None, *, magnitude=None, limit: int = DEFAULT_LIMIT, data_dir=None, cache: bool = True,
-                 class_index=None, standardize_phase: bool = True):
+                 class_index=None, standardize_phase: bool = True, value_mean="natural"):
         self.data, self.limit, self.data_dir, self.cache = data, int(limit), data_dir, cache
         self.standardize_phase = bool(standardize_phase)
+        if not (value_mean is None or value_mean == "natural"):
+            v = np.atleast_1d(np.asarray(value_mean, dtype=np.float64))
+            if v.ndim != 1 or not np.all((v > 0) & (v < 1)):
+                raise FvtrustError(f"value_mean must be 'natural', None or means in (0, 1), got {value_mean!r}")
+        self.value_mean = value_mean
+        self._means: dict = {}
         self.class_index = class_index
         if isinstance(magnitude, (str, Path)):
             magnitude = torch.as_tensor(np.load(magnitude), dtype=torch.float32)
@@ -122,11 +144,35 @@ class Maco:
     def __repr__(self):
         src = "given" if self._given is not None else ("tensor" if isinstance(self.data, torch.Tensor)
                                                        else (self.data or "default"))
-        return f"maco(spectrum={src}, standardize_phase={self.standardize_phase})"
+        return (f"maco(spectrum={src}, standardize_phase={self.standardize_phase}, "
+                f"value_mean={self.value_mean if isinstance(self.value_mean, (str, type(None))) else 'given'})")
 
     def _key(self, chw, decorrelate) -> dict:
         return {"source": str(self.data), "limit": self.limit, "chw": list(chw), "decorrelate": bool(decorrelate),
-                "version": 1}
+                "version": CACHE_VERSION}
+
+    def natural_mean(self, chw, *, decorrelate: bool = True) -> torch.Tensor | None:
+        """Per-channel mean pixel of the natural images the spectrum comes from (None for a given spectrum)."""
+        if self._given is not None:
+            return None
+        self.magnitude(chw, decorrelate=decorrelate)
+        return self._means[(tuple(chw), bool(decorrelate))]
+
+    def offsets(self, chw, *, decorrelate: bool = True) -> torch.Tensor:
+        """a per channel: E[sigmoid(a_c + g_c z)] = μ_c, z ~ N(0, 1) (a = 0 where no mean applies)."""
+        c = chw[0]
+        if self.value_mean is None:
+            return torch.zeros(c)
+        if self.value_mean == "natural":
+            mu = self.natural_mean(chw, decorrelate=decorrelate)
+            if mu is None:
+                return torch.zeros(c)
+            mu = mu.double().numpy()
+        else:
+            mu = np.broadcast_to(np.atleast_1d(np.asarray(self.value_mean, dtype=np.float64)), (c,))
+        color = maco_color(c, decorrelate, "cpu")
+        gains = np.ones(c) if color is None else np.linalg.norm(color.double().numpy(), axis=1)
+        return torch.tensor([sigmoid_offset(float(m), float(g)) for m, g in zip(mu, gains)], dtype=torch.float32)
 
     def magnitude(self, chw, *, decorrelate: bool = True) -> torch.Tensor:
         c, h, w = chw
@@ -148,13 +194,15 @@ class Maco:
         color = _color_matrix(c, decorrelate, "cpu")
         if isinstance(self.data, torch.Tensor):
             m = magnitude_spectrum(self.data[: self.limit], (h, w), color=color)
+            mean = self.data[: self.limit].float().mean((0, 2, 3))
             self.provenance = {"source": "tensor", "n": min(len(self.data), self.limit)}
         else:
             key = self._key(chw, decorrelate)
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
             path = cache_dir() / f"{digest}.npy"
-            if self.cache and path.is_file():
+            if self.cache and path.is_file() and path.with_suffix(".json").is_file():
                 m = torch.as_tensor(np.load(path), dtype=torch.float32)
+                mean = torch.tensor(json.loads(path.with_suffix(".json").read_text())["value_mean"])
                 self.provenance = {**key, "cached": str(path)}
             else:
                 from ..data import natural
@@ -167,10 +215,12 @@ class Maco:
                 if x.shape[1] != c:
                     raise FvtrustError(f"natural data {self.data!r} has {x.shape[1]} channels, the images {c}")
                 m = magnitude_spectrum(x, (h, w), color=color)
+                mean = x.float().mean((0, 2, 3))
                 self.provenance = {**key, "n": len(x), "computed": str(path) if self.cache else None}
                 if self.cache:
-                    _save_npy(path, m.numpy(), key)
+                    _save_npy(path, m.numpy(), {**key, "value_mean": mean.tolist()})
         self._spectra[mem_key] = m
+        self._means[mem_key] = mean.float()
         return m
 
     def make(self, shape, *, decorrelate=True, generators=None, start=None, device=None, sd: float = 1.0):
@@ -181,8 +231,9 @@ class Maco:
         device = torch.device(device or "cpu")
         mag = self.magnitude((c, h, w), decorrelate=decorrelate).to(device)
         color = maco_color(c, decorrelate, device)
+        offset = self.offsets((c, h, w), decorrelate=decorrelate).to(device)
         if start is not None:
-            t = _logit(start.to(device=device, dtype=torch.float32))
+            t = _logit(start.to(device=device, dtype=torch.float32)) - offset.view(1, -1, 1, 1)
             if color is not None:
                 t = torch.einsum("nchw,dc->ndhw", t, torch.linalg.inv(color))
             leaf = torch.angle(torch.fft.rfft2(t)).contiguous()
@@ -191,7 +242,7 @@ class Maco:
             leaf = torch.stack([torch.randn((c, h, w // 2 + 1), generator=g) for g in gens]).to(device) * sd
         leaf.requires_grad_(True)
         return ImageParam("maco", leaf, (n, c, h, w), decorrelate, scale=mag, color=color,
-                          standardize_phase=self.standardize_phase and start is None)
+                          standardize_phase=self.standardize_phase and start is None, offset=offset)
 
 
 @functools.lru_cache(maxsize=8)
@@ -216,15 +267,28 @@ def maco_color(channels: int, decorrelate: bool, device) -> torch.Tensor | None:
     return _color_matrix(channels, decorrelate, device)
 
 
+def sigmoid_offset(mean: float, gain: float, nodes: int = 96) -> float:
+    """a with E[sigmoid(a + gain·z)] = mean for z ~ N(0, 1): Gauss-Hermite quadrature, then a root bracket."""
+    from numpy.polynomial.hermite_e import hermegauss
+    from scipy.optimize import brentq
+
+    z, wq = hermegauss(nodes)
+    wq = wq / wq.sum()
+    mean = min(max(mean, 1e-4), 1 - 1e-4)
+    return float(brentq(lambda a: float(wq @ (1 / (1 + np.exp(-(a + gain * z))))) - mean, -30.0, 30.0, xtol=1e-10))
+
+
 def maco_image(phase: torch.Tensor, magnitude: torch.Tensor, hw, color: torch.Tensor | None = None,
-               standardize_phase: bool = False) -> torch.Tensor:
-    """sigmoid(colour(standardize(irfft2(M e^{iψ})))), ψ = standardize(φ) or φ, for phases N x C x H x W//2+1."""
+               standardize_phase: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """sigmoid(colour(standardize(irfft2(M e^{iψ}))) + a), ψ = standardize(φ) or φ, for phases N x C x H x W//2+1."""
     if standardize_phase:
         phase = standardize(phase)
     spatial = torch.fft.irfft2(torch.polar(magnitude.expand_as(phase), phase), s=tuple(hw))
     t = standardize(spatial)
     if color is not None:
         t = torch.einsum("nchw,dc->ndhw", t, color)
+    if offset is not None:
+        t = t + offset.view(1, -1, 1, 1).to(t.dtype)
     return torch.sigmoid(t)
 
 
@@ -240,5 +304,6 @@ def _save_npy(path: Path, array: np.ndarray, key: dict):
     atomic_write_json(path.with_suffix(".json"), key)
 
 
-__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "maco_color", "luminance_weight", "standardize",
+__all__ = ["Maco", "maco_for", "magnitude_spectrum", "maco_image", "maco_color", "luminance_weight", "sigmoid_offset",
+           "standardize",
            "cache_dir", "MACO_RECIPE"]

@@ -177,3 +177,60 @@ def test_cli_param_maco_uses_the_recipe_unless_told_otherwise(tmp_path, monkeypa
     assert (s["optimizer"], s["lr"], s["transforms"]["kind"]) == ("nadam", 1.0, "maco-crops")
     s = settings("--optimizer", "adam", "--lr", "0.05", "--transforms", "standard")
     assert (s["optimizer"], s["lr"], s["transforms"]["pad"]) == ("adam", 0.05, 2)
+
+
+@pytest.mark.parametrize("mean,gain", [(0.284, 0.577), (0.5, 1.0), (0.8, 0.59), (0.05, 2.0)])
+def test_sigmoid_offset_gives_the_natural_mean(mean, gain):
+    """a solves ∫ sigmoid(a + g z) φ(z) dz = μ (checked by adaptive quadrature, not the Gauss-Hermite rule)."""
+    from scipy import integrate, special
+
+    a = M.sigmoid_offset(mean, gain)
+    got, _ = integrate.quad(lambda z: np.exp(-z * z / 2) / np.sqrt(2 * np.pi) * special.expit(a + gain * z),
+                            -np.inf, np.inf)
+    assert got == pytest.approx(mean, abs=1e-8)
+    assert (a == pytest.approx(0.0, abs=1e-9)) == (mean == 0.5)
+
+
+def test_maco_images_take_the_natural_mean_of_their_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
+    data = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) ** 3  # mean 1/4, like dark data
+    spec = M.Maco(data=data)
+    mu = float(data.mean())
+    assert float(spec.natural_mean((1, 16, 16))) == pytest.approx(mu, abs=1e-6)
+    a = float(spec.offsets((1, 16, 16)))
+    assert a == pytest.approx(M.sigmoid_offset(mu, M.luminance_weight()), abs=1e-6)
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    imgs = spec.make((200, 1, 16, 16), generators=gens).image().detach()
+    assert float(imgs.mean()) == pytest.approx(mu, abs=0.01)  # random phases: the natural mean on average
+    old = M.Maco(data=data, value_mean=None).make((200, 1, 16, 16), generators=gens).image().detach()
+    assert float(old.mean()) == pytest.approx(0.5, abs=0.01)
+    # a start image is still reproduced through the offset (inverse: logit − a, then the inverse colour)
+    start = data[:2] * 0.9 + 0.05
+    prm = spec.make((2, 1, 16, 16), start=start)
+    leaf = torch.angle(torch.fft.rfft2((torch.logit(start) - a) / M.luminance_weight()))
+    torch.testing.assert_close(prm.tensor.detach(), leaf, atol=1e-4, rtol=1e-4)
+    assert M.Maco(magnitude=torch.ones(1, 16, 9)).offsets((1, 16, 16)).tolist() == [0.0]  # no data, no mean
+    assert float(M.Maco(data=data, value_mean=0.3).offsets((1, 16, 16))) == pytest.approx(
+        M.sigmoid_offset(0.3, M.luminance_weight()), abs=1e-6)
+    with pytest.raises(FvtrustError, match="value_mean"):
+        M.Maco(data=data, value_mean=1.5)
+
+
+def test_the_natural_mean_is_cached_with_the_spectrum(tmp_path, monkeypatch):
+    monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
+    from fvtrust.data.natural import NaturalData
+    import fvtrust.data
+
+    calls = []
+
+    def fake_natural(source, *, input_shape, data_dir=None, **kw):
+        calls.append(source)
+        x = torch.rand(30, *input_shape, generator=torch.Generator().manual_seed(1)) * 0.5
+        data = NaturalData(torch.utils.data.TensorDataset(x, torch.zeros(30, dtype=torch.long)), str(source))
+        data.parts["fit"] = data.select(range(30), role="fit")
+        return data
+
+    monkeypatch.setattr(fvtrust.data, "natural", fake_natural)
+    first = M.Maco(data="folder", limit=30).natural_mean((1, 10, 10))
+    again = M.Maco(data="folder", limit=30).natural_mean((1, 10, 10))  # from disk
+    assert calls == ["folder"] and float(first) == pytest.approx(float(again)) and 0.2 < float(first) < 0.3
