@@ -1,4 +1,4 @@
-"""MACO's published recipe: standardized phase, grey luminance, Fel et al.'s crops + noise, NAdam.
+"""MACO's published recipe (standardized phase, Fel et al.'s crops + noise, NAdam) and its natural value map.
 
 References are written from the formulas (explicit DFT sums, scipy's bilinear
 sampling), not from the code under test.
@@ -12,10 +12,6 @@ from fvtrust.errors import FvtrustError
 from fvtrust.visualize import transforms as T
 from fvtrust.visualize import visualize
 from fvtrust.visualize import maco as M
-
-# lucid's colour correlation square root, written out (ImageNet)
-LUCID_COLOR = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-
 
 def _real_image_with_spectrum(mag, psi, h, w):
     """s[n] = Re(1/(HW) Σ_k F[k] e^{2πi(ky ny/H + kx nx/W)}), F = M e^{iψ} on the rfft half-plane, Hermitian-completed."""
@@ -32,45 +28,32 @@ def _real_image_with_spectrum(mag, psi, h, w):
     return s / (h * w)
 
 
-def test_grey_luminance_weight_is_the_channel_mean_of_the_colour_image():
-    normalized = LUCID_COLOR / np.linalg.norm(LUCID_COLOR, axis=0).max()
-    lum = normalized[:, 0].mean()
-    assert M.luminance_weight() == pytest.approx(lum, abs=1e-7)
-    assert lum == pytest.approx(1 / np.sqrt(3), abs=1e-3)
-    # the grey (channel mean) of colour(z) is lum * z0: the chroma columns sum to zero
-    z = np.random.default_rng(0).normal(size=(3, 50))
-    np.testing.assert_allclose((normalized @ z).mean(0), lum * z[0], atol=1e-12)
-    grey = M.maco_color(1, True, "cpu")
-    assert grey.shape == (1, 1) and float(grey) == pytest.approx(lum, abs=1e-7)
-    assert M.maco_color(1, False, "cpu") is None  # --no-decorrelate: the plain sigmoid
-
-
 @pytest.mark.parametrize("h,w", [(6, 8), (5, 7)])
-def test_maco_image_with_standardized_phase_and_luminance_matches_the_formula(h, w):
-    """x = sigmoid(L · standardize(irfft2(M e^{iψ}))), ψ = (φ − mean φ) / (std φ + 1e-4) per image."""
+def test_maco_image_with_standardized_phase_and_value_map_matches_the_formula(h, w):
+    """x = sigmoid(a + k · standardize(irfft2(M e^{iψ}))), ψ = (φ − mean φ) / (std φ + 1e-4) per image."""
     rng = np.random.default_rng(3)
     phase = rng.normal(size=(2, 1, h, w // 2 + 1)) * 2.5 + 0.7  # not already standardized
     mag = rng.uniform(0.1, 2.0, size=(1, h, w // 2 + 1))
-    lum = 0.577
-    got = M.maco_image(torch.tensor(phase), torch.tensor(mag), (h, w), torch.tensor([[lum]], dtype=torch.float64),
-                       standardize_phase=True)
+    a, k = -1.3, 2.2
+    got = M.maco_image(torch.tensor(phase), torch.tensor(mag), (h, w), None, standardize_phase=True,
+                       value_map=(torch.tensor([a]), torch.tensor([k])))
     for i in range(2):
         psi = (phase[i] - phase[i].mean()) / (phase[i].std(ddof=1) + 1e-4)
         s = _real_image_with_spectrum(mag[0], psi[0], h, w)
         s = (s - s.mean()) / (s.std(ddof=1) + 1e-4)
-        np.testing.assert_allclose(got[i, 0].numpy(), 1 / (1 + np.exp(-lum * s)), atol=1e-10)
+        np.testing.assert_allclose(got[i, 0].numpy(), 1 / (1 + np.exp(-(a + k * s))), atol=1e-10)
     # without standardization the phase is used as it is (a different image here)
     raw = M.maco_image(torch.tensor(phase), torch.tensor(mag), (h, w), None, standardize_phase=False)
     assert not torch.allclose(raw, got)
 
 
-def test_grey_maco_param_standardizes_its_phase_and_uses_the_luminance():
+def test_maco_param_standardizes_its_phase_unless_told_not_to():
     mag = torch.rand(1, 8, 5) + 0.5
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     prm = M.Maco(magnitude=mag).make((2, 1, 8, 8), decorrelate=True, generators=gens)
-    assert prm.standardize_phase and float(prm.color) == pytest.approx(M.luminance_weight())
+    assert prm.standardize_phase
     old = M.Maco(magnitude=mag, standardize_phase=False).make((2, 1, 8, 8), decorrelate=False, generators=gens)
-    assert not old.standardize_phase and old.color is None
+    assert not old.standardize_phase
     # a start image keeps its own (unstandardized) phase
     start = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.8 + 0.1
     assert not M.Maco(magnitude=mag).make((2, 1, 8, 8), start=start).standardize_phase
@@ -179,44 +162,67 @@ def test_cli_param_maco_uses_the_recipe_unless_told_otherwise(tmp_path, monkeypa
     assert (s["optimizer"], s["lr"], s["transforms"]["pad"]) == ("adam", 0.05, 2)
 
 
-@pytest.mark.parametrize("mean,gain", [(0.284, 0.577), (0.5, 1.0), (0.8, 0.59), (0.05, 2.0)])
-def test_sigmoid_offset_gives_the_natural_mean(mean, gain):
-    """a solves ∫ sigmoid(a + g z) φ(z) dz = μ (checked by adaptive quadrature, not the Gauss-Hermite rule)."""
+def _moments_by_quad(a, b):
     from scipy import integrate, special
 
-    a = M.sigmoid_offset(mean, gain)
-    got, _ = integrate.quad(lambda z: np.exp(-z * z / 2) / np.sqrt(2 * np.pi) * special.expit(a + gain * z),
-                            -np.inf, np.inf)
-    assert got == pytest.approx(mean, abs=1e-8)
-    assert (a == pytest.approx(0.0, abs=1e-9)) == (mean == 0.5)
+    pdf = lambda z: np.exp(-z * z / 2) / np.sqrt(2 * np.pi)  # noqa: E731
+    m1 = integrate.quad(lambda z: pdf(z) * special.expit(a + b * z), -np.inf, np.inf)[0]
+    m2 = integrate.quad(lambda z: pdf(z) * special.expit(a + b * z) ** 2, -np.inf, np.inf)[0]
+    return m1, np.sqrt(m2 - m1 * m1)
 
 
-def test_maco_images_take_the_natural_mean_of_their_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mean,std", [(0.284, 0.321), (0.5, 0.2), (0.8, 0.1), (0.05, 0.15)])
+def test_sigmoid_params_give_the_natural_mean_and_std(mean, std):
+    """(a, b) solve ∫ sigmoid(a + b z) φ(z) dz = μ and the matching std = σ (checked by adaptive quadrature,
+    not the Gauss-Hermite rule the code uses)."""
+    a, b = M.sigmoid_params(mean, std)
+    m, s = _moments_by_quad(a, b)
+    assert m == pytest.approx(mean, abs=1e-5) and s == pytest.approx(std, abs=1e-5)
+    assert b > 0 and (abs(a) < 1e-6) == (mean == 0.5)
+    with pytest.raises(FvtrustError, match="no sigmoid image"):
+        M.sigmoid_params(mean, np.sqrt(mean * (1 - mean)) * 1.01)
+
+
+def test_maco_images_take_the_natural_mean_and_contrast_of_their_data(tmp_path, monkeypatch):
     monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
-    data = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) ** 3  # mean 1/4, like dark data
+    data = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) ** 3  # dark, like objects on black
     spec = M.Maco(data=data)
-    mu = float(data.mean())
-    assert float(spec.natural_mean((1, 16, 16))) == pytest.approx(mu, abs=1e-6)
-    a = float(spec.offsets((1, 16, 16)))
-    assert a == pytest.approx(M.sigmoid_offset(mu, M.luminance_weight()), abs=1e-6)
-    gens = [torch.Generator().manual_seed(i) for i in range(200)]
-    imgs = spec.make((200, 1, 16, 16), generators=gens).image().detach()
-    assert float(imgs.mean()) == pytest.approx(mu, abs=0.01)  # random phases: the natural mean on average
-    old = M.Maco(data=data, value_mean=None).make((200, 1, 16, 16), generators=gens).image().detach()
-    assert float(old.mean()) == pytest.approx(0.5, abs=0.01)
-    # a start image is still reproduced through the offset (inverse: logit − a, then the inverse colour)
+    mu, sd = float(data.mean()), float(data.flatten(1).std(1).mean())
+    got_mu, got_sd = spec.natural_stats((1, 16, 16))
+    assert float(got_mu) == pytest.approx(mu, abs=1e-6) and float(got_sd) == pytest.approx(sd, abs=1e-6)
+    a, k = (float(v) for v in spec.value_map((1, 16, 16)))
+    ref_a, ref_b = M.sigmoid_params(mu, sd)
+    assert (a, k) == (pytest.approx(ref_a, abs=1e-5), pytest.approx(ref_b, abs=1e-5))  # grey: gain 1
+    # uniform random phases make near-Gaussian standardized images: then the natural mean and per-image std
+    phase = (torch.rand(300, 1, 16, 9, generator=torch.Generator().manual_seed(1)) * 2 - 1) * np.pi
+    imgs = M.maco_image(phase, spec.magnitude((1, 16, 16)), (16, 16), value_map=spec.value_map((1, 16, 16)))
+    assert float(imgs.mean()) == pytest.approx(mu, abs=0.01)
+    assert float(imgs.flatten(1).std(1).mean()) == pytest.approx(sd, abs=0.015)
+    plain = M.maco_image(phase, spec.magnitude((1, 16, 16)), (16, 16))
+    assert float(plain.mean()) == pytest.approx(0.5, abs=0.01)
+    # a start image's phase is read through the inverse map: t = (logit(x) − a) / k
     start = data[:2] * 0.9 + 0.05
     prm = spec.make((2, 1, 16, 16), start=start)
-    leaf = torch.angle(torch.fft.rfft2((torch.logit(start) - a) / M.luminance_weight()))
+    leaf = torch.angle(torch.fft.rfft2((torch.logit(start) - a) / k))
     torch.testing.assert_close(prm.tensor.detach(), leaf, atol=1e-4, rtol=1e-4)
-    assert M.Maco(magnitude=torch.ones(1, 16, 9)).offsets((1, 16, 16)).tolist() == [0.0]  # no data, no mean
-    assert float(M.Maco(data=data, value_mean=0.3).offsets((1, 16, 16))) == pytest.approx(
-        M.sigmoid_offset(0.3, M.luminance_weight()), abs=1e-6)
-    with pytest.raises(FvtrustError, match="value_mean"):
-        M.Maco(data=data, value_mean=1.5)
+    # RGB: per channel, k = b / (the channel's row norm in the colour matrix)
+    rgb = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.5, 0.8, 1.0]).view(3, 1, 1)
+    a3, k3 = M.Maco(data=rgb).value_map((3, 8, 8))
+    from fvtrust.visualize.param import COLOR_CORRELATION_NORMALIZED
+
+    rows = np.linalg.norm(COLOR_CORRELATION_NORMALIZED.astype(np.float64), axis=1)
+    for c in range(3):
+        ra, rb = M.sigmoid_params(float(rgb[:, c].mean()), float(rgb[:, c].flatten(1).std(1).mean()))
+        assert float(a3[c]) == pytest.approx(ra, abs=1e-5) and float(k3[c]) == pytest.approx(rb / rows[c], rel=1e-5)
+    assert [v.tolist() for v in M.Maco(magnitude=torch.ones(1, 16, 9)).value_map((1, 16, 16))] == [[0.0], [1.0]]
+    a1, k1 = M.Maco(data=data, value_stats=(0.3, 0.2)).value_map((1, 16, 16))
+    assert (float(a1), float(k1)) == tuple(pytest.approx(v, abs=1e-5) for v in M.sigmoid_params(0.3, 0.2))
+    for bad in [(1.5, 0.1), (0.5, 0.6), "natural-ish"]:
+        with pytest.raises(FvtrustError, match="value_stats"):
+            M.Maco(data=data, value_stats=bad)
 
 
-def test_the_natural_mean_is_cached_with_the_spectrum(tmp_path, monkeypatch):
+def test_the_natural_value_stats_are_cached_with_the_spectrum(tmp_path, monkeypatch):
     monkeypatch.setenv("FVTRUST_CACHE", str(tmp_path))
     from fvtrust.data.natural import NaturalData
     import fvtrust.data
@@ -231,6 +237,8 @@ def test_the_natural_mean_is_cached_with_the_spectrum(tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(fvtrust.data, "natural", fake_natural)
-    first = M.Maco(data="folder", limit=30).natural_mean((1, 10, 10))
-    again = M.Maco(data="folder", limit=30).natural_mean((1, 10, 10))  # from disk
-    assert calls == ["folder"] and float(first) == pytest.approx(float(again)) and 0.2 < float(first) < 0.3
+    first = M.Maco(data="folder", limit=30).natural_stats((1, 10, 10))
+    again = M.Maco(data="folder", limit=30).natural_stats((1, 10, 10))  # from disk
+    assert calls == ["folder"] and 0.2 < float(first[0]) < 0.3 and 0.1 < float(first[1]) < 0.2
+    for f, g in zip(first, again):
+        assert float(f) == pytest.approx(float(g))
