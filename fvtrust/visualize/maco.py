@@ -34,11 +34,11 @@ objective averaged over 6 random near-full crops of the image plus pixel noise
 (`transforms="maco"`, transforms.CropSpec). :data:`MACO_RECIPE` holds these
 settings; `fvtrust visualize --param maco` and compare-methods use them unless
 told otherwise (the old setting was lucent's transforms at Adam lr 0.05).
-Measured on fashion-cnn (README): the crops and the grey luminance each bring
-MACO's images closer to how the network processes natural images, on the last
-and a hidden layer; NAdam with the standardized phase is mixed (within noise).
-The price: the images drive their unit less (activation and class
-faithfulness drop), as Horama's do.
+Measured on fashion-cnn's last and a hidden layer (README): the crops bring
+MACO's images closer to how the network processes natural images; NAdam with
+the standardized phase is mixed (within noise); the natural value statistics
+bring the largest gain, and unlike a lower contrast (what makes Horama's grey
+images score higher) they do so while the images drive their unit more.
 
 Standardizing φ matters with that learning rate: an update changes ψ by
 about lr / std(φ), and std(φ) grows as the run goes, so the effective step on
