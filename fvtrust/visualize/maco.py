@@ -37,8 +37,10 @@ told otherwise (the old setting was lucent's transforms at Adam lr 0.05).
 Measured on fashion-cnn's last and a hidden layer (README): the crops bring
 MACO's images closer to how the network processes natural images; NAdam with
 the standardized phase is mixed (within noise); the natural value statistics
-bring the largest gain, and unlike a lower contrast (what makes Horama's grey
-images score higher) they do so while the images drive their unit more.
+bring the largest gain, and unlike a lower contrast (part of what makes
+Horama's grey images score higher) they do so while the images drive their
+unit more. In Python, pass ``**MACO_RECIPE`` to `visualize` (its defaults are
+lucent's).
 
 Standardizing φ matters with that learning rate: an update changes ψ by
 about lr / std(φ), and std(φ) grows as the run goes, so the effective step on
