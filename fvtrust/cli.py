@@ -166,8 +166,12 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @click.option("--redirect-steps", default=16, show_default=True)
 @click.option("--alpha", is_flag=True, help="Also write transparency masks (accumulated |d objective / d image|).")
 @click.option("--no-decorrelate", is_flag=True, help="Skip colour decorrelation.")
-@click.option("--transforms", default="standard", show_default=True, type=click.Choice(["standard", "none"]))
-@click.option("--lr", default=0.05, show_default=True)
+@click.option("--transforms", default=None, type=click.Choice(["standard", "maco", "none"]),
+              help="Random transforms: standard (lucent's; the default), maco (Fel et al.'s 6 crops + noise per "
+              "step; the default with --param maco), none.")
+@click.option("--lr", default=None, type=float, help="Learning rate (default 0.05; 1.0 with --param maco, MACO's recipe).")
+@click.option("--optimizer", default=None, type=click.Choice(["adam", "nadam", "sgd"]),
+              help="Default adam; nadam with --param maco (MACO's recipe).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shared-start", is_flag=True, help="Start every unit from the same noise (compare units fairly).")
 @click.option("--chunk-size", default=None, type=int, help="Images per optimization batch (default: automatic).")
@@ -180,7 +184,7 @@ def train_default_cmd(out, data_dir, epochs, seed):
 @device_option
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data, relu, redirect_steps, alpha,
-                  no_decorrelate, transforms, lr, seed, shared_start, chunk_size, no_fast, precision, shard_units,
+                  no_decorrelate, transforms, lr, optimizer, seed, shared_start, chunk_size, no_fast, precision, shard_units,
                   weights, device, out):
     """Visualize UNITS of LAYER: PNGs per unit and threshold, a grid, visualization.json."""
     from .models import load_model
@@ -189,12 +193,17 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data,
 
     model = load_model(spec, weights=weights, device=_device(device))
     th = _parse_ints(thresholds, "thresholds") if thresholds else None
+    recipe = {"transforms": "standard", "lr": 0.05, "optimizer": "adam"}
     if param == "maco":
-        from .visualize.maco import Maco
+        from .visualize.maco import MACO_RECIPE, Maco
 
         param = Maco(data=data if data is not None else getattr(model, "default_data", None))
+        recipe = dict(MACO_RECIPE)  # the method's published optimization, unless an option overrides a part
+    transforms = transforms or recipe["transforms"]
+    lr = recipe["lr"] if lr is None else lr
+    optimizer = optimizer or recipe["optimizer"]
     options = dict(steps=steps, thresholds=th, objective=objective, param=param, decorrelate=not no_decorrelate,
-                   transforms=transforms, lr=lr, seed=seed, chunk_size=chunk_size, shared_start=shared_start,
+                   transforms=transforms, lr=lr, optimizer=optimizer, seed=seed, chunk_size=chunk_size, shared_start=shared_start,
                    fast=not no_fast, relu=relu, redirect_steps=redirect_steps, precision=precision)
     from .scale import current
 

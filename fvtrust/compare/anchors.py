@@ -13,7 +13,9 @@ How they are run, and why:
   magnitude spectrum fvtrust estimated from the same natural data (grey,
   repeated over Horama's three colour channels), so both MACOs use the same
   spectrum. Horama always makes RGB images; the model sees their channel mean
-  (its grey input). At the model's own size we use near-full crops
+  (its grey input), which has 1/√3 of the per-channel contrast (the luminance
+  weight of the colour matrix). Horama keeps the plain sigmoid (mean 0.5);
+  fvtrust's MACO takes the natural mean and contrast (maco.py). At the model's own size we use near-full crops
   (``box_size=(0.9, 1.0)``; Horama's default 0.2-0.25 is for 1280-px canvases
   with 224-px crops), its 6 crops per step, noise 0.05, NAdam lr 1.0, and
   ``values_range=(0, 1)`` (our models take [0, 1] images).

@@ -5,14 +5,17 @@
 * ``pixel``: the same transforms on a sigmoid-pixel parameterization (no
   frequency preconditioning): the baseline every FV paper improves on.
 * ``maco``: phase-only optimization with the natural magnitude spectrum of
-  the data's fit part (Fel et al. 2023), with its transparency mask.
+  the data's fit part (Fel et al. 2023), with its transparency mask, run
+  with the method's own published recipe (``maco.MACO_RECIPE``: NAdam at lr
+  1.0, 6 random crops plus noise per step), not the shared lr and lucent
+  transforms: the recipe is part of the method, as it is for Horama's anchor.
 * ``accentuation``: from each unit's r-th most activating natural image (fit
   part) with the layer-proximity penalty (Hamblin et al. 2024).
 * ``redirect``: lucent-standard with lucid's redirected ReLU gradient for the
   first 16 steps.
 
-Every method gets the same units, steps, learning rate, objective and
-replicate seeds; `objective` in a :class:`MethodRun` is the unit's own
+Every method gets the same units, steps, objective and replicate seeds, and
+(all but maco) the same learning rate; `objective` in a :class:`MethodRun` is the unit's own
 objective on the final clean image (accentuation's penalty excluded), so the
 numbers compare.
 """
@@ -27,7 +30,7 @@ from ..errors import FvtrustError
 from ..visualize import visualize
 from ..visualize.accentuate import accentuate, top_seeds
 from ..visualize.alpha import visualize_transparent
-from ..visualize.maco import Maco
+from ..visualize.maco import MACO_RECIPE, Maco
 from ..visualize.objectives import make_objective
 
 METHODS = ("lucent-standard", "pixel", "maco", "accentuation", "redirect")
@@ -86,7 +89,7 @@ def run_method(name: str, model, layer: str, units, *, replicates: int, steps: i
     elif name == "redirect":
         res = visualize(model, layer, rep, param="fft", relu="redirect", redirect_steps=redirect_steps, **kw)
     elif name == "maco":
-        res = visualize_transparent(model, layer, rep, param=spectrum, **kw)
+        res = visualize_transparent(model, layer, rep, param=spectrum, **{**kw, **MACO_RECIPE})
         alpha = res.alpha.view(len(units), replicates, *res.alpha.shape[1:])
         extra["spectrum"] = spectrum.provenance
     elif name == "accentuation":

@@ -54,6 +54,8 @@ class ImageParam:
     decorrelate: bool
     scale: torch.Tensor | None = None
     color: torch.Tensor | None = None
+    standardize_phase: bool = False  # maco only: standardize the phase before use (maco.py)
+    value_map: tuple | None = None  # maco only: per-channel (a, k) of sigmoid(a + k·t), the natural statistics
 
     def image(self) -> torch.Tensor:
         n, c, h, w = self.shape
@@ -63,7 +65,7 @@ class ImageParam:
         if self.kind == "maco":
             from .maco import maco_image
 
-            return maco_image(t, self.scale, (h, w), self.color)
+            return maco_image(t, self.scale, (h, w), self.color, self.standardize_phase, self.value_map)
         if self.kind == "fft":
             spec = torch.view_as_complex(t) * self.scale
             t = torch.fft.irfftn(spec, s=(h, w), norm="ortho") / FFT_MAGIC

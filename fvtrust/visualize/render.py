@@ -72,10 +72,10 @@ def _check_thresholds(thresholds, steps) -> tuple:
     return th
 
 
-def _auto_chunk(model, n_images: int, shape, record: bool) -> int:
-    """Images per chunk: bounded by free GPU memory, or a CPU budget of ~4 GB."""
+def _auto_chunk(model, n_images: int, shape, record: bool, views: int = 1) -> int:
+    """Images per chunk: bounded by free GPU memory, or a CPU budget of ~4 GB (`views` model inputs per image)."""
     c, h, w = shape
-    per_image = 4 * c * h * w * 200  # rough: activations saved for backward, dominated by early layers
+    per_image = 4 * c * h * w * 200 * views  # rough: activations saved for backward, dominated by early layers
     if hasattr(model, "input_shape") and model.input_shape[-1] >= 128:
         per_image *= 4
     if model.device.type == "cuda":
@@ -89,6 +89,8 @@ def _auto_chunk(model, n_images: int, shape, record: bool) -> int:
 
 
 PRECISIONS = ("fp32", "bf16")
+# nadam: Fel et al.'s MACO recipe (Horama, xplique) optimizes the phase with NAdam at lr 1.0
+OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam, "sgd": torch.optim.SGD}
 
 
 def _check_precision(precision: str) -> str:
@@ -174,8 +176,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     tspec = T.resolve_transforms(transforms, hw[0])
     crop = model_hw if tspec is not None else None  # without transforms the image goes in as it is
     obj = make_objective(objective, layer, directions=directions)
-    if optimizer not in ("adam", "sgd"):
-        raise FvtrustError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    if optimizer not in OPTIMIZERS:
+        raise FvtrustError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     check_learning_rate(lr)
     n = len(units)
     if start is not None and tuple(start.shape) != (n, c, *hw):
@@ -183,7 +185,8 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     if reference is not None and tuple(reference.shape) != (n, c, *hw):
         raise FvtrustError(f"reference must have shape {(n, c, *hw)}, got {tuple(reference.shape)}")
     record_images = record_gradients if record_images is None else record_images
-    chunk = chunk_size or _auto_chunk(model, n, (c, *hw), record_gradients or record_images)
+    chunk = chunk_size or _auto_chunk(model, n, (c, *hw), record_gradients or record_images,
+                                      getattr(tspec, "views", 1))
 
     device = model.device
     keys = []
@@ -280,10 +283,11 @@ class _Run:
         n, device = len(units), self.model.device
         prm = make_param(self.param, (n, *self.chw), decorrelate=self.decorrelate,
                          generators=seed_generators(self.seed, keys), start=start, device=device)
-        opt = (torch.optim.Adam([prm.tensor], lr=self.lr) if self.optimizer == "adam"
-               else torch.optim.SGD([prm.tensor], lr=self.lr))
+        opt = OPTIMIZERS[self.optimizer]([prm.tensor], lr=self.lr)
         rng = np.random.default_rng(self.seed)  # transform draws: shared by the batch and by every chunk
         u_t = torch.as_tensor(units, device=device)
+        views = getattr(self.tspec, "views", 1)  # model inputs per image and step (MACO's crops: several)
+        u_views, g_views = u_t.repeat_interleave(views), groups.repeat_interleave(views)
         want_img_grad = self.grads is not None or self.on_step is not None
         t_index = {t: i for i, t in enumerate(self.thresholds)}
         with LayerTap(self.model, list(self.obj.layers)) as tap:
@@ -300,7 +304,9 @@ class _Run:
                     x_ref = None if x_ref is None else x_ref.contiguous(memory_format=torch.channels_last)
                 with _forward_precision(self.precision, device):
                     acts = self._acts(tap, x, x_ref)
-                value = self.obj(_as_float(acts), u_t, groups)
+                value = self.obj(_as_float(acts), u_views, g_views)
+                if views > 1:
+                    value = value.view(n, views).mean(1)  # the objective of an image: the mean over its views
                 grads = torch.autograd.grad(-value.sum(), [prm.tensor, img] if want_img_grad else [prm.tensor])
                 if self.traj is not None:
                     self.traj[step - 1, sl] = img.detach().cpu()

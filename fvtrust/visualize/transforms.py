@@ -19,6 +19,11 @@ max(2, round(4 s / 224)); scales and angles are unchanged. At 28 px that is
 pad 2, jitter 2, jitter 2.
 
 As in lucent, one random draw per step is shared by the whole batch.
+
+`transforms="maco"` is instead Fel et al.'s MACO augmentation (:class:`CropSpec`):
+each step shows the model `crops` random square crops of every image plus pixel
+noise and averages the objective over them, the published recipe that
+MACO's phase-only parameterization was designed with (see maco.py).
 """
 from __future__ import annotations
 
@@ -55,21 +60,67 @@ class TransformSpec:
         r = size / 224.0
         return cls(pad=max(1, round(12 * r)), jitter1=max(2, round(8 * r)), jitter2=max(2, round(4 * r)))
 
+    views = 1  # images the model sees per visualized image and step
+
     def to_dict(self):
         return {"pad": self.pad, "pad_value": self.pad_value, "jitter1": self.jitter1,
                 "scales": list(self.scales) if self.scales else None,
                 "angles": list(self.angles) if self.angles else None, "jitter2": self.jitter2, "crop": self.crop}
 
 
-def resolve_transforms(transforms, size: int) -> TransformSpec | None:
-    """'standard' | 'none' | None | TransformSpec -> TransformSpec or None (identity)."""
+@dataclass
+class CropSpec:
+    """Fel et al.'s MACO augmentation: several random square crops per image and step, plus noise.
+
+    Each of the `crops` views is a square of side d·S (S the image side, d
+    uniform in `box`) centred at (0.5 + N(0, centre_sd²)) · S per axis,
+    resampled bilinearly to the model's input size with zeros outside the
+    image, plus N(0, noise²) + U(-noise/2, noise/2) per pixel. The model sees
+    all views in one batch and the objective is their mean. `box=(1.0, 1.1)`
+    is what Horama 0.3.0's `maco` draws when asked for (0.9, 1.0), the box
+    range fvtrust's anchor gives it at a model's own size (Horama's
+    `delta = U·(hi - lo) + hi`): both MACOs see the same crops.
+    One draw per step is shared by the whole batch (as lucent's transforms),
+    so an image's crops do not depend on its batch.
+    """
+
+    crops: int = 6
+    box: tuple = (1.0, 1.1)
+    centre_sd: float = 0.15
+    noise: float = 0.05
+
+    @property
+    def views(self) -> int:
+        return self.crops
+
+    def to_dict(self):
+        return {"kind": "maco-crops", "crops": self.crops, "box": list(self.box), "centre_sd": self.centre_sd,
+                "noise": self.noise}
+
+
+@dataclass
+class CropDraw:
+    """One step's crops (shared by the batch): centres (K x 2, x then y, image fractions), sides (K), noise seed."""
+
+    centres: np.ndarray
+    sides: np.ndarray
+    noise_seed: int
+
+
+TRANSFORMS = ("standard", "maco", "none")
+
+
+def resolve_transforms(transforms, size: int):
+    """'standard' | 'maco' | 'none' | None | TransformSpec | CropSpec -> a spec or None (identity)."""
     if transforms is None or transforms is False or transforms == "none":
         return None
-    if isinstance(transforms, TransformSpec):
+    if isinstance(transforms, (TransformSpec, CropSpec)):
         return transforms
     if transforms == "standard":
         return TransformSpec.standard(size)
-    raise FvtrustError(f"unknown transforms {transforms!r}; choose standard or none")
+    if transforms == "maco":
+        return CropSpec()
+    raise FvtrustError(f"unknown transforms {transforms!r}; choose one of: {', '.join(TRANSFORMS)}")
 
 
 @dataclass
@@ -82,7 +133,13 @@ class Draw:
     o2: tuple  # jitter 2 translation (dy, dx)
 
 
-def draw(spec: TransformSpec, rng: np.random.Generator) -> Draw:
+def draw(spec, rng: np.random.Generator):
+    if isinstance(spec, CropSpec):
+        k = spec.crops
+        centres = 0.5 + rng.standard_normal((k, 2)) * spec.centre_sd
+        sides = spec.box[0] + rng.random(k) * (spec.box[1] - spec.box[0])
+        return CropDraw(centres, sides, int(rng.integers(2**62)))
+
     def jit(d):
         return (int(rng.integers(d)), int(rng.integers(d))) if d else (0, 0)
 
@@ -127,10 +184,41 @@ def sampling_grid(spec: TransformSpec, d: Draw, in_hw, out_hw, device, dtype=tor
     return torch.stack([gx, gy], dim=-1)[None].to(dtype)
 
 
-def apply(images: torch.Tensor, spec: TransformSpec | None, d: Draw | None, out_hw=None) -> torch.Tensor:
-    """Pad with `pad_value`, then one bilinear resampling through the composed map."""
+def crop_theta(d: CropDraw) -> torch.Tensor:
+    """K x 2 x 3 affine maps (align_corners=False units) from crop coordinates to image coordinates.
+
+    A crop of side s (image fraction) centred at c maps output coordinate
+    u in [-1, 1] to input coordinate (2c - 1) + s·u.
+    """
+    k = len(d.sides)
+    theta = torch.zeros(k, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(d.sides)
+    theta[:, :, 2] = torch.as_tensor(2 * d.centres - 1)
+    return theta
+
+
+def apply_crops(images: torch.Tensor, spec: CropSpec, d: CropDraw, out_hw=None) -> torch.Tensor:
+    """N x C x H x W -> (N·K) x C x Ho x Wo: image i's K crops are rows i·K .. i·K + K - 1."""
+    n, c, h, w = images.shape
+    k = spec.crops
+    oh, ow = tuple(out_hw or (h, w))
+    grid = F.affine_grid(crop_theta(d).to(images.dtype), [k, c, oh, ow], align_corners=False).to(images.device)
+    x = F.grid_sample(images.repeat_interleave(k, 0), grid.repeat(n, 1, 1, 1), mode="bilinear",
+                      padding_mode="zeros", align_corners=False)
+    if spec.noise:
+        g = torch.Generator().manual_seed(d.noise_seed)
+        noise = (torch.randn((k, c, oh, ow), generator=g) * spec.noise
+                 + (torch.rand((k, c, oh, ow), generator=g) - 0.5) * spec.noise)
+        x = x + noise.to(device=images.device, dtype=images.dtype).repeat(n, 1, 1, 1)
+    return x
+
+
+def apply(images: torch.Tensor, spec, d, out_hw=None) -> torch.Tensor:
+    """Pad with `pad_value`, then one bilinear resampling through the composed map (CropSpec: `apply_crops`)."""
     if spec is None:
         return images
+    if isinstance(spec, CropSpec):
+        return apply_crops(images, spec, d, out_hw)
     n, c, h, w = images.shape
     out_hw = tuple(spec.crop or out_hw or (h, w))
     padded = F.pad(images, [spec.pad] * 4, value=spec.pad_value) if spec.pad else images

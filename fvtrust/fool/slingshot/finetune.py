@@ -256,6 +256,8 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
     device = model.device
     tunnel = Tunnel.build(target_image, cfg.param, width=cfg.tunnel_width).to(device)
     tspec = T.resolve_transforms(cfg.transforms, int(model.input_shape[1]))
+    if isinstance(tspec, T.CropSpec):
+        raise FvtrustError("the slingshot's L_manip takes standard or no transforms, not MACO's crops")
 
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
