@@ -193,17 +193,13 @@ def visualize_cmd(spec, layer, units, steps, thresholds, objective, param, data,
 
     model = load_model(spec, weights=weights, device=_device(device))
     th = _parse_ints(thresholds, "thresholds") if thresholds else None
-    recipe = {"transforms": "standard", "lr": 0.05, "optimizer": "adam"}
-    if param == "maco":
-        from .visualize.maco import MACO_RECIPE, Maco
+    if param == "maco":  # the spectrum of the user's --data (else the model's own natural data)
+        from .visualize.maco import Maco
 
         param = Maco(data=data if data is not None else getattr(model, "default_data", None))
-        recipe = dict(MACO_RECIPE)  # the method's published optimization, unless an option overrides a part
-    transforms = transforms or recipe["transforms"]
-    lr = recipe["lr"] if lr is None else lr
-    optimizer = optimizer or recipe["optimizer"]
+    # transforms / lr / optimizer left unset take the parameterization's recipe (visualize.recipe_for)
     options = dict(steps=steps, thresholds=th, objective=objective, param=param, decorrelate=not no_decorrelate,
-                   transforms=transforms, lr=lr, optimizer=optimizer, seed=seed, chunk_size=chunk_size, shared_start=shared_start,
+                   transforms=transforms or "auto", lr=lr, optimizer=optimizer, seed=seed, chunk_size=chunk_size, shared_start=shared_start,
                    fast=not no_fast, relu=relu, redirect_steps=redirect_steps, precision=precision)
     from .scale import current
 

@@ -39,8 +39,9 @@ MACO's images closer to how the network processes natural images; NAdam with
 the standardized phase is mixed (within noise); the natural value statistics
 bring the largest gain, and unlike a lower contrast (part of what makes
 Horama's grey images score higher) they do so while the images drive their
-unit more. In Python, pass ``**MACO_RECIPE`` to `visualize` (its defaults are
-lucent's).
+unit more. `visualize(param=Maco(...))` or `param="maco"` uses the recipe by
+itself, as the CLI does (`render.recipe_for`); an explicit `optimizer`, `lr` or
+`transforms` overrides its part.
 
 Standardizing φ matters with that learning rate: an update changes ψ by
 about lr / std(φ), and std(φ) grows as the run goes, so the effective step on
@@ -120,8 +121,11 @@ class Maco:
     `standardize_phase`: standardize φ before use (the authors' code; the
     paper's formula omits it). `value_stats`: "natural" (the data's mean pixel
     and per-image std per channel, cached with the spectrum), a (mean, std)
-    pair, or None (the plain sigmoid). Optimize with :data:`MACO_RECIPE`.
+    pair, or None (the plain sigmoid). `visualize` optimizes it with
+    :data:`MACO_RECIPE` (its `recipe`) unless told otherwise.
     """
+
+    recipe = MACO_RECIPE  # read by visualize.render.recipe_for
 
     name = "maco"
 

@@ -118,9 +118,27 @@ def _nhwc_pays(device, hw) -> bool:
     return device.type == "cpu" and min(hw) >= 64
 
 
+LUCENT_RECIPE = {"optimizer": "adam", "lr": 0.05, "transforms": "standard"}
+
+
+def recipe_for(param) -> dict:
+    """The optimizer, learning rate and transforms a parameterization is published with.
+
+    A parameterization object may declare its own as a ``recipe`` attribute
+    (:class:`~fvtrust.visualize.maco.Maco` has MACO's,
+    :data:`~fvtrust.visualize.maco.MACO_RECIPE`), as may ``"maco"``; fft, pixel,
+    raw and other parameterizations get lucent's ``render_vis`` settings.
+    """
+    from .maco import MACO_RECIPE
+
+    if isinstance(param, str):
+        return dict(MACO_RECIPE if param == "maco" else LUCENT_RECIPE)
+    return dict(getattr(param, "recipe", None) or LUCENT_RECIPE)
+
+
 def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=None, size=None,
-              param: str = "fft", decorrelate: bool = True, transforms="standard", objective="neuron",
-              lr: float = 0.05, optimizer: str = "adam", seed: int = 0, start: torch.Tensor | None = None,
+              param: str = "fft", decorrelate: bool = True, transforms="auto", objective="neuron",
+              lr: float | None = None, optimizer: str | None = None, seed: int = 0, start: torch.Tensor | None = None,
               record_gradients: bool = False, record_images: bool | None = None, chunk_size: int | None = None,
               directions=None, groups=None, on_step=None, progress_desc: str | None = None,
               shared_start: bool = False, fast: bool = True, grad_clip: float | None = None, relu: str = "standard",
@@ -147,7 +165,19 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     proximity term, accentuate.py). `precision="bf16"` runs the optimization's forward and backward
     under bfloat16 autocast (see benchmarks/bench_visualize.py for its speed and quality
     against fp32, the default).
+
+    `transforms="auto"` and `lr` / `optimizer` left at None take the parameterization's
+    published recipe (:func:`recipe_for`): Fel et al.'s for MACO (6 crops + noise,
+    NAdam at lr 1.0), lucent's for everything else (standard transforms, Adam at
+    lr 0.05). A MACO image optimized with lucent's recipe is a different method,
+    and it scores worse on the sanity check (README, methods), so `param="maco"`
+    alone has to mean MACO; any of the three given explicitly overrides its part
+    (`transforms=None` or `"none"` is no transforms).
     """
+    recipe = recipe_for(param)
+    transforms = recipe["transforms"] if isinstance(transforms, str) and transforms == "auto" else transforms
+    lr = recipe["lr"] if lr is None else lr
+    optimizer = recipe["optimizer"] if optimizer is None else optimizer
     if grad_clip is not None and not grad_clip > 0:
         raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
     from ..models import as_model

@@ -134,6 +134,23 @@ def test_maco_recipe_is_batch_invariant(random_fashion):
     assert both.settings["optimizer"] == "nadam" and both.settings["transforms"]["kind"] == "maco-crops"
 
 
+def test_python_param_maco_takes_the_recipe_like_the_cli(random_fashion):
+    """visualize(param=Maco) alone is MACO's recipe (as `fvtrust visualize --param maco`); explicit settings
+    override a part of it, fft keeps lucent's, and transforms=None stays "no transforms"."""
+    spec = M.Maco(data=torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    plain = visualize(random_fashion, "fc", [0, 3], steps=3, param=spec)
+    recipe = visualize(random_fashion, "fc", [0, 3], steps=3, param=spec, **M.MACO_RECIPE)
+    torch.testing.assert_close(plain.images, recipe.images, atol=0, rtol=0)
+    assert (plain.settings["optimizer"], plain.settings["lr"]) == ("nadam", 1.0)
+    lucent = visualize(random_fashion, "fc", [0, 3], steps=3, param=spec, optimizer="adam", lr=0.05,
+                       transforms="standard")
+    assert not torch.allclose(lucent.images, plain.images)
+    fft = visualize(random_fashion, "fc", [0], steps=2)
+    assert (fft.settings["optimizer"], fft.settings["lr"], fft.settings["transforms"]["pad"]) == ("adam", 0.05, 2)
+    bare = visualize(random_fashion, "fc", [0], steps=2, param=spec, transforms=None)
+    assert bare.settings["transforms"] is None
+
+
 def test_unknown_optimizer_names_the_choices(random_fashion):
     with pytest.raises(FvtrustError, match="adam, nadam, sgd"):
         visualize(random_fashion, "fc", [0], steps=1, optimizer="rmsprop")
