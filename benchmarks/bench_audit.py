@@ -168,6 +168,45 @@ def slingshot_took(model, result) -> dict:
             "history_last": info["history"][-1] if info["history"] else None}
 
 
+def calibrate(data, threads_note: str) -> dict:
+    """start_gap on the clean calibration set (trained and random-init fashion-cnn; fc, block3, block4; all units):
+    the values its fixed threshold was derived from (START_GAP_THRESHOLD's docstring gives the principle)."""
+    from fvtrust.audit.core import AuditSettings, START_GAP_THRESHOLD, start_signal
+    from fvtrust.audit.probes import probe
+    from fvtrust.linearity.top_activating import top_activating_many
+    from fvtrust.models.layers import parse_units
+
+    st = AuditSettings()
+    out = {}
+    for weights in ("trained", "random"):
+        model = fvtrust.load_model("fashion-cnn") if weights == "trained" else fvtrust.load_model(
+            "fashion-cnn", weights="random")
+        for layer in ("fc", "block3", "block4"):
+            n = model.get_layer(layer).out_features if layer == "fc" else model.get_layer(layer).conv.out_channels
+            units = parse_units("all", n, layer)
+            top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
+                                      batch_size=st.batch_size)
+            imgs = data[top.indices]
+            u_t = torch.as_tensor(units)
+            pr = probe(model, layer, imgs.flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True)
+            sg = start_signal(model, layer, units, pr.image_grad.reshape(len(units), st.top_k, -1),
+                              pairs=st.start_pairs, seed=st.seed)
+            v = sg["gap"].double().numpy()
+            ok = np.isfinite(v)
+            row = {"units": len(v), "defined": int(ok.sum()), "max": float(v[ok].max()),
+                   "p99": float(np.quantile(v[ok], 0.99)), "median": float(np.median(v[ok])),
+                   "argmax": int(units[int(np.nanargmax(v))]), "above_threshold": int((v[ok] >= START_GAP_THRESHOLD).sum())}
+            out[f"{weights}/{layer}"] = row
+            print(f"  {weights:7s} {layer:6s} units {row['units']:4d} (defined {row['defined']}): start_gap max "
+                  f"{row['max']:.3f} (unit {row['argmax']}), p99 {row['p99']:.3f}, median {row['median']:.3f}; "
+                  f">= threshold {START_GAP_THRESHOLD}: {row['above_threshold']}", flush=True)
+    top = max(r["max"] for r in out.values())
+    rule = float(np.ceil(1.25 * top / 0.05 - 1e-9) * 0.05)
+    print(f"  largest clean value {top:.3f}; the principle (1.25x, rounded up to 0.05) gives {rule:.2f}; "
+          f"the committed threshold is {START_GAP_THRESHOLD}", flush=True)
+    return {"layers": out, "largest": top, "rule_gives": rule, "threshold": START_GAP_THRESHOLD}
+
+
 def timing(model, data, repeats: int, steps: int) -> dict:
     """The 128-unit block4 audit vs a plain visualization of the same units (same settings), `repeats` times."""
     from fvtrust.visualize import visualize
@@ -193,7 +232,8 @@ def main():
     ap.add_argument("--cache", default=".bench_cache/audit", type=Path)
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
-    ap.add_argument("--only", default="attacks,clean,timing")
+    ap.add_argument("--only", default="attacks,clean,timing",
+                    help="Comma-separated: attacks, clean, timing, calibrate (start_gap on clean models only).")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
@@ -278,6 +318,9 @@ def main():
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
                   + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
+    if "calibrate" in only:
+        print("calibration of start_gap's threshold on clean models (trained and random-init fashion-cnn):")
+        out["calibrate"] = calibrate(data, "")
     if "timing" in only:
         print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
         out["timing"] = timing(model, data, args.repeats, args.steps or 128)
