@@ -16,6 +16,10 @@ modules, class names or metadata — only forward and backward passes):
 4. walk straight paths from `path_starts` top natural images to the
    visualization and compare the unit's change with what its gradient
    predicts → `path_jump`;
+   and compare the unit at the visualization's own start images with
+   starts of 10x / 30x the noise, scaled by its steepness on its natural
+   images → `start_gap` (a tunnel built for the start distribution, as a
+   gradient slingshot digs it, leaves the start in a trench);
 5. map each signal to evidence in [0, 1] (0.5 at its fixed threshold),
    score = max evidence, flagged = score ≥ 0.5; the layer is `suspicious`
    when any unit is flagged.
