@@ -8,8 +8,8 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
 * silent-unit:         silent units on `block3`, 16 other random units, target `unit:N` (N untouched);
 * slingshot-*:         gradient slingshots (`fvtrust.fool.slingshot`), one unit each, see SLINGSHOTS: fc:0 camera
                        (defaults; the dev model of start_gap), block4:0 camera (`w 0.9, gamma_ratio 200`), and,
-                       held out, fc:3 astronaut, block4:7 coffee, fc:0 camera seed 1; block4:0 with the defaults,
-                       which is expected not to take;
+                       held out, fc:3 astronaut, block4:7 coffee (these two did not take), fc:0 camera seed 1,
+                       fc:5 camera (block4 with the slingshot defaults does not take, so no row uses them);
 * clean:               the original model, audited at fc, block3 and block4 (128 units).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -84,8 +84,8 @@ def detector(model, cache: Path):
 # gradient slingshots: (layer, unit, target, seed, SlingshotConfig overrides). block4 needs a steeper tunnel and
 # more weight on the unit's own L_pres term to take (`--w 0.9 --gamma-ratio 200`, README "Gradient slingshots");
 # with the defaults it does not. The first two are the dev models the start_gap signal was developed on (fc) and
-# last session's block4 model; the last three were built and audited only after start_gap and its threshold were
-# committed (held-out). A prebuilt model in CACHE/NAME-model (a `fvtrust fool slingshot ... --out DIR`'s DIR/model,
+# last session's block4 model; the next four were built and audited only after start_gap and its threshold were
+# committed (held-out; astronaut and coffee did not take). A prebuilt model in CACHE/NAME-model (a `fvtrust fool slingshot ... --out DIR`'s DIR/model,
 # same settings) is used as it is; otherwise the benchmark builds it there.
 SLINGSHOTS = {
     "slingshot-fc": ("fc", 0, "camera", 0, {}),
@@ -93,7 +93,7 @@ SLINGSHOTS = {
     "slingshot-fc-u3-astronaut": ("fc", 3, "astronaut", 0, {}),
     "slingshot-block4-u7-coffee": ("block4", 7, "coffee", 0, {"w": 0.9, "gamma_ratio": 200.0}),
     "slingshot-fc-seed1": ("fc", 0, "camera", 1, {}),
-    "slingshot-block4-defaults": ("block4", 0, "camera", 0, {}),  # the defaults: expected not to take
+    "slingshot-fc-u5": ("fc", 5, "camera", 0, {}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this
