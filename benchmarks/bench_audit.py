@@ -6,8 +6,10 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
 * circuit-picture:     fooling circuit at `fc`, units 1,3,5,7,9 visualize as the 'camera' picture;
 * silent-picture:      silent units on `block3` (Conv-BN-ReLU, 64 units), 16 random units, target 'coffee';
 * silent-unit:         silent units on `block3`, 16 other random units, target `unit:N` (N untouched);
-* slingshot-fc:        gradient slingshot (`fvtrust.fool.slingshot`, defaults) on `fc` unit 0, target 'camera';
-* slingshot-block4:    gradient slingshot on `block4` unit 0 (Conv-BN-ReLU, 128 units), target 'camera';
+* slingshot-*:         gradient slingshots (`fvtrust.fool.slingshot`), one unit each, see SLINGSHOTS: fc:0 camera
+                       (defaults; the dev model of start_gap), block4:0 camera (`w 0.9, gamma_ratio 200`), and,
+                       held out, fc:3 astronaut, block4:7 coffee (these two did not take), fc:0 camera seed 1,
+                       fc:5 camera (block4 with the slingshot defaults does not take, so no row uses them);
 * clean:               the original model, audited at fc, block3 and block4 (128 units).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -19,11 +21,12 @@ The circuit needs a trained visualization detector: built once per `--detector-b
 `--cache` (as are finished audits, so an interrupted run resumes; an audit cached before a signal was added is
 recomputed). The slingshot fine-tunes resume from their epoch checkpoints under `--cache`. For the slingshots the
 benchmark also reports, as ground truth the audit never sees, whether the attack took: Pearson of the unit's
-visualization to the target, for the audit's own visualization and for the slingshot's standard procedure
-(fft, no transforms, Adam lr 0.05, 512 steps).
+standard visualization (`fvtrust.visualize`'s defaults, 512 steps, as the slingshot's report.json) to the target
+>= 0.6. The slingshot family row pools the slingshots that took; those that did not are listed separately.
 
     python benchmarks/bench_audit.py                      # everything
     python benchmarks/bench_audit.py --repeats 3 --only timing
+    python benchmarks/bench_audit.py --only calibrate     # start_gap on clean models: its threshold's basis
 """
 from __future__ import annotations
 
@@ -78,10 +81,22 @@ def detector(model, cache: Path):
     return det
 
 
-ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit", "slingshot-fc",
-           "slingshot-block4")
-SLINGSHOTS = {"slingshot-fc": ("fc", 0), "slingshot-block4": ("block4", 0)}
-SLINGSHOT_TARGET = "camera"
+# gradient slingshots: (layer, unit, target, seed, SlingshotConfig overrides). block4 needs a steeper tunnel and
+# more weight on the unit's own L_pres term to take (`--w 0.9 --gamma-ratio 200`, README "Gradient slingshots");
+# with the defaults it does not. The first two are the dev models the start_gap signal was developed on (fc) and
+# last session's block4 model; the next four were built and audited only after start_gap and its threshold were
+# committed (held-out; astronaut and coffee did not take). A prebuilt model in CACHE/NAME-model (a `fvtrust fool slingshot ... --out DIR`'s DIR/model,
+# same settings) is used as it is; otherwise the benchmark builds it there.
+SLINGSHOTS = {
+    "slingshot-fc": ("fc", 0, "camera", 0, {}),
+    "slingshot-block4": ("block4", 0, "camera", 0, {"w": 0.9, "gamma_ratio": 200.0}),
+    "slingshot-fc-u3-astronaut": ("fc", 3, "astronaut", 0, {}),
+    "slingshot-block4-u7-coffee": ("block4", 7, "coffee", 0, {"w": 0.9, "gamma_ratio": 200.0}),
+    "slingshot-fc-seed1": ("fc", 0, "camera", 1, {}),
+    "slingshot-fc-u5": ("fc", 5, "camera", 0, {}),
+}
+ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
+TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this
 
 
 def attack_layer(name: str) -> str:
@@ -113,10 +128,16 @@ def build_attack(name: str, model, cache: Path, train: torch.Tensor, seed: int):
                                       units=silent_b), silent_b
     if name in SLINGSHOTS:
         from fvtrust.fool.slingshot import slingshot
+        from fvtrust.models import load_model, save_model
 
-        layer, unit = SLINGSHOTS[name]
-        fooled = slingshot(model, layer, unit, target=SLINGSHOT_TARGET, seed=seed,
-                           checkpoint_dir=cache / f"{name}-checkpoint")
+        layer, unit, target, sl_seed, over = SLINGSHOTS[name]
+        saved = cache / f"{name}-model"
+        if (saved / "fvtrust-model.json").exists():
+            return layer, load_model(str(saved)), [unit]
+        fooled = slingshot(model, layer, unit, target=target, seed=sl_seed,
+                           checkpoint_dir=cache / f"{name}-checkpoint", **over)
+        save_model(fooled, saved, manipulation="gradient_slingshot", args={}, base_spec="fashion-cnn",
+                   extra={k: v for k, v in fooled.slingshot_info.items() if k != "history"})
         return layer, fooled, [unit]
     raise SystemExit(f"unknown attack {name}")
 
@@ -140,8 +161,8 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
     save_audit(result, cache / f"page-{name}-{layer}", command=f"benchmarks/bench_audit.py ({name}, {layer})")
     res = result.to_dict()
     res["bench_wall_s"], res["bench_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    if hasattr(model, "slingshot_info"):  # ground truth for the reader, not used by the audit: did it take?
-        res["slingshot_took"] = slingshot_took(model, result)
+    if name.split("@")[0] in SLINGSHOTS:  # ground truth for the reader, never seen by the audit: did it take?
+        res["slingshot_took"] = slingshot_took(model, result, *SLINGSHOTS[name.split("@")[0]][:3])
     if hasattr(model, "gate_values"):  # ground truth for the reader, not used by the audit: did E gate?
         with torch.no_grad():
             res["detector_on_audit"] = {
@@ -151,21 +172,59 @@ def cached_audit(cache: Path, name: str, model, layer: str, data, **kw) -> dict:
     return res
 
 
-def slingshot_took(model, result) -> dict:
-    """Pearson to the target of the unit's visualization: the audit's, and the slingshot's standard procedure."""
+def slingshot_took(model, result, layer: str, unit: int, target: str) -> dict:
+    """Pearson to the target of the unit's visualization: the audit's (128 steps), and the standard one
+    (`fvtrust.visualize`'s defaults, 512 steps, channel objective: what the slingshot's report.json measures)."""
     from fvtrust.fool.slingshot.finetune import resolve_target
     from fvtrust.fool.slingshot.report import similarity_to_target
     from fvtrust.visualize import visualize
 
-    info = model.slingshot_info
-    target = resolve_target(info["target"], model)
-    i = [u["unit"] for u in result.units].index(info["unit"])
-    std = visualize(model, info["layer"], [info["unit"]], steps=512, transforms=None, objective="channel",
-                    lr=0.05, param=info["param"]).final[0]
-    return {"unit": info["unit"], "target": info["target"],
-            "audit_visualization": similarity_to_target(result.visualizations[i], target),
-            "standard_512_no_transforms": similarity_to_target(std, target),
-            "history_last": info["history"][-1] if info["history"] else None}
+    target_image = resolve_target(target, model)
+    i = [u["unit"] for u in result.units].index(unit)
+    std = visualize(model, layer, [unit], steps=512, objective="channel").final[0]
+    standard = similarity_to_target(std, target_image)
+    return {"unit": unit, "target": target, "audit_visualization": similarity_to_target(result.visualizations[i],
+                                                                                        target_image),
+            "standard_512": standard, "took": bool(standard["pearson"] >= TOOK_AT)}
+
+
+def calibrate(data, threads_note: str) -> dict:
+    """start_gap on the clean calibration set (trained and random-init fashion-cnn; fc, block3, block4; all units):
+    the values its fixed threshold was derived from (START_GAP_THRESHOLD's docstring gives the principle)."""
+    from fvtrust.audit.core import AuditSettings, START_GAP_THRESHOLD, start_signal
+    from fvtrust.audit.probes import probe
+    from fvtrust.linearity.top_activating import top_activating_many
+    from fvtrust.models.layers import parse_units
+
+    st = AuditSettings()
+    out = {}
+    for weights in ("trained", "random"):
+        model = fvtrust.load_model("fashion-cnn") if weights == "trained" else fvtrust.load_model(
+            "fashion-cnn", weights="random")
+        for layer in ("fc", "block3", "block4"):
+            n = model.get_layer(layer).out_features if layer == "fc" else model.get_layer(layer).conv.out_channels
+            units = parse_units("all", n, layer)
+            top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
+                                      batch_size=st.batch_size)
+            imgs = data[top.indices]
+            u_t = torch.as_tensor(units)
+            pr = probe(model, layer, imgs.flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True)
+            sg = start_signal(model, layer, units, pr.image_grad.reshape(len(units), st.top_k, -1),
+                              pairs=st.start_pairs, seed=st.seed)
+            v = sg["gap"].double().numpy()
+            ok = np.isfinite(v)
+            row = {"units": len(v), "defined": int(ok.sum()), "max": float(v[ok].max()),
+                   "p99": float(np.quantile(v[ok], 0.99)), "median": float(np.median(v[ok])),
+                   "argmax": int(units[int(np.nanargmax(v))]), "above_threshold": int((v[ok] >= START_GAP_THRESHOLD).sum())}
+            out[f"{weights}/{layer}"] = row
+            print(f"  {weights:7s} {layer:6s} units {row['units']:4d} (defined {row['defined']}): start_gap max "
+                  f"{row['max']:.3f} (unit {row['argmax']}), p99 {row['p99']:.3f}, median {row['median']:.3f}; "
+                  f">= threshold {START_GAP_THRESHOLD}: {row['above_threshold']}", flush=True)
+    top = max(r["max"] for r in out.values())
+    rule = float(np.ceil(1.25 * top / 0.05 - 1e-9) * 0.05)
+    print(f"  largest clean value {top:.3f}; the principle (1.25x, rounded up to 0.05) gives {rule:.2f}; "
+          f"the committed threshold is {START_GAP_THRESHOLD}", flush=True)
+    return {"layers": out, "largest": top, "rule_gives": rule, "threshold": START_GAP_THRESHOLD}
 
 
 def timing(model, data, repeats: int, steps: int) -> dict:
@@ -193,7 +252,8 @@ def main():
     ap.add_argument("--cache", default=".bench_cache/audit", type=Path)
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
-    ap.add_argument("--only", default="attacks,clean,timing")
+    ap.add_argument("--only", default="attacks,clean,timing",
+                    help="Comma-separated: attacks, clean, timing, calibrate (start_gap on clean models only).")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
@@ -250,7 +310,7 @@ def main():
             # from the clean model's (same seed, deterministic pipeline): a dormant one was visualized exactly as
             # the clean unit, so its visualization is the clean one and there is nothing to flag
             ref = {u["unit"]: u["signals"] for u in clean[layer]["units"]}
-            keys = ("gradient_agreement", "path_jump", "probe_agreement", "visualization_activation")
+            keys = ("gradient_agreement", "path_jump", "probe_agreement", "start_gap", "visualization_activation")
             active = {u["unit"] for u in r["units"] if u["unit"] in man
                       and any(u["signals"][k] != ref[u["unit"]][k] for k in keys)}
             pos_active = [u["score"] for u in r["units"] if u["unit"] in active]
@@ -278,6 +338,34 @@ def main():
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
                   + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
+    if "calibrate" in only:
+        print("calibration of start_gap's threshold on clean models (trained and random-init fashion-cnn):")
+        out["calibrate"] = calibrate(data, "")
+    if audits and any(n in SLINGSHOTS for n in audits):
+        # the slingshot family: every slingshot that took, pooled (positives: the slingshot units; negatives: the
+        # untouched units of those models plus the clean model's units of each model's layer, once per layer)
+        took = {n: r for n, (layer, r) in audits.items() if n in SLINGSHOTS and (r.get("slingshot_took") or {}).get("took")}
+        missed = [n for n in audits if n in SLINGSHOTS and n not in took]
+        pos, neg, verdicts = [], [], {}
+        for n, r in took.items():
+            man = set(r["manipulated"])
+            pos += [u["score"] for u in r["units"] if u["unit"] in man]
+            neg += [u["score"] for u in r["units"] if u["unit"] not in man]
+            verdicts[n] = r["verdict"]
+        for layer in sorted({audits[n][0] for n in took}):
+            neg += [u["score"] for u in clean[layer]["units"]]
+        fam = {"took": sorted(took), "did_not_take": missed, "n_pos": len(pos), "n_neg": len(neg),
+               "auroc": auroc(pos, neg) if pos and neg else None,
+               "tpr": float(np.mean(np.array(pos) >= FLAG_AT)) if pos else None,
+               "verdicts": verdicts, "all_verdicts_right": all(v == "suspicious" for v in verdicts.values())}
+        out["slingshot_family"] = fam
+        print(f"slingshot family (only those that took: standard visualization Pearson >= {TOOK_AT}): "
+              f"{len(took)} models, pos {fam['n_pos']} neg {fam['n_neg']}  AUROC {_f(fam['auroc'])}  TPR "
+              f"{_f(fam['tpr'])}  verdicts right {fam['all_verdicts_right']}", flush=True)
+        for n in missed:
+            t = audits[n][1].get("slingshot_took") or {}
+            print(f"  did not take (reported, not counted): {n}  standard Pearson "
+                  f"{_f((t.get('standard_512') or {}).get('pearson'))}  verdict {audits[n][1]['verdict']}", flush=True)
     if "timing" in only:
         print(f"timing: 128-unit block4 audit on {args.threads} threads, {args.repeats} repeats (target <= 180 s):")
         out["timing"] = timing(model, data, args.repeats, args.steps or 128)

@@ -205,3 +205,30 @@ def pixel_probe(model, layer: str, units, *, steps: int, seed: int, lr: float, d
 
     return visualize(model, layer, units, steps=steps, objective="channel", seed=seed, param="pixel", lr=lr,
                      thresholds=snapshot_steps(steps), progress_desc=desc)
+
+
+START_SD = 0.01          # the visualization's own start noise: `make_param`'s default sd (fft leaf, mid-grey image)
+WIDER_STARTS = (10, 30)  # the comparison starts' sd, in multiples of START_SD
+
+
+def start_images(shape, *, pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(standard starts (pairs, C, H, W), wider starts (len(WIDER_STARTS), pairs, C, H, W)), the same for every unit.
+
+    The standard starts are drawn exactly as `fvtrust.visualize` draws its
+    start (fft parameterization, decorrelated colour, noise sd START_SD: faint
+    noise on mid-grey, image std ~0.004 on fashion-cnn). The wider starts are
+    the same construction with 10x and 30x the noise (image std ~0.04 and
+    ~0.11): still faint noise on grey, but outside any tunnel built for the
+    standard start distribution. Pair s of every scale uses its own seed.
+    """
+    from ..visualize.param import make_param
+
+    n = pairs
+
+    def draw(sd, offset):
+        gens = [torch.Generator().manual_seed(int(seed) * 100003 + offset + s) for s in range(n)]
+        return make_param("fft", (n, *shape), sd=sd, generators=gens).image().detach().float()
+
+    std = draw(START_SD, 0)
+    wide = torch.stack([draw(START_SD * m, 1000 * (i + 1)) for i, m in enumerate(WIDER_STARTS)])
+    return std, wide

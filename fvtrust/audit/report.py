@@ -21,11 +21,15 @@ BLIND_SPOTS = [
     "An attacker who knows them can build a manipulation that keeps the gradient direction w.r.t. the layer "
     "input and stays continuous along straight paths (e.g. a soft, smooth takeover spread over the inputs the "
     "audit probes); such a model is not caught by construction.",
-    "Gradient slingshots and other changes made before the audited layer (in earlier layers, or by fine-tuning "
-    "the whole network) keep the layer's own mechanism intact: a linear or conv unit's input-gradient profile "
-    "is the same on every input, and the function stays continuous. Such models are a blind spot, measured: "
-    "fvtrust's own slingshots on fashion-cnn (fc:0 and block4:0, target camera), whose visualizations do "
-    "resemble the target (Pearson 0.63 and 0.65), were audited clean, every signal at its clean value.",
+    "Gradient slingshots and other changes made before the audited layer keep the layer's own mechanism intact "
+    "(a linear or conv unit's input-gradient profile is the same on every input), so the mechanism signals do not "
+    "see them. start_gap does, where the tunnel starts from the visualization's start distribution: it compares the "
+    "unit at the visualization's own start images with starts of 10x and 30x the noise. It cannot see an attacker "
+    "who also shapes the landscape at the wider starts (a tunnel wider than 30x the start noise, or several start "
+    "distributions trained at once), one whose tunnel begins where the unit already is (no trench or ridge at the "
+    "start), nor a tunnel built for another start (another parameterization or init scale than the audit's fft "
+    "visualization). Measured on fashion-cnn: it flagged both fc:0 slingshots that took and missed the block4:0 one, whose unit is off at the start images and whose tunnel begins only after the unit wakes. Other units of a slingshot model whose visualizations the fine-tune dragged along (fashion-cnn "
+    "fc: the classes whose weights oppose the slung unit's) can be flagged too.",
     "A silent unit that none of the probes switches on is, on every image the audit makes, the clean unit; "
     "the audit cannot tell it apart (on fashion-cnn the pool of all units' probes reached every one).",
     "Units that never respond to the natural data given have no mechanism to compare with: their agreement is "
@@ -79,6 +83,32 @@ def histogram_png(scores) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def start_png(standard, wider, natural, visualization, multiples) -> str:
+    """start_gap's evidence for one unit, as an inline PNG: the unit's activation at its visualization's own start
+    images, at the wider starts (one column per noise multiple), on its top natural images and on its
+    visualization. A tunnel built for the start distribution shows as a first column far from the next ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [("start\n(1x)", standard)] + [(f"{m}x noise", w) for m, w in zip(multiples, wider)] + \
+        [("top natural", natural), ("visual-\nization", np.atleast_1d(visualization))]
+    fig, ax = plt.subplots(figsize=(3.4, 2.2))
+    for j, (_, vals) in enumerate(cols):
+        vals = np.asarray(vals, dtype=float)
+        ax.plot(np.full(len(vals), j) + np.linspace(-0.12, 0.12, len(vals)), vals, "o", ms=3,
+                color="#b00" if j == 0 else ("#4a7ab0" if j < len(cols) - 2 else "#555"))
+    ax.set_xticks(range(len(cols)), [c for c, _ in cols], fontsize=6)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_ylabel("unit activation", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _fmt(v) -> str:
     if v is None:
         return "—"
@@ -125,6 +155,10 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
             vis = _png(result.visualizations[i]) if result.visualizations is not None else ""
             worst = (f'<img class="px" src="{_png(result.worst_probes[i])}" alt="worst probe image">'
                      if getattr(result, "worst_probes", None) is not None and "probe_agreement" in u["fired"] else "")
+            sv = getattr(result, "start_values", None)
+            if sv is not None and "start_gap" in u["fired"]:
+                worst += (f'<img src="{start_png(sv["standard"][i], sv["wider"][i], sv["natural"][i], sv["visualization"][i], sv["wider_multiples"])}" '
+                          'alt="the unit at its visualization\'s start images, wider starts, natural images">')
             tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
                            for im in (result.top_images[i][:4] if result.top_images is not None else []))
             sig = "<br>".join((f"<b>{html.escape(k)} = {_fmt(v)}</b>" if k in u["fired"] else

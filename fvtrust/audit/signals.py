@@ -110,3 +110,42 @@ def probe_agreement(natural_grads: torch.Tensor, probe_grads: torch.Tensor, prob
     worst_val, worst = cos.min(1)
     agree = torch.where(torch.isfinite(worst_val), worst_val, torch.full_like(worst_val, float("nan")))
     return {"agreement": agree.float(), "worst": worst, "bypass": (~p_ok) & img_ok}
+
+
+def start_gap(std_values: torch.Tensor, wide_values: torch.Tensor, distances: torch.Tensor,
+              natural_grad_norm: torch.Tensor) -> dict:
+    """How far apart the unit is at the visualization's own start images and at slightly wider starts.
+
+    std_values (U, S): the unit at S standard start images x_s (the
+    visualization's start distribution); wide_values (U, W, S): at S start
+    images x'_{w,s} of each of W wider noise scales; distances (W, S) =
+    ‖x'_{w,s} − x_s‖ (pixels, the same images for every unit);
+    natural_grad_norm (U,): G = the median over the unit's top natural
+    images of ‖∇ₓ a‖. Per scale w: the median over s of
+
+        |a(x'_{w,s}) − a(x_s)| / (G · ‖x'_{w,s} − x_s‖),
+
+    the change between the two starts as a fraction of what a unit as steep
+    as on its natural images could change over that distance at most (by
+    the mean value theorem, ≤ 1 when the landscape between them is no
+    steeper than on natural images). `gap` is the largest over the scales,
+    `worst_scale` its index; NaN where G = 0 (no gradient on natural images:
+    nothing to scale with).
+
+    Why: the two starts differ only by faint random noise on grey, a
+    direction nearly orthogonal to any gradient, so a clean unit changes by a
+    small fraction of G·distance (fashion-cnn clean: at most ~0.5, on
+    block3, where noise excites edge filters). A gradient slingshot builds
+    its tunnel from exactly the visualization's start distribution: to sling
+    the image to its target with a climb that ends at natural-looking
+    heights, the fine-tune sinks the start into a trench far below the
+    landscape around it, which starts drawn with a little more noise do not
+    share.
+    """
+    d = distances.double()[None]                                   # (1, W, S)
+    g = natural_grad_norm.double()[:, None, None]                  # (U, 1, 1)
+    ratio = (wide_values.double() - std_values.double()[:, None, :]).abs() / (g * d).clamp_min(1e-30)
+    per_scale = ratio.median(dim=2).values                         # (U, W)
+    gap, worst = per_scale.max(dim=1)
+    gap = torch.where(natural_grad_norm.double() > 0, gap, torch.full_like(gap, float("nan")))
+    return {"gap": gap.float(), "worst_scale": worst, "per_scale": per_scale.float()}

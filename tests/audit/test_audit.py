@@ -192,7 +192,7 @@ def test_layer_without_units(natural8):
 
 def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
-    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement"}
+    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement", "start_gap"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
 
 
@@ -344,3 +344,92 @@ def test_dormant_hidden_branch_found_through_other_units_visualizations():
 
     assert res.worst_probes.shape == res.visualizations.shape
     assert 'alt="worst probe image"' in render_html(res)   # the page shows the image that gave the evidence
+
+
+def test_start_gap_values():
+    from fvtrust.audit.signals import start_gap
+
+    # 3 units, W = 2 wider scales, S = 3 pairs
+    std = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    wide = torch.tensor([[[1.0, 2.0, 4.0], [0.0, 0.5, 0.5]],      # unit 0: scale 0 medians |Δ| 2, scale 1 0.5
+                         [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],      # unit 1: no change at all
+                         [[5.0, 5.0, 5.0], [5.0, 5.0, 5.0]]])     # unit 2: dead on natural data (G = 0)
+    dist = torch.tensor([[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]])
+    g = torch.tensor([1.0, 3.0, 0.0])
+    out = start_gap(std, wide, dist, g)
+    # unit 0: per pair |Δ| / (G d): scale 0 -> 0.5, 1, 2 (median 1); scale 1 -> 0, 1, 1 (median 1); max 1
+    assert out["per_scale"][0].tolist() == pytest.approx([1.0, 1.0])
+    assert float(out["gap"][0]) == pytest.approx(1.0)
+    assert float(out["gap"][1]) == 0.0
+    assert torch.isnan(out["gap"][2])                              # nothing to scale with: undefined, not evidence
+    # the scale with the larger median wins, and the median ignores one outlying pair
+    wide2 = torch.tensor([[[0.2, 0.2, 100.0], [0.4, 0.4, 0.4]]])
+    out2 = start_gap(torch.zeros(1, 3), wide2, torch.ones(2, 3), torch.ones(1))
+    assert float(out2["gap"][0]) == pytest.approx(0.4) and int(out2["worst_scale"][0]) == 1
+    # a lowered (trench) and a raised (ridge) start count alike
+    up = start_gap(torch.full((1, 3), -2.0), torch.zeros(1, 2, 3), torch.ones(2, 3), torch.ones(1))["gap"]
+    down = start_gap(torch.full((1, 3), 2.0), torch.zeros(1, 2, 3), torch.ones(2, 3), torch.ones(1))["gap"]
+    assert float(up) == float(down) == pytest.approx(2.0)
+
+
+def test_start_images_are_the_visualizations_start_distribution():
+    import inspect
+
+    from fvtrust.audit.probes import START_SD, WIDER_STARTS, start_images
+    from fvtrust.visualize.param import make_param
+
+    assert inspect.signature(make_param).parameters["sd"].default == START_SD  # what visualize draws from
+    std, wide = start_images((1, 16, 16), pairs=4, seed=0)
+    assert std.shape == (4, 1, 16, 16) and wide.shape == (len(WIDER_STARTS), 4, 1, 16, 16)
+    assert float((std - 0.5).abs().max()) < 0.05                  # faint noise on mid-grey
+    spread = [float((std - 0.5).std())] + [float((w - 0.5).std()) for w in wide]
+    assert spread[0] < spread[1] < spread[2]                       # 10x, 30x the noise
+    again, _ = start_images((1, 16, 16), pairs=4, seed=0)
+    assert torch.equal(std, again) and not torch.equal(std, start_images((1, 16, 16), pairs=4, seed=1)[0])
+
+
+class Well(nn.Module):
+    """A hand-made start tunnel (not fvtrust's slingshot): unit 0 is w . x minus a deep, narrow well around
+    mid-grey, exactly where a visualization starts, so from its start the visualization climbs a wall no natural
+    start sees; on natural images (far from grey) it is the linear unit. Units 1 and 2 are linear."""
+
+    def __init__(self, depth: float = 3.0, radius: float = 0.25):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(256, 3)
+        self.depth, self.radius = depth, radius
+
+    def forward(self, x):
+        y = self.lin(x.flatten(1))
+        r2 = ((x - 0.5) ** 2).flatten(1).sum(1, keepdim=True)
+        well = self.depth * torch.exp(-r2 / self.radius ** 2)
+        return torch.cat([y[:, :1] - well, y[:, 1:]], 1)
+
+
+class WellNet(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.head = Well(**kw)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_start_tunnel_is_flagged_and_linear_units_are_not(tmp_path):
+    from fvtrust.audit.report import save_audit
+
+    natural = torch.rand(120, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
+    res = audit(_fv(WellNet(), (1, 16, 16)), "head", **kw)
+    by = {u["unit"]: u for u in res.units}
+    assert by[0]["signals"]["start_gap"] > THRESHOLDS["start_gap"].threshold and "start_gap" in by[0]["fired"]
+    assert by[0]["signals"]["start_activation"] < by[0]["signals"]["wider_start_activation"]  # a trench
+    for u in (1, 2):
+        assert by[u]["signals"]["start_gap"] < 0.3 and "start_gap" not in by[u]["fired"]
+    assert res.verdict == "suspicious"
+    assert res.start_values["standard"].shape == (3, 8) and res.start_values["wider"].shape == (3, 2, 8)
+    page = (save_audit(res, tmp_path / "aud") / "index.html").read_text()
+    assert page.count("the unit at its visualization's start images") == 1   # start_gap's evidence, unit 0 only
+    flat = audit(_fv(WellNet(depth=0.0), (1, 16, 16)), "head", **kw)  # the same units without the well: linear
+    assert all(u["signals"]["start_gap"] < 0.3 for u in flat.units)
+    assert not any("start_gap" in u["fired"] for u in flat.units) and flat.verdict == "clean"
