@@ -193,6 +193,50 @@ def test_preservation_loss_formula():
     assert torch.allclose(preservation_loss(a, b, 2, w, relative=True), rel)
 
 
+def test_rank_loss_formula():
+    """L_rank = mean_i [1{s0_i >= τ} relu(τ − s_i)² + 1{s0_i < τ} relu(s_i − τ)²] / scale², written out."""
+    from fvtrust.fool.slingshot.loss import rank_loss
+
+    s0 = torch.tensor([3.0, 2.0, 1.5, 0.5, -1.0])
+    tau, scale = 1.5, 2.0
+    assert rank_loss(s0, s0, tau, scale) == 0  # nothing moved: nothing crossed
+    assert rank_loss(s0 + 0.2, s0, 0.0, scale) == 0  # moves that cross nothing cost nothing (unlike MSE)
+    s = torch.tensor([1.0, 2.5, 1.2, 1.9, -3.0])  # image 0 and 2 fell below τ, image 3 rose above it
+    want = ((1.5 - 1.0) ** 2 + 0.0 + (1.5 - 1.2) ** 2 + (1.9 - 1.5) ** 2 + 0.0) / 5 / scale ** 2
+    got = rank_loss(s, s0, tau, scale)
+    assert got > 0 and torch.allclose(got, torch.tensor(want))
+    s.requires_grad_(True)
+    rank_loss(s, s0, tau, scale).backward()  # pushes the crossers back, leaves the others alone
+    assert s.grad[0] < 0 and s.grad[2] < 0 and s.grad[3] > 0 and s.grad[1] == 0 and s.grad[4] == 0
+
+
+def test_start_gradient_rms_is_the_per_position_rms_written_out():
+    """auto_gamma's steepness: sqrt((1/P) Σ_p mean((∂a_{k,p}/∂x)²)) at the start noise, estimated by random signs;
+    for a linear unit (P = 1) exactly the gradient of its feature."""
+    from fvtrust.fool.slingshot.loss import start_gradient_rms, unit_activation
+
+    model, tun = tiny_model(), Tunnel.build(tiny_target(), "fft")
+    n = 512
+    x = (tun.noise_sd * torch.randn((n, *tun.target.shape[1:]), generator=torch.Generator().manual_seed(0)))
+    for layer in ("conv", "fc"):
+        with LayerTap(model, [layer]) as tap:
+            fwd = (lambda im: tap(im)[layer])
+            xr = x.clone().requires_grad_(True)
+            acts = fwd(tun.image(xr))[:, 1].reshape(n, -1)
+            per_pos = [torch.autograd.grad(acts[:, p].sum(), xr, retain_graph=True)[0].pow(2).mean()
+                       for p in range(acts.shape[1])]
+            want = float(torch.stack(per_pos).mean().sqrt())
+            (gm,) = torch.autograd.grad(unit_activation(fwd(tun.image(xr)), 1).sum(), xr)
+            got = start_gradient_rms(fwd, tun, 1, n=n)
+            assert got == pytest.approx(want, rel=0.1), layer
+            mean_rms = start_gradient_rms(fwd, tun, 1, n=n, per_position=False)
+            assert mean_rms == pytest.approx(float(gm.pow(2).mean().sqrt()), rel=1e-5)
+            if layer == "fc":
+                assert got == pytest.approx(mean_rms, rel=1e-6)
+            else:  # 64 positions: the spatial mean's start gradient is the smaller one
+                assert got > 1.5 * mean_rms
+
+
 # -- fine-tuning ---------------------------------------------------------------------------------------
 
 def test_slingshot_is_callable_package_and_leaves_original_untouched():
@@ -446,6 +490,10 @@ def test_visualize_grad_clip_limits_steps():
     (dict(protect_batch=4), "protect_top"),
     (dict(protect_top=-1), "protect_top"),
     (dict(lr_schedule="step"), "lr schedule"),
+    (dict(rank_weight=-1.0), "rank_weight"),
+    (dict(rank_weight=float("nan")), "rank_weight"),
+    (dict(rank_fraction=0.0), "rank_fraction"),
+    (dict(rank_fraction=1.0), "rank_fraction"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)
