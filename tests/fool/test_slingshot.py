@@ -164,7 +164,7 @@ def test_manipulation_loss_through_transforms_matches_finite_differences():
 @pytest.mark.parametrize("transforms", ["none", "standard"])
 def test_on_policy_points_are_the_visualizations_own_path(transforms):
     """visualization_trajectories walks exactly the path fvtrust.visualize takes (same start, same draws)."""
-    from fvtrust.fool.slingshot.onpolicy import visualization_trajectories
+    from fvtrust.fool.slingshot.onpolicy import Rollout, visualization_trajectories
     from fvtrust.visualize import transforms as T
     from fvtrust.visualize.param import seed_generators
 
@@ -181,6 +181,12 @@ def test_on_policy_points_are_the_visualizations_own_path(transforms):
     assert pts.shape == (steps + 1, *tun.target.shape[1:])
     assert torch.allclose(tun.image(pts), res.trajectory[:, 0], atol=1e-5)
     assert not torch.allclose(pts[0], pts[-1])
+    with LayerTap(model, ["conv"]) as tap:  # a Rollout continued in parts walks the same path as one run
+        fwd = (lambda im: tap(im)["conv"])
+        parts = Rollout(tun, starts=1, transforms=spec, start_generators=seed_generators(5, [(2, 0)]),
+                        rng=np.random.default_rng(5))
+        parts.run(fwd, 2, 2).run(fwd, 2, steps - 2)
+    assert parts.steps_run == steps and torch.equal(parts.points, pts)
 
 
 def test_preservation_loss_formula():
@@ -312,10 +318,13 @@ def _full_and_resumed(tmp_path, model, data, target, settings, *, stop_after: in
 def test_resume_by_epoch_is_exact_with_the_extensions(tmp_path):
     """The on-policy buffer and transform draws are rebuilt per epoch from (seed, epoch): resume stays exact."""
     model, data, t = tiny_model(), tiny_data(), tiny_target()
-    ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3)
+    ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3,
+               policy_horizon=5)  # the second refresh of each epoch continues the first's visualizations
     full, resumed = _full_and_resumed(tmp_path, model, data, t, ext, stop_after=2)
     paper = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3))
     assert not torch.equal(paper.net.fc.weight, full.net.fc.weight)  # the extension changes the training
+    fresh = slingshot(model, "fc", 0, target=t, data=data, **dict(ext, epochs=3, policy_horizon=3))
+    assert not torch.equal(fresh.net.fc.weight, full.net.fc.weight)  # continuing is not restarting
 
 
 def test_resume_is_exact_with_protected_top_images_and_cosine_lr(tmp_path):
@@ -487,6 +496,7 @@ def test_visualize_grad_clip_limits_steps():
     (dict(transforms="wild"), "unknown transforms"),
     (dict(on_policy=1.5), "on_policy"),
     (dict(policy_steps=0), "policy_steps"),
+    (dict(policy_horizon=0), "policy_horizon"),
     (dict(protect_batch=4), "protect_top"),
     (dict(protect_top=-1), "protect_top"),
     (dict(lr_schedule="step"), "lr schedule"),

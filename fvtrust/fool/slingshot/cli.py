@@ -40,6 +40,9 @@ _D = SlingshotConfig()
               help="Fine-tuning steps between trajectory refreshes.")
 @click.option("--policy-starts", default=_D.policy_starts, show_default=True, help="Visualizations per refresh.")
 @click.option("--policy-steps", default=_D.policy_steps, show_default=True, help="Steps of each.")
+@click.option("--policy-horizon", default=_D.policy_horizon, show_default=True,
+              help="Refreshes continue the last refresh's visualizations until they ran this many steps (the "
+                   "standard visualization's length), then restart from fresh noise; = --policy-steps: always fresh.")
 @click.option("--protect-top", default=_D.protect_top, show_default=True,
               help="Pool of the original unit's top-scoring fit images that L_pres protects (fvtrust's extension).")
 @click.option("--protect-batch", default=_D.protect_batch, show_default=True,
@@ -59,7 +62,7 @@ _D = SlingshotConfig()
 def slingshot_command(spec, layer, unit, target, data, class_index, natural_limit, data_dir, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
                       epochs, fit_images,
                       batch_size, tunnel_batch, tunnel_width, transforms, on_policy, policy_every, policy_starts,
-                      policy_steps, protect_top, protect_batch, rank_weight, rank_fraction, lr_schedule, steps, seed, weights, device, out):
+                      policy_steps, policy_horizon, protect_top, protect_batch, rank_weight, rank_fraction, lr_schedule, steps, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/report.json, OUT/figure.png and
@@ -95,7 +98,7 @@ def slingshot_command(spec, layer, unit, target, data, class_index, natural_limi
                           relative=relative, lr=lr, epochs=epochs,
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
                           tunnel_width=tunnel_width, transforms=transforms, on_policy=on_policy,
-                          policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps,
+                          policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps, policy_horizon=policy_horizon,
                           protect_top=protect_top, protect_batch=protect_batch, rank_weight=rank_weight,
                           rank_fraction=rank_fraction, lr_schedule=lr_schedule,
                           seed=seed).check()

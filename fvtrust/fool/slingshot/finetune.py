@@ -52,7 +52,7 @@ from ...progress import progress
 from ...visualize import transforms as T
 from .loss import (VARIANTS, PointTransforms, Tunnel, auto_gamma, manipulation_loss, preservation_loss,
                    rank_loss, slingshot_loss, unit_activation)
-from .onpolicy import visualization_trajectories
+from .onpolicy import Rollout
 
 MANIPULATION = "gradient_slingshot"
 
@@ -81,6 +81,8 @@ class SlingshotConfig:
     policy_starts: int = 4        # visualizations run per refresh (fresh seeded noise)
     policy_steps: int = 64        # steps of each (Adam at policy_lr, the tunnel's parameterization)
     policy_lr: float = 0.05       # fvtrust.visualize's default lr
+    policy_horizon: int = 512     # a refresh continues the last one's visualizations until they ran this many steps
+                                  # (the standard visualization's 512), then restarts; = policy_steps: fresh each time
     # fvtrust's extension of L_pres ("keep natural behaviour" where the unit's ranking is read): protect_batch
     # images of every natural batch are drawn from the original unit's protect_top highest-scoring fit images
     protect_top: int = 256    # the pool (2.5 % of the 10,240 fit images); only used when protect_batch > 0
@@ -124,7 +126,7 @@ class SlingshotConfig:
             if not getattr(self, name) > 0:
                 raise FvtrustError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "tunnel_batch", "fit_images", "policy_every", "policy_starts",
-                     "policy_steps"):
+                     "policy_steps", "policy_horizon"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise FvtrustError(f"{name} must be a positive integer, got {v!r}")
@@ -325,11 +327,14 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
                             if tspec is not None else None)
                 n_on = int(round(cfg.tunnel_batch * cfg.on_policy))
                 sums = {"manip": 0.0, "pres": 0.0, "total": 0.0}
+                rollout = None  # rebuilt at every epoch's start: resume stays exact
                 for s in range(steps):
                     if n_on and s % cfg.policy_every == 0:  # on-policy points from the model as it is now
-                        buffer = visualization_trajectories(forward, tunnel, unit, starts=cfg.policy_starts,
-                                                            steps=cfg.policy_steps, lr=cfg.policy_lr,
-                                                            transforms=tspec, generator=g)
+                        if rollout is None or rollout.steps_run >= cfg.policy_horizon:
+                            rollout = Rollout(tunnel, starts=cfg.policy_starts, lr=cfg.policy_lr, transforms=tspec,
+                                              generator=g)
+                        rollout.run(forward, unit, min(cfg.policy_steps, cfg.policy_horizon - rollout.steps_run))
+                        buffer = rollout.points  # the whole trajectories so far (DAgger aggregates)
                     if cfg.lr_schedule == "cosine":
                         done = (epoch - 1) * steps + s
                         for group in opt.param_groups:
