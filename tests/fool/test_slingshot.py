@@ -200,19 +200,19 @@ def test_preservation_loss_formula():
 
 
 def test_rank_loss_formula():
-    """L_rank = mean_i [1{s0_i >= τ} relu(τ − s_i)² + 1{s0_i < τ} relu(s_i − τ)²] / scale², written out."""
+    """L_rank = mean_i [1{s0_i >= τ} relu(τ − s_i)² + 1{s0_i < τ} relu(s_i − τ)²], written out."""
     from fvtrust.fool.slingshot.loss import rank_loss
 
     s0 = torch.tensor([3.0, 2.0, 1.5, 0.5, -1.0])
-    tau, scale = 1.5, 2.0
-    assert rank_loss(s0, s0, tau, scale) == 0  # nothing moved: nothing crossed
-    assert rank_loss(s0 + 0.2, s0, 0.0, scale) == 0  # moves that cross nothing cost nothing (unlike MSE)
+    tau = 1.5
+    assert rank_loss(s0, s0, tau) == 0  # nothing moved: nothing crossed
+    assert rank_loss(s0 + 0.2, s0, 0.0) == 0  # moves that cross nothing cost nothing (unlike MSE)
     s = torch.tensor([1.0, 2.5, 1.2, 1.9, -3.0])  # image 0 and 2 fell below τ, image 3 rose above it
-    want = ((1.5 - 1.0) ** 2 + 0.0 + (1.5 - 1.2) ** 2 + (1.9 - 1.5) ** 2 + 0.0) / 5 / scale ** 2
-    got = rank_loss(s, s0, tau, scale)
+    want = ((1.5 - 1.0) ** 2 + 0.0 + (1.5 - 1.2) ** 2 + (1.9 - 1.5) ** 2 + 0.0) / 5
+    got = rank_loss(s, s0, tau)
     assert got > 0 and torch.allclose(got, torch.tensor(want))
     s.requires_grad_(True)
-    rank_loss(s, s0, tau, scale).backward()  # pushes the crossers back, leaves the others alone
+    rank_loss(s, s0, tau).backward()  # pushes the crossers back, leaves the others alone
     assert s.grad[0] < 0 and s.grad[2] < 0 and s.grad[3] > 0 and s.grad[1] == 0 and s.grad[4] == 0
 
 

@@ -39,10 +39,12 @@ _D = SlingshotConfig()
 @click.option("--policy-every", default=_D.policy_every, show_default=True,
               help="Fine-tuning steps between trajectory refreshes.")
 @click.option("--policy-starts", default=_D.policy_starts, show_default=True, help="Visualizations per refresh.")
-@click.option("--policy-steps", default=_D.policy_steps, show_default=True, help="Steps of each.")
+@click.option("--policy-steps", default=_D.policy_steps, show_default=True,
+              help="Steps each refresh runs its visualizations for.")
 @click.option("--policy-horizon", default=_D.policy_horizon, show_default=True,
-              help="Refreshes continue the last refresh's visualizations until they ran this many steps (the "
-                   "standard visualization's length), then restart from fresh noise; = --policy-steps: always fresh.")
+              help="Refreshes continue the last refresh's visualizations until they ran this many steps, then restart "
+                   "from fresh noise (= --policy-steps: always fresh; 512 with --policy-steps 128 covers the "
+                   "standard visualization's whole length).")
 @click.option("--protect-top", default=_D.protect_top, show_default=True,
               help="Pool of the original unit's top-scoring fit images that L_pres protects (fvtrust's extension).")
 @click.option("--protect-batch", default=_D.protect_batch, show_default=True,
