@@ -293,7 +293,7 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
     target_name = target if isinstance(target, str) else "tensor"
     key = cfg.key({"spec": getattr(model, "spec", "?"), "layer": layer, "unit": unit, "target": target_name,
                    "fit": fit_desc["source"],
-                   "n_fit": len(fit_x)})
+                   "n_fit": len(fit_x), "gamma_used": gamma})  # γ too: a rule change is another run
     start_epoch, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
