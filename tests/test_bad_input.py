@@ -59,7 +59,7 @@ COMMANDS = [
                           "{out}", "{extra}")),
     Cmd("fool slingshot", ("fool", "slingshot", "{spec}", "--layer", "{layer}", "--unit", "{unit}", "--target",
                            "{picture}", "--lr", "{lr}", "--epochs", "1", "--steps", "{steps}", "--natural-limit",
-                           "{limit}", "--out", "{out}", "{extra}")),
+                           "{limit}", "{rank}", "--out", "{out}", "{extra}")),
     Cmd("sanity-check", ("sanity-check", "{spec}", "--classes", "{classes}", "--per-class", "1",
                          "--per-class-natural", "2", "--steps", "{steps}", "--data", "{data}", "--natural-limit",
                          "{limit}", "{cindex}", "{vis}", "{ray}", "--out", "{out}", "{extra}"),
@@ -80,7 +80,7 @@ COMMANDS = [
 GOOD = {"spec": "fashion-cnn", "layer": "fc", "conv": "block3", "units": "0", "classes": "0,1", "steps": "2",
         "unit": "0", "thresholds": "1,2", "lr": "0.05", "data": "fashion-mnist", "datadir": [], "picture": "camera", "vis": [],
         "only": "theory", "out": "{case}/out", "cache": "{case}/cache", "extra": [], "limit": "64", "cindex": [],
-        "budget": "tiny", "rbudget": "smoke", "ray": []}
+        "budget": "tiny", "rbudget": "smoke", "ray": [], "rank": []}
 
 INPUTS = {
     "unknown model": {"spec": "no-such-model"},
@@ -110,6 +110,8 @@ INPUTS = {
     "unknown reproduce step": {"only": "no-such-step"},
     "unknown budget": {"budget": "huge", "rbudget": "huge"},
     "natural limit zero": {"limit": "0"},
+    "negative slingshot rank weight": {"rank": ["--rank-weight", "-1"]},
+    "slingshot rank fraction out of (0, 1)": {"rank": ["--rank-fraction", "1.5"]},
     "bad --ray value": {"ray": ["--ray", "local:0"]},  # (Ray not installed at all: tests/test_scale.py)
 }
 

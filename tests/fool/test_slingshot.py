@@ -164,7 +164,7 @@ def test_manipulation_loss_through_transforms_matches_finite_differences():
 @pytest.mark.parametrize("transforms", ["none", "standard"])
 def test_on_policy_points_are_the_visualizations_own_path(transforms):
     """visualization_trajectories walks exactly the path fvtrust.visualize takes (same start, same draws)."""
-    from fvtrust.fool.slingshot.onpolicy import visualization_trajectories
+    from fvtrust.fool.slingshot.onpolicy import Rollout, visualization_trajectories
     from fvtrust.visualize import transforms as T
     from fvtrust.visualize.param import seed_generators
 
@@ -181,6 +181,12 @@ def test_on_policy_points_are_the_visualizations_own_path(transforms):
     assert pts.shape == (steps + 1, *tun.target.shape[1:])
     assert torch.allclose(tun.image(pts), res.trajectory[:, 0], atol=1e-5)
     assert not torch.allclose(pts[0], pts[-1])
+    with LayerTap(model, ["conv"]) as tap:  # a Rollout continued in parts walks the same path as one run
+        fwd = (lambda im: tap(im)["conv"])
+        parts = Rollout(tun, starts=1, transforms=spec, start_generators=seed_generators(5, [(2, 0)]),
+                        rng=np.random.default_rng(5))
+        parts.run(fwd, 2, 2).run(fwd, 2, steps - 2)
+    assert parts.steps_run == steps and torch.equal(parts.points, pts)
 
 
 def test_preservation_loss_formula():
@@ -191,6 +197,50 @@ def test_preservation_loss_formula():
     assert preservation_loss(a, a, 2, w) == 0
     rel = w * ((a[:, 2] - b[:, 2]) ** 2).mean() / (b[:, 2] ** 2).mean() + (1 - w) * ((a - b) ** 2).mean() / (b ** 2).mean()
     assert torch.allclose(preservation_loss(a, b, 2, w, relative=True), rel)
+
+
+def test_rank_loss_formula():
+    """L_rank = mean_i [1{s0_i >= τ} relu(τ − s_i)² + 1{s0_i < τ} relu(s_i − τ)²], written out."""
+    from fvtrust.fool.slingshot.loss import rank_loss
+
+    s0 = torch.tensor([3.0, 2.0, 1.5, 0.5, -1.0])
+    tau = 1.5
+    assert rank_loss(s0, s0, tau) == 0  # nothing moved: nothing crossed
+    assert rank_loss(s0 + 0.2, s0, 0.0) == 0  # moves that cross nothing cost nothing (unlike MSE)
+    s = torch.tensor([1.0, 2.5, 1.2, 1.9, -3.0])  # image 0 and 2 fell below τ, image 3 rose above it
+    want = ((1.5 - 1.0) ** 2 + 0.0 + (1.5 - 1.2) ** 2 + (1.9 - 1.5) ** 2 + 0.0) / 5
+    got = rank_loss(s, s0, tau)
+    assert got > 0 and torch.allclose(got, torch.tensor(want))
+    s.requires_grad_(True)
+    rank_loss(s, s0, tau).backward()  # pushes the crossers back, leaves the others alone
+    assert s.grad[0] < 0 and s.grad[2] < 0 and s.grad[3] > 0 and s.grad[1] == 0 and s.grad[4] == 0
+
+
+def test_start_gradient_rms_is_the_per_position_rms_written_out():
+    """auto_gamma's steepness: sqrt((1/P) Σ_p mean((∂a_{k,p}/∂x)²)) at the start noise, estimated by random signs;
+    for a linear unit (P = 1) exactly the gradient of its feature."""
+    from fvtrust.fool.slingshot.loss import start_gradient_rms, unit_activation
+
+    model, tun = tiny_model(), Tunnel.build(tiny_target(), "fft")
+    n = 512
+    x = (tun.noise_sd * torch.randn((n, *tun.target.shape[1:]), generator=torch.Generator().manual_seed(0)))
+    for layer in ("conv", "fc"):
+        with LayerTap(model, [layer]) as tap:
+            fwd = (lambda im: tap(im)[layer])
+            xr = x.clone().requires_grad_(True)
+            acts = fwd(tun.image(xr))[:, 1].reshape(n, -1)
+            per_pos = [torch.autograd.grad(acts[:, p].sum(), xr, retain_graph=True)[0].pow(2).mean()
+                       for p in range(acts.shape[1])]
+            want = float(torch.stack(per_pos).mean().sqrt())
+            (gm,) = torch.autograd.grad(unit_activation(fwd(tun.image(xr)), 1).sum(), xr)
+            got = start_gradient_rms(fwd, tun, 1, n=n)
+            assert got == pytest.approx(want, rel=0.1), layer
+            mean_rms = start_gradient_rms(fwd, tun, 1, n=n, per_position=False)
+            assert mean_rms == pytest.approx(float(gm.pow(2).mean().sqrt()), rel=1e-5)
+            if layer == "fc":
+                assert got == pytest.approx(mean_rms, rel=1e-6)
+            else:  # 64 positions: the spatial mean's start gradient is the smaller one
+                assert got > 1.5 * mean_rms
 
 
 # -- fine-tuning ---------------------------------------------------------------------------------------
@@ -268,10 +318,13 @@ def _full_and_resumed(tmp_path, model, data, target, settings, *, stop_after: in
 def test_resume_by_epoch_is_exact_with_the_extensions(tmp_path):
     """The on-policy buffer and transform draws are rebuilt per epoch from (seed, epoch): resume stays exact."""
     model, data, t = tiny_model(), tiny_data(), tiny_target()
-    ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3)
+    ext = dict(TINY, transforms="standard", on_policy=0.5, policy_every=1, policy_starts=2, policy_steps=3,
+               policy_horizon=5)  # the second refresh of each epoch continues the first's visualizations
     full, resumed = _full_and_resumed(tmp_path, model, data, t, ext, stop_after=2)
     paper = slingshot(model, "fc", 0, target=t, data=data, **dict(TINY, epochs=3))
     assert not torch.equal(paper.net.fc.weight, full.net.fc.weight)  # the extension changes the training
+    fresh = slingshot(model, "fc", 0, target=t, data=data, **dict(ext, epochs=3, policy_horizon=3))
+    assert not torch.equal(fresh.net.fc.weight, full.net.fc.weight)  # continuing is not restarting
 
 
 def test_resume_is_exact_with_protected_top_images_and_cosine_lr(tmp_path):
@@ -443,9 +496,14 @@ def test_visualize_grad_clip_limits_steps():
     (dict(transforms="wild"), "unknown transforms"),
     (dict(on_policy=1.5), "on_policy"),
     (dict(policy_steps=0), "policy_steps"),
+    (dict(policy_horizon=0), "policy_horizon"),
     (dict(protect_batch=4), "protect_top"),
     (dict(protect_top=-1), "protect_top"),
     (dict(lr_schedule="step"), "lr schedule"),
+    (dict(rank_weight=-1.0), "rank_weight"),
+    (dict(rank_weight=float("nan")), "rank_weight"),
+    (dict(rank_fraction=0.0), "rank_fraction"),
+    (dict(rank_fraction=1.0), "rank_fraction"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(layer="conv", unit=0, target=tiny_target(), data=tiny_data(), **TINY)

@@ -39,11 +39,21 @@ _D = SlingshotConfig()
 @click.option("--policy-every", default=_D.policy_every, show_default=True,
               help="Fine-tuning steps between trajectory refreshes.")
 @click.option("--policy-starts", default=_D.policy_starts, show_default=True, help="Visualizations per refresh.")
-@click.option("--policy-steps", default=_D.policy_steps, show_default=True, help="Steps of each.")
+@click.option("--policy-steps", default=_D.policy_steps, show_default=True,
+              help="Steps each refresh runs its visualizations for.")
+@click.option("--policy-horizon", default=_D.policy_horizon, show_default=True,
+              help="Refreshes continue the last refresh's visualizations until they ran this many steps, then restart "
+                   "from fresh noise (= --policy-steps: always fresh; 512 with --policy-steps 128 covers the "
+                   "standard visualization's whole length).")
 @click.option("--protect-top", default=_D.protect_top, show_default=True,
               help="Pool of the original unit's top-scoring fit images that L_pres protects (fvtrust's extension).")
 @click.option("--protect-batch", default=_D.protect_batch, show_default=True,
               help="Images of that pool added to every natural batch (0 = off, the paper's L_pres).")
+@click.option("--rank-weight", default=_D.rank_weight, show_default=True,
+              help="Weight of the rank-aware hinge added to L_pres: natural images keep their side of the "
+                   "original unit's top --rank-fraction boundary (fvtrust's extension; 0 = the paper's L_pres).")
+@click.option("--rank-fraction", default=_D.rank_fraction, show_default=True,
+              help="The top fraction of fit images whose boundary the hinge keeps (0.01: a top-100 of 10,000).")
 @click.option("--lr-schedule", default=_D.lr_schedule, show_default=True, type=click.Choice(["constant", "cosine"]),
               help="Fine-tuning lr: constant, or cosine decay to 0 over all steps.")
 @click.option("--steps", default=512, show_default=True, help="Steps of every before/after visualization.")
@@ -54,7 +64,7 @@ _D = SlingshotConfig()
 def slingshot_command(spec, layer, unit, target, data, class_index, natural_limit, data_dir, variant, param, alpha, w, gamma, gamma_ratio, relative, lr,
                       epochs, fit_images,
                       batch_size, tunnel_batch, tunnel_width, transforms, on_policy, policy_every, policy_starts,
-                      policy_steps, protect_top, protect_batch, lr_schedule, steps, seed, weights, device, out):
+                      policy_steps, policy_horizon, protect_top, protect_batch, rank_weight, rank_fraction, lr_schedule, steps, seed, weights, device, out):
     """Fine-tune SPEC so that UNIT of LAYER visualizes TARGET while natural behaviour is kept.
 
     Writes OUT/model (reload with `fvtrust.load_model`), OUT/report.json, OUT/figure.png and
@@ -90,8 +100,9 @@ def slingshot_command(spec, layer, unit, target, data, class_index, natural_limi
                           relative=relative, lr=lr, epochs=epochs,
                           batch_size=batch_size, tunnel_batch=tunnel_batch, fit_images=fit_images,
                           tunnel_width=tunnel_width, transforms=transforms, on_policy=on_policy,
-                          policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps,
-                          protect_top=protect_top, protect_batch=protect_batch, lr_schedule=lr_schedule,
+                          policy_every=policy_every, policy_starts=policy_starts, policy_steps=policy_steps, policy_horizon=policy_horizon,
+                          protect_top=protect_top, protect_batch=protect_batch, rank_weight=rank_weight,
+                          rank_fraction=rank_fraction, lr_schedule=lr_schedule,
                           seed=seed).check()
     model = load_model(spec, weights=weights, device=device_of(device))
     unit = check_unit(model, layer, unit)  # every input checked before the long work

@@ -18,6 +18,11 @@ unit's `protect_top` highest-scoring fit images. L_pres's formula is
 unchanged; it is only weighted towards the images where the unit's natural
 ranking (its top-k, what a dataset-example explanation shows) is read, which
 uniform batches visit rarely (256 of 10,240 images: 2.5 %).
+A fourth, also of L_pres (`rank_weight`; off when 0): a hinge (loss.rank_loss)
+that keeps every natural image of each batch on its side of the original
+unit's top-`rank_fraction` boundary τ on the fit images. It costs nothing
+while no image crosses τ, so, unlike more MSE weight, it leaves the
+manipulation free everywhere the unit's ranking is not read.
 
 Randomness is drawn per epoch from (seed, epoch), and the trajectory buffer
 is rebuilt at every epoch's start: a run resumed from an epoch checkpoint
@@ -46,8 +51,8 @@ from ...models.hooks import LayerTap
 from ...progress import progress
 from ...visualize import transforms as T
 from .loss import (VARIANTS, PointTransforms, Tunnel, auto_gamma, manipulation_loss, preservation_loss,
-                   slingshot_loss, unit_activation)
-from .onpolicy import visualization_trajectories
+                   rank_loss, slingshot_loss, unit_activation)
+from .onpolicy import Rollout
 
 MANIPULATION = "gradient_slingshot"
 
@@ -76,10 +81,18 @@ class SlingshotConfig:
     policy_starts: int = 4        # visualizations run per refresh (fresh seeded noise)
     policy_steps: int = 64        # steps of each (Adam at policy_lr, the tunnel's parameterization)
     policy_lr: float = 0.05       # fvtrust.visualize's default lr
+    # a refresh continues the last one's visualizations until they ran policy_horizon steps, then restarts from
+    # fresh noise; = policy_steps (the default): fresh every time. 512 (the standard visualization's length, with
+    # policy_steps 128: 4 refreshes an epoch) raised Pearson but lowered Jaccard (README): not the default yet
+    policy_horizon: int = 64
     # fvtrust's extension of L_pres ("keep natural behaviour" where the unit's ranking is read): protect_batch
     # images of every natural batch are drawn from the original unit's protect_top highest-scoring fit images
     protect_top: int = 256    # the pool (2.5 % of the 10,240 fit images); only used when protect_batch > 0
     protect_batch: int = 0    # off by default (fc:0 lost Pearson with it, README); block4: 32
+    # fvtrust's rank-aware extension of L_pres (loss.rank_loss; 0 = the paper's L_pres): rank_weight x a hinge that
+    # keeps every natural image on its side of the original unit's top-`rank_fraction` boundary on the fit images
+    rank_weight: float = 0.0
+    rank_fraction: float = 0.01  # the report's top-100 of 10,000 held-out images
     lr_schedule: str = "constant"  # "cosine": lr decays to 0 over all steps (a function of the step: resume exact)
     seed: int = 0
 
@@ -102,6 +115,11 @@ class SlingshotConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise FvtrustError(f"{name} must be a non-negative integer, got {v!r}")
+        if not (isinstance(self.rank_weight, (int, float)) and not isinstance(self.rank_weight, bool)
+                and self.rank_weight >= 0):
+            raise FvtrustError(f"rank_weight must be a number >= 0, got {self.rank_weight!r}")
+        if not (isinstance(self.rank_fraction, (int, float)) and 0.0 < self.rank_fraction < 1.0):
+            raise FvtrustError(f"rank_fraction must lie in (0, 1), got {self.rank_fraction!r}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise FvtrustError(f"on_policy must lie in [0, 1], got {self.on_policy}")
         for name in ("gamma", "gamma_ratio", "lr", "tunnel_width", "policy_lr"):
@@ -110,7 +128,7 @@ class SlingshotConfig:
             if not getattr(self, name) > 0:
                 raise FvtrustError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "tunnel_batch", "fit_images", "policy_every", "policy_starts",
-                     "policy_steps"):
+                     "policy_steps", "policy_horizon"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise FvtrustError(f"{name} must be a positive integer, got {v!r}")
@@ -277,7 +295,7 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
     target_name = target if isinstance(target, str) else "tensor"
     key = cfg.key({"spec": getattr(model, "spec", "?"), "layer": layer, "unit": unit, "target": target_name,
                    "fit": fit_desc["source"],
-                   "n_fit": len(fit_x)})
+                   "n_fit": len(fit_x), "gamma_used": gamma})  # γ too: a rule change is another run
     start_epoch, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
@@ -287,12 +305,16 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
             raise FvtrustError(f"{ckpt} already holds epoch {start_epoch} of this run, more than the {cfg.epochs} "
                                "asked for; ask for at least that many epochs or use another --out")
     steps = (len(fit_x) + cfg.batch_size - 1) // cfg.batch_size
-    protect = None
-    if cfg.protect_batch:  # the original unit's top fit images (its natural ranking is read there)
+    protect = rank = None
+    if cfg.protect_batch or cfg.rank_weight:  # the original unit's scores on the fit images
         with torch.no_grad(), LayerTap(frozen, [layer]) as tap:
             scores = torch.cat([unit_activation(tap(fit_x[i:i + 512].to(device))[layer], unit).float().cpu()
                                 for i in range(0, len(fit_x), 512)])
-        protect = torch.topk(scores, min(cfg.protect_top, len(fit_x))).indices
+        if cfg.protect_batch:  # its top fit images (its natural ranking is read there)
+            protect = torch.topk(scores, min(cfg.protect_top, len(fit_x))).indices
+        if cfg.rank_weight:  # its top-K boundary τ (loss.rank_loss)
+            k = max(1, int(round(cfg.rank_fraction * len(fit_x))))
+            rank = float(torch.topk(scores, k).values[-1])
     total_steps = cfg.epochs * steps
     t0 = time.perf_counter()
     bar = progress(total=(cfg.epochs - min(start_epoch, cfg.epochs)) * steps, desc=f"slingshot {layer}:{unit}",
@@ -309,11 +331,14 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
                             if tspec is not None else None)
                 n_on = int(round(cfg.tunnel_batch * cfg.on_policy))
                 sums = {"manip": 0.0, "pres": 0.0, "total": 0.0}
+                rollout = None  # rebuilt at every epoch's start: resume stays exact
                 for s in range(steps):
                     if n_on and s % cfg.policy_every == 0:  # on-policy points from the model as it is now
-                        buffer = visualization_trajectories(forward, tunnel, unit, starts=cfg.policy_starts,
-                                                            steps=cfg.policy_steps, lr=cfg.policy_lr,
-                                                            transforms=tspec, generator=g)
+                        if rollout is None or rollout.steps_run >= cfg.policy_horizon:
+                            rollout = Rollout(tunnel, starts=cfg.policy_starts, lr=cfg.policy_lr, transforms=tspec,
+                                              generator=g)
+                        rollout.run(forward, unit, min(cfg.policy_steps, cfg.policy_horizon - rollout.steps_run))
+                        buffer = rollout.points  # the whole trajectories so far (DAgger aggregates)
                     if cfg.lr_schedule == "cosine":
                         done = (epoch - 1) * steps + s
                         for group in opt.param_groups:
@@ -324,7 +349,11 @@ def slingshot(model, layer: str, unit: int, *, target, data=None, config: Slings
                     xb = fit_x[idx].to(device)
                     with torch.no_grad():
                         orig = tap_old(xb)[layer]
-                    l_pres = preservation_loss(forward(xb), orig, unit, cfg.w, cfg.relative)
+                    acts = forward(xb)
+                    l_pres = preservation_loss(acts, orig, unit, cfg.w, cfg.relative)
+                    if rank is not None:
+                        l_pres = l_pres + cfg.rank_weight * rank_loss(unit_activation(acts, unit),
+                                                                      unit_activation(orig, unit), rank)
                     x = tunnel.sample(cfg.tunnel_batch - n_on, g)
                     if n_on:
                         x = torch.cat([x, buffer[torch.randint(len(buffer), (n_on,), generator=g).to(buffer.device)]])
