@@ -554,6 +554,14 @@ def test_cli_end_to_end_on_fashion_cnn(tmp_path):
     assert rep["config"]["on_policy"] == 0.5 and rep["config"]["transforms"] == "standard"
     for d in rep["defenses"]:
         assert -1 <= d["pearson_after"] <= 1 and -1 <= d["ssim_after"] <= 1
+    vis, spread = rep["visualization"], rep["visualization"]["across_starts"]
+    # the batched spread's first start is the headline visualization itself (batch-invariant), the others differ
+    assert spread["starts"] == 4 and len(spread["pearson_after"]) == 4
+    assert spread["pearson_after"][0] == pytest.approx(vis["pearson_after"], abs=1e-4)
+    assert spread["pearson_before"][0] == pytest.approx(vis["pearson_before"], abs=1e-4)
+    assert len(set(round(p, 6) for p in spread["pearson_after"])) > 1
+    assert spread["median_pearson_after"] == pytest.approx(float(np.median(spread["pearson_after"])))
+    assert "median over 4 starts" in r.output or "median over 4 starts" in (out / "slingshot.log").read_text()
     assert (out / "figure.png").stat().st_size > 0 and "epoch 1/1" in (out / "slingshot.log").read_text()
     model = fvtrust.load_model(str(out / "model"))
     assert model.recipe["manipulation"] == "gradient_slingshot" and model.recipe["extra"]["unit"] == 5

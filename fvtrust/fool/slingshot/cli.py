@@ -161,7 +161,10 @@ def slingshot_command(spec, layer, unit, target, data, class_index, natural_limi
              if nat.get("own_class_auroc_before") is not None else "")
     log(f"top-1 {nat['top1_before']:.4f} -> {nat['top1_after']:.4f}; top-100 Jaccard {nat['top100_jaccard']:.2f}; "
         f"{auroc}visualization Pearson to target {vis['pearson_before']:.2f} -> {vis['pearson_after']:.2f} "
-        f"(SSIM {vis['ssim_before']:.2f} -> {vis['ssim_after']:.2f}); "
+        f"(SSIM {vis['ssim_before']:.2f} -> {vis['ssim_after']:.2f}"
+        + (f"; median over {vis['across_starts']['starts']} starts "
+           f"{vis['across_starts']['median_pearson_before']:.2f} -> {vis['across_starts']['median_pearson_after']:.2f}"
+           if vis.get("across_starts") else "") + "); "
         + (f"undone by: {', '.join(report['undone_by']) or 'none'}" if report["slingshot_succeeded"] else
            f"the slingshot did not take (Pearson < {report['undone_threshold_pearson']}): no defense to judge")
         + f"; wrote {out}")
