@@ -21,7 +21,7 @@ instead of FFT (or the reverse).
 
 One start is one sample: the same fine-tuned model, visualized from other
 seeds, lands at Pearson values that differ by up to 0.6 (README, slingshot).
-So the standard visualization is also run from `spread_starts` starts (the
+So the standard visualization is run from `spread_starts` starts (the
 seed's own and further ones; batched, one call per model), and
 `visualization.across_starts` gives every start's Pearson and their median.
 The headline `pearson_after` stays the first start's, the visualization a
@@ -128,29 +128,26 @@ def defense_settings(original, layer, unit, param: str = "fft", seed: int = 0) -
     ]
 
 
-def visualize_unit(model, layer, unit, settings: dict, steps: int, seed: int):
-    from ...visualize import visualize
+def visualize_starts(model, layer, unit, settings: dict, steps: int, seed: int, n: int = 1):
+    """(final images (n, C, H, W), final objectives (n,)) of the unit's visualization from n starts, one batched call.
 
-    kw = {k: v for k, v in settings.items() if k != "name"}
-    res = visualize(model, layer, [unit], steps=steps, objective="channel", seed=seed,
-                    progress_desc=f"visualize {settings['name']}", **kw)
-    return res.final[0], float(res.objective[-1, 0])
-
-
-def standard_across_starts(model, layer, unit, settings: dict, steps: int, seed: int, n: int,
-                           target_image: torch.Tensor) -> list[float]:
-    """Pearson to the target of the standard visualization from n starts, in one batched call.
-
-    The unit repeated n times gives n starts (visualize's replicates); the
-    first is the seed's own start, so element 0 equals the single
-    visualization `visualize_unit` makes with the same settings.
+    The unit repeated n times gives n starts (visualize's replicates); start 0
+    is the seed's own, the image a single visualization with the same
+    settings and seed makes (visualize is batch-invariant).
     """
     from ...visualize import visualize
 
     kw = {k: v for k, v in settings.items() if k != "name"}
     res = visualize(model, layer, [unit] * n, steps=steps, objective="channel", seed=seed,
-                    progress_desc=f"visualize {settings['name']}, {n} starts", **kw)
-    return [similarity_to_target(v, target_image)["pearson"] for v in res.final]
+                    progress_desc=f"visualize {settings['name']}" + (f", {n} starts" if n > 1 else ""), **kw)
+    return res.final, res.objective[-1]
+
+
+def standard_across_starts(model, layer, unit, settings: dict, steps: int, seed: int, n: int,
+                           target_image: torch.Tensor) -> list[float]:
+    """Pearson to the target of the unit's visualization from n starts (`visualize_starts`)."""
+    finals, _ = visualize_starts(model, layer, unit, settings, steps, seed, n)
+    return [similarity_to_target(v, target_image)["pearson"] for v in finals]
 
 
 def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout, *, layer: str, unit: int,
@@ -181,10 +178,16 @@ def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout,
         natural.update({"own_class": None, "own_class_auroc_before": None, "own_class_auroc_after": None,
                         "own_class_auroc_change": None, "own_class_note": "held-out data has no labels"})
     defenses, images = [], {"target": target_image, "before": [], "after": [], "names": []}
-    settings_list = defense_settings(original, layer, unit, param, seed)
-    for st in settings_list:
-        v0, o0 = visualize_unit(original, layer, unit, st, steps, seed)
-        v1, o1 = visualize_unit(manipulated, layer, unit, st, steps, seed)
+    spread = None
+    for i, st in enumerate(defense_settings(original, layer, unit, param, seed)):
+        n = max(1, spread_starts) if i == 0 else 1  # the standard one from several starts; its start 0 is the headline
+        (f0, o0), (f1, o1) = (visualize_starts(m, layer, unit, st, steps, seed, n) for m in (original, manipulated))
+        if n > 1:
+            r0, r1 = ([similarity_to_target(v, target_image)["pearson"] for v in f] for f in (f0, f1))
+            spread = {"starts": n, "pearson_before": r0, "pearson_after": r1,
+                      "median_pearson_before": float(np.median(r0)), "median_pearson_after": float(np.median(r1)),
+                      "min_pearson_after": float(min(r1)), "max_pearson_after": float(max(r1))}
+        v0, v1, o0, o1 = f0[0], f1[0], float(o0[0]), float(o1[0])
         b, a = similarity_to_target(v0, target_image), similarity_to_target(v1, target_image)
         settings = {k: (v.to_dict() if isinstance(v, T.TransformSpec) else v) for k, v in st.items() if k != "name"}
         defenses.append({"name": st["name"], "settings": settings,
@@ -199,13 +202,6 @@ def slingshot_report(original, manipulated, target_image: torch.Tensor, heldout,
         images["names"].append(st["name"])
     std = defenses[0]
     manipulated_ok = std["pearson_after"] >= UNDONE_BELOW
-    spread = None
-    if spread_starts > 1:
-        r0, r1 = (standard_across_starts(m, layer, unit, settings_list[0], steps, seed, spread_starts, target_image)
-                  for m in (original, manipulated))
-        spread = {"starts": spread_starts, "pearson_before": r0, "pearson_after": r1,
-                  "median_pearson_before": float(np.median(r0)), "median_pearson_after": float(np.median(r1)),
-                  "min_pearson_after": float(min(r1)), "max_pearson_after": float(max(r1))}
     if not manipulated_ok:  # nothing to undo: the standard visualization does not show the target
         for d in defenses:
             d["undoes_slingshot"] = None
