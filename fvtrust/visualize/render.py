@@ -126,13 +126,10 @@ def recipe_for(param) -> dict:
 
     A parameterization object may declare its own as a ``recipe`` attribute
     (:class:`~fvtrust.visualize.maco.Maco` has MACO's,
-    :data:`~fvtrust.visualize.maco.MACO_RECIPE`), as may ``"maco"``; fft, pixel,
-    raw and other parameterizations get lucent's ``render_vis`` settings.
+    :data:`~fvtrust.visualize.maco.MACO_RECIPE`; `visualize` turns ``"maco"``
+    into a `Maco` before asking); fft, pixel, raw and other parameterizations
+    get lucent's ``render_vis`` settings.
     """
-    from .maco import MACO_RECIPE
-
-    if isinstance(param, str):
-        return dict(MACO_RECIPE if param == "maco" else LUCENT_RECIPE)
     return dict(getattr(param, "recipe", None) or LUCENT_RECIPE)
 
 
@@ -174,10 +171,6 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
     alone has to mean MACO; any of the three given explicitly overrides its part
     (`transforms=None` or `"none"` is no transforms).
     """
-    recipe = recipe_for(param)
-    transforms = recipe["transforms"] if isinstance(transforms, str) and transforms == "auto" else transforms
-    lr = recipe["lr"] if lr is None else lr
-    optimizer = recipe["optimizer"] if optimizer is None else optimizer
     if grad_clip is not None and not grad_clip > 0:
         raise FvtrustError(f"grad_clip must be > 0, got {grad_clip}")
     from ..models import as_model
@@ -190,6 +183,10 @@ def visualize(model, layer: str, units="all", *, steps: int = 512, thresholds=No
         from .maco import maco_for
 
         param = maco_for(getattr(model, "default_data", None))  # the spectrum of the model's own natural data
+    recipe = recipe_for(param)
+    transforms = recipe["transforms"] if isinstance(transforms, str) and transforms == "auto" else transforms
+    lr = recipe["lr"] if lr is None else lr
+    optimizer = recipe["optimizer"] if optimizer is None else optimizer
     n_units = layer_units(model, layer)
     units = parse_units(units, n_units, layer)
     thresholds = _check_thresholds(thresholds if thresholds is not None else (steps,), steps)

@@ -149,6 +149,8 @@ def test_python_param_maco_takes_the_recipe_like_the_cli(random_fashion):
     assert (fft.settings["optimizer"], fft.settings["lr"], fft.settings["transforms"]["pad"]) == ("adam", 0.05, 2)
     bare = visualize(random_fashion, "fc", [0], steps=2, param=spec, transforms=None)
     assert bare.settings["transforms"] is None
+    named = visualize(random_fashion, "fc", [0], steps=1, param="maco")  # the model's own data's spectrum
+    assert (named.settings["optimizer"], named.settings["lr"]) == ("nadam", 1.0)
 
 
 def test_unknown_optimizer_names_the_choices(random_fashion):
