@@ -275,10 +275,11 @@ def natural_value_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def sigmoid_moments(a: float, b: float, nodes: int = 96) -> tuple[float, float]:
     """Mean and std of sigmoid(a + b·z), z ~ N(0, 1), by Gauss-Hermite quadrature."""
     from numpy.polynomial.hermite_e import hermegauss
+    from scipy.special import expit
 
     z, wq = hermegauss(nodes)
     wq = wq / wq.sum()
-    y = 0.5 * (1 + np.tanh(0.5 * (a + b * z)))  # the sigmoid, without overflow
+    y = expit(a + b * z)
     m = float(wq @ y)
     return m, float(np.sqrt(max(float(wq @ (y * y)) - m * m, 0.0)))
 
