@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 
 import fvtrust
+from fvtrust.errors import FvtrustError
 from fvtrust.fool.slingshot.finetune import resolve_target
 from fvtrust.fool.slingshot.report import defense_settings, standard_across_starts
 
@@ -26,10 +27,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.starts < 1 or args.steps < 1:
+        ap.error("--starts and --steps must be >= 1")
     for path in args.models:
-        fooled = fvtrust.load_model(path)
-        info = fooled.recipe["extra"]
-        original = fvtrust.load_model(fooled.recipe.get("base_spec") or "fashion-cnn")
+        try:
+            fooled = fvtrust.load_model(path)
+        except FvtrustError as e:
+            raise SystemExit(f"slingshot_spread: {e}")
+        recipe = getattr(fooled, "recipe", None) or {}
+        info = recipe.get("extra", {})
+        if recipe.get("manipulation") != "gradient_slingshot":
+            raise SystemExit(f"slingshot_spread: {path} is not a saved gradient slingshot (fvtrust fool slingshot)")
+        original = fvtrust.load_model(recipe.get("base_spec") or "fashion-cnn")
         layer, unit = info["layer"], int(info["unit"])
         target = resolve_target(info["target"], original)
         standard = defense_settings(original, layer, unit, info.get("param", "fft"), args.seed)[0]
