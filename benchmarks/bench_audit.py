@@ -10,7 +10,8 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
                        (defaults; the dev model of start_gap), block4:0 camera (`w 0.9`; before the slingshot's
                        per-position gamma rule this was `w 0.9, gamma_ratio 200`, a gamma within 2 % of today's),
                        and, held out, fc:3 astronaut, block4:7 coffee (these two did not take), fc:0 camera
-                       seed 1, fc:5 camera (block4 under the old gamma rule's defaults did not take);
+                       seed 1, fc:5 camera, block4:0 camera seed 1 (`w 0.9`; block4 under the old gamma rule's
+                       defaults did not take);
 * clean:               the original model, audited at fc, block3 and block4 (128 units).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -95,6 +96,7 @@ SLINGSHOTS = {
     "slingshot-block4-u7-coffee": ("block4", 7, "coffee", 0, {"w": 0.9}),
     "slingshot-fc-seed1": ("fc", 0, "camera", 1, {}),
     "slingshot-fc-u5": ("fc", 5, "camera", 0, {}),
+    "slingshot-block4-seed1": ("block4", 0, "camera", 1, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this

@@ -132,8 +132,13 @@ def visualize_starts(model, layer, unit, settings: dict, steps: int, seed: int, 
     """(final images (n, C, H, W), final objectives (n,)) of the unit's visualization from n starts, one batched call.
 
     The unit repeated n times gives n starts (visualize's replicates); start 0
-    is the seed's own, the image a single visualization with the same
-    settings and seed makes (visualize is batch-invariant).
+    is the seed's own: the same start noise and transforms as a single
+    visualization with the same settings and seed (one generator per image).
+    Only up to rounding, though: a batch of n runs other float kernels than a
+    batch of 1, and the optimization amplifies that chaotically. Measured on
+    the fc:0 slingshot: 2e-7 apart after 32 steps, up to 0.24 per pixel
+    after 512, Pearson to the target 0.601 here against 0.630 alone. One
+    start's Pearson is one sample; read the median over starts.
     """
     from ...visualize import visualize
 
