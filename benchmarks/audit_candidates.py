@@ -1,0 +1,126 @@
+"""Candidate audit signals that were measured and *not* adopted: does any separate a unit from its layer?
+
+The audit's slingshot signal `start_gap` misses block4 slingshots (README, "Audit"). This measures five
+more candidates per unit, for every unit of a layer, so a slung unit can be compared with the clean range
+(run it on clean models as the baseline):
+
+* start steepness: median over the audit's 8 standard start images of ||grad_x a|| / G, G the median
+  ||grad_x a|| on the unit's top natural images (a tunnel needs a steep start);
+* transformed start_gap: `start_gap` with both starts seen through 4 draws of the visualization's own
+  standard transforms (the tunnel is trained through them);
+* snapshot steepness: the median over the visualization's log-spaced snapshots of ||grad_x a|| / G;
+* seed agreement: Pearson between the 128-step visualizations of seeds 0 and 1, and the mean over the six
+  pairs of seeds 0-3 (a slingshot is an attractor);
+* setting agreement: Pearson between the standard visualization and the one with stronger transforms /
+  with no transforms (its tunnel is built for the standard ones).
+
+    python benchmarks/audit_candidates.py SLINGSHOT_DIR/model --layer block4 --unit 0
+    python benchmarks/audit_candidates.py fashion-cnn --layer block4 --unit 0            # the clean range
+    python benchmarks/audit_candidates.py fashion-cnn --weights random --layer block3 --unit 0
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import fvtrust
+from fvtrust.audit.core import AuditSettings
+from fvtrust.audit.probes import probe, snapshot_steps, start_images, unit_activations
+from fvtrust.audit.signals import start_gap
+from fvtrust.data import natural
+from fvtrust.errors import FvtrustError
+from fvtrust.linearity.top_activating import top_activating_many
+from fvtrust.models.layers import layer_units
+from fvtrust.visualize import transforms as T
+from fvtrust.visualize import visualize
+
+
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b (U x D each)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).float()
+
+
+def candidates(model, layer: str, steps: int, seed: int) -> dict:
+    """{candidate: (U,) values} for every unit of `layer`, as the module docstring defines them."""
+    st = AuditSettings()
+    n = layer_units(model, layer)
+    units = list(range(n))
+    u_t = torch.arange(n)
+    data = natural(None, model=model).evaluation.tensors(st.natural_limit, desc="read natural images")[0]
+    top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel", batch_size=st.batch_size)
+    nat = probe(model, layer, data[top.indices].flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True)
+    g_nat = nat.image_grad.reshape(n, st.top_k, -1).norm(dim=-1).median(1).values
+    out = {}
+
+    std, wide = start_images(tuple(model.input_shape), pairs=st.start_pairs, seed=seed)
+    s = len(std)
+    ps = probe(model, layer, std.repeat(n, 1, 1, 1), u_t.repeat_interleave(s), image_grad=True)
+    out["start steepness"] = ps.image_grad.reshape(n, s, -1).norm(dim=-1).median(1).values / g_nat
+
+    spec = T.TransformSpec.standard(int(model.input_shape[1]))
+    rng = np.random.default_rng(seed)
+    draws = [T.draw(spec, rng) for _ in range(4)]
+
+    def through(x):
+        return torch.cat([T.apply(x, spec, d) for d in draws])
+
+    a = unit_activations(model, layer, torch.cat([through(std)] + [through(w) for w in wide]), units)
+    k = len(draws) * s
+    dist = torch.stack([(w - std).flatten(1).norm(dim=1).repeat(len(draws)) for w in wide])
+    out["transformed start_gap"] = start_gap(a[:k].T, a[k:].T.reshape(n, len(wide), k), dist, g_nat)["gap"]
+
+    snaps = visualize(model, layer, units, steps=steps, objective="channel", seed=seed,
+                      thresholds=snapshot_steps(steps), progress_desc=None)
+    t = len(snaps.images)
+    pv = probe(model, layer, snaps.images.transpose(0, 1).flatten(0, 1), u_t.repeat_interleave(t), image_grad=True)
+    out["snapshot steepness"] = (pv.image_grad.norm(dim=1).reshape(n, t) / g_nat[:, None]).median(1).values
+
+    finals = [snaps.final] + [visualize(model, layer, units, steps=steps, objective="channel", seed=seed + i,
+                                        progress_desc=None).final for i in (1, 2, 3)]
+    out["seed agreement (seeds 0, 1)"] = pearson_rows(finals[0], finals[1])
+    out["seed agreement (mean of 6 pairs)"] = torch.stack(
+        [pearson_rows(finals[i], finals[j]) for i in range(4) for j in range(i + 1, 4)]).mean(0)
+
+    from fvtrust.fool.slingshot.report import stronger_transforms
+
+    for name, tr in (("stronger", stronger_transforms(int(model.input_shape[1]))), ("no", "none")):
+        other = visualize(model, layer, units, steps=steps, objective="channel", seed=seed, transforms=tr,
+                          progress_desc=None).final
+        out[f"setting agreement ({name} transforms)"] = pearson_rows(finals[0], other)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a spec or a saved model directory")
+    ap.add_argument("--weights", default=None, help="e.g. random")
+    ap.add_argument("--layer", required=True)
+    ap.add_argument("--unit", type=int, default=0, help="the unit to compare with the rest of its layer")
+    ap.add_argument("--steps", type=int, default=128, help="visualization steps (the audit's)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    try:
+        model = fvtrust.load_model(args.model, **({"weights": args.weights} if args.weights else {}))
+        n = layer_units(model, args.layer)
+        if not 0 <= args.unit < n:
+            raise FvtrustError(f"unit {args.unit} out of range for {args.layer}: valid units are 0..{n - 1}")
+        values = candidates(model, args.layer, args.steps, args.seed)
+    except FvtrustError as e:
+        raise SystemExit(f"audit_candidates: {e}")
+    print(f"{args.model} {args.layer}: unit {args.unit} against the other {n - 1} units of the layer")
+    for name, v in values.items():
+        v = v.double().numpy()
+        others = np.delete(v, args.unit)
+        ok = np.isfinite(others)
+        top = int(np.flatnonzero(ok)[np.argmax(others[ok])]) if ok.any() else None
+        top = None if top is None else (top if top < args.unit else top + 1)
+        print(f"  {name:40s} unit {v[args.unit]:7.3f}   others: median {np.nanmedian(others):7.3f}, "
+              f"max {np.nanmax(others):7.3f} (unit {top})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
