@@ -16,9 +16,8 @@ import argparse
 
 import torch
 
-import fvtrust
 from fvtrust.errors import FvtrustError
-from fvtrust.fool.slingshot.finetune import resolve_natural
+from fvtrust.fool.slingshot.finetune import load_saved_slingshot, resolve_natural
 from fvtrust.fool.slingshot.report import top_jaccard, unit_scores
 
 GREY = (0.3, 0.7)   # "mid-grey" pixel values
@@ -43,14 +42,9 @@ def main() -> None:
         ap.error("--top must be >= 1")
     for path in args.models:
         try:
-            fooled = fvtrust.load_model(path)
+            fooled, original, info = load_saved_slingshot(path)
         except FvtrustError as e:
             raise SystemExit(f"slingshot_leavers: {e}")
-        recipe = getattr(fooled, "recipe", None) or {}
-        if recipe.get("manipulation") != "gradient_slingshot":
-            raise SystemExit(f"slingshot_leavers: {path} is not a saved gradient slingshot (fvtrust fool slingshot)")
-        info = recipe.get("extra", {})
-        original = fvtrust.load_model(recipe.get("base_spec") or "fashion-cnn")
         layer, unit = info["layer"], int(info["unit"])
         x = resolve_natural(None, original).heldout.tensors(None, desc="read held-out images")[0]
         k = min(args.top, len(x))

@@ -14,9 +14,8 @@ import argparse
 
 import numpy as np
 
-import fvtrust
 from fvtrust.errors import FvtrustError
-from fvtrust.fool.slingshot.finetune import resolve_target
+from fvtrust.fool.slingshot.finetune import load_saved_slingshot, resolve_target
 from fvtrust.fool.slingshot.report import defense_settings, standard_across_starts
 
 
@@ -31,14 +30,9 @@ def main() -> None:
         ap.error("--starts and --steps must be >= 1")
     for path in args.models:
         try:
-            fooled = fvtrust.load_model(path)
+            fooled, original, info = load_saved_slingshot(path)
         except FvtrustError as e:
             raise SystemExit(f"slingshot_spread: {e}")
-        recipe = getattr(fooled, "recipe", None) or {}
-        info = recipe.get("extra", {})
-        if recipe.get("manipulation") != "gradient_slingshot":
-            raise SystemExit(f"slingshot_spread: {path} is not a saved gradient slingshot (fvtrust fool slingshot)")
-        original = fvtrust.load_model(recipe.get("base_spec") or "fashion-cnn")
         layer, unit = info["layer"], int(info["unit"])
         target = resolve_target(info["target"], original)
         standard = defense_settings(original, layer, unit, info.get("param", "fft"), args.seed)[0]

@@ -12,6 +12,7 @@ from fvtrust.errors import FvtrustError
 from fvtrust.fool import slingshot
 from fvtrust.fool.slingshot import Tunnel, manipulation_loss, preservation_loss
 from fvtrust.fool.slingshot.report import auroc, similarity_to_target, top_jaccard, unit_scores
+from fvtrust.fool.slingshot import load_saved_slingshot
 from fvtrust.models import FvModel, save_model
 from fvtrust.models.hooks import LayerTap
 
@@ -401,6 +402,18 @@ def test_save_reload_exact(trained_fashion, tmp_path):
         assert torch.equal(back(x), new(x))
         assert not torch.equal(back(x), trained_fashion(x))
     assert back.recipe["manipulation"] == "gradient_slingshot"
+    fooled, original, info = load_saved_slingshot(d)
+    assert info == {"unit": 3}
+    with torch.no_grad():
+        assert torch.equal(fooled(x), new(x)) and torch.equal(original(x), trained_fashion(x))
+
+
+def test_load_saved_slingshot_refuses_anything_else(trained_fashion, tmp_path):
+    with pytest.raises(FvtrustError):
+        load_saved_slingshot(tmp_path / "missing")
+    clean = save_model(trained_fashion, tmp_path / "clean", base_spec="fashion-cnn")
+    with pytest.raises(FvtrustError, match="not a saved gradient slingshot"):
+        load_saved_slingshot(clean)
 
 
 # -- measures ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ a reader finds the implementation where the call points.
 import sys
 import types
 
-from .finetune import MANIPULATION, SlingshotConfig, resolve_natural, resolve_target, slingshot
+from .finetune import MANIPULATION, SlingshotConfig, load_saved_slingshot, resolve_natural, resolve_target, slingshot
 from .loss import Tunnel, manipulation_loss, preservation_loss, slingshot_loss, unit_activation
 from .report import slingshot_figure, slingshot_report
 
@@ -25,6 +25,6 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["slingshot", "SlingshotConfig", "resolve_natural", "resolve_target", "Tunnel",
+__all__ = ["slingshot", "SlingshotConfig", "load_saved_slingshot", "resolve_natural", "resolve_target", "Tunnel",
            "manipulation_loss", "preservation_loss", "slingshot_loss", "unit_activation", "slingshot_report",
            "slingshot_figure", "MANIPULATION"]

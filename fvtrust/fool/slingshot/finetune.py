@@ -194,6 +194,26 @@ def rebuild(base, **_ignored):
     return model
 
 
+def load_saved_slingshot(path):
+    """(slingshot model, its original, its settings) from a directory `fvtrust fool slingshot` saved (OUT/model).
+
+    The settings are what the fine-tune recorded (layer, unit, target, param,
+    ...); the original is reloaded from the recorded base spec. Anything else
+    (a missing directory, a clean or otherwise manipulated model) is an
+    FvtrustError, so a tool reading slingshots says in one line what it got.
+    """
+    from ...models import load_model
+
+    fooled = load_model(str(path))
+    recipe = getattr(fooled, "recipe", None) or {}
+    if recipe.get("manipulation") != MANIPULATION:
+        raise FvtrustError(f"{path} is not a saved gradient slingshot (fvtrust fool slingshot ... --out DIR "
+                           "writes DIR/model)")
+    info = dict(recipe.get("extra", {}))
+    original = load_model(recipe.get("base_spec") or "fashion-cnn")
+    return fooled, original, info
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
 
