@@ -31,6 +31,7 @@ from fvtrust.audit.probes import probe, snapshot_steps, start_images, unit_activ
 from fvtrust.audit.signals import start_gap
 from fvtrust.data import natural
 from fvtrust.errors import FvtrustError
+from fvtrust.fool.slingshot.report import stronger_transforms
 from fvtrust.linearity.top_activating import top_activating_many
 from fvtrust.models.layers import layer_units
 from fvtrust.visualize import transforms as T
@@ -85,8 +86,6 @@ def candidates(model, layer: str, steps: int, seed: int) -> dict:
     out["seed agreement (mean of 6 pairs)"] = torch.stack(
         [pearson_rows(finals[i], finals[j]) for i in range(4) for j in range(i + 1, 4)]).mean(0)
 
-    from fvtrust.fool.slingshot.report import stronger_transforms
-
     for name, tr in (("stronger", stronger_transforms(int(model.input_shape[1]))), ("no", "none")):
         other = visualize(model, layer, units, steps=steps, objective="channel", seed=seed, transforms=tr,
                           progress_desc=None).final
@@ -114,10 +113,9 @@ def main() -> None:
     print(f"{args.model} {args.layer}: unit {args.unit} against the other {n - 1} units of the layer")
     for name, v in values.items():
         v = v.double().numpy()
-        others = np.delete(v, args.unit)
-        ok = np.isfinite(others)
-        top = int(np.flatnonzero(ok)[np.argmax(others[ok])]) if ok.any() else None
-        top = None if top is None else (top if top < args.unit else top + 1)
+        others = v.copy()
+        others[args.unit] = np.nan  # the rest of the layer, indexed as the layer is
+        top = int(np.nanargmax(others)) if np.isfinite(others).any() else None
         print(f"  {name:40s} unit {v[args.unit]:7.3f}   others: median {np.nanmedian(others):7.3f}, "
               f"max {np.nanmax(others):7.3f} (unit {top})", flush=True)
 

@@ -1,7 +1,8 @@
-"""What the method benchmarks share: which model, layer, units and step budget they run on.
+"""What the benchmarks share: which model, layer, units and step budget they run on, and saved slingshots.
 
 Declared once so `bench_methods.py` and `grey_units.py` spell these options
-(and load the model) the same way.
+(and load the model) the same way, and `slingshot_spread.py` and
+`slingshot_leavers.py` read their saved slingshots the same way.
 """
 from __future__ import annotations
 
@@ -22,3 +23,17 @@ def load_model(a: argparse.Namespace):
     import fvtrust
 
     return fvtrust.load_model(a.model, **({"weights": a.weights} if a.weights else {}))
+
+
+def saved_slingshots(paths, prog: str):
+    """Yield (path, slingshot, original, layer, unit, settings) for each saved slingshot; SystemExit in one line
+    (prefixed with `prog`) for anything that is not one (`fvtrust.fool.slingshot.load_saved_slingshot`)."""
+    from fvtrust.errors import FvtrustError
+    from fvtrust.fool.slingshot import load_saved_slingshot
+
+    for path in paths:
+        try:
+            fooled, original, info = load_saved_slingshot(path)
+        except FvtrustError as e:
+            raise SystemExit(f"{prog}: {e}")
+        yield path, fooled, original, info["layer"], int(info["unit"]), info

@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from fvtrust.errors import FvtrustError
-from fvtrust.fool.slingshot.finetune import load_saved_slingshot, resolve_natural
+from common import saved_slingshots
+from fvtrust.fool.slingshot.finetune import resolve_natural
 from fvtrust.fool.slingshot.report import top_jaccard, unit_scores
 
 GREY = (0.3, 0.7)   # "mid-grey" pixel values
@@ -40,12 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.top < 1:
         ap.error("--top must be >= 1")
-    for path in args.models:
-        try:
-            fooled, original, info = load_saved_slingshot(path)
-        except FvtrustError as e:
-            raise SystemExit(f"slingshot_leavers: {e}")
-        layer, unit = info["layer"], int(info["unit"])
+    for path, fooled, original, layer, unit, _ in saved_slingshots(args.models, "slingshot_leavers"):
         x = resolve_natural(None, original).heldout.tensors(None, desc="read held-out images")[0]
         k = min(args.top, len(x))
         s0, s1 = unit_scores(original, layer, unit, x), unit_scores(fooled, layer, unit, x)

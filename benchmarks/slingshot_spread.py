@@ -14,8 +14,8 @@ import argparse
 
 import numpy as np
 
-from fvtrust.errors import FvtrustError
-from fvtrust.fool.slingshot.finetune import load_saved_slingshot, resolve_target
+from common import saved_slingshots
+from fvtrust.fool.slingshot.finetune import resolve_target
 from fvtrust.fool.slingshot.report import defense_settings, standard_across_starts
 
 
@@ -28,12 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.starts < 1 or args.steps < 1:
         ap.error("--starts and --steps must be >= 1")
-    for path in args.models:
-        try:
-            fooled, original, info = load_saved_slingshot(path)
-        except FvtrustError as e:
-            raise SystemExit(f"slingshot_spread: {e}")
-        layer, unit = info["layer"], int(info["unit"])
+    for path, fooled, original, layer, unit, info in saved_slingshots(args.models, "slingshot_spread"):
         target = resolve_target(info["target"], original)
         standard = defense_settings(original, layer, unit, info.get("param", "fft"), args.seed)[0]
         for name, model in (("original", original), ("slingshot", fooled)):
