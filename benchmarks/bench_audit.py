@@ -97,6 +97,9 @@ SLINGSHOTS = {
     "slingshot-fc-seed1": ("fc", 0, "camera", 1, {}),
     "slingshot-fc-u5": ("fc", 5, "camera", 0, {}),
     "slingshot-block4-seed1": ("block4", 0, "camera", 1, {"w": 0.9}),
+    # built after the pre-activation readout of start_gap was committed: held out from its development
+    "slingshot-block4-seed2": ("block4", 0, "camera", 2, {"w": 0.9}),
+    "slingshot-block4-u1": ("block4", 1, "camera", 0, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this
@@ -192,14 +195,17 @@ def slingshot_took(model, result, layer: str, unit: int, target: str) -> dict:
 
 
 def calibrate(data, threads_note: str) -> dict:
-    """start_gap on the clean calibration set (trained and random-init fashion-cnn; fc, block3, block4; all units):
-    the values its fixed threshold was derived from (START_GAP_THRESHOLD's docstring gives the principle)."""
-    from fvtrust.audit.core import AuditSettings, START_GAP_THRESHOLD, start_signal
-    from fvtrust.audit.probes import probe
+    """start_gap and preactivation_start_gap on the clean calibration set (trained and random-init fashion-cnn;
+    fc, block3, block4; all units): the values their fixed thresholds were derived from (the principle is stated
+    at START_GAP_THRESHOLD in fvtrust/audit/core.py; fc has no final elementwise stage, so no pre-activation)."""
+    from fvtrust.audit.core import AuditSettings, PREACTIVATION_START_GAP_THRESHOLD, START_GAP_THRESHOLD, start_signal
+    from fvtrust.audit.probes import final_stage, probe
     from fvtrust.linearity.top_activating import top_activating_many
     from fvtrust.models.layers import parse_units
 
     st = AuditSettings()
+    committed = {"output": ("start_gap", START_GAP_THRESHOLD),
+                 "pre-activation": ("preactivation_start_gap", PREACTIVATION_START_GAP_THRESHOLD)}
     out = {}
     for weights in ("trained", "random"):
         model = fvtrust.load_model("fashion-cnn") if weights == "trained" else fvtrust.load_model(
@@ -211,23 +217,30 @@ def calibrate(data, threads_note: str) -> dict:
                                       batch_size=st.batch_size)
             imgs = data[top.indices]
             u_t = torch.as_tensor(units)
-            pr = probe(model, layer, imgs.flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True)
-            sg = start_signal(model, layer, units, pr.image_grad.reshape(len(units), st.top_k, -1),
-                              pairs=st.start_pairs, seed=st.seed)
-            v = sg["gap"].double().numpy()
-            ok = np.isfinite(v)
-            row = {"units": len(v), "defined": int(ok.sum()), "max": float(v[ok].max()),
-                   "p99": float(np.quantile(v[ok], 0.99)), "median": float(np.median(v[ok])),
-                   "argmax": int(units[int(np.nanargmax(v))]), "above_threshold": int((v[ok] >= START_GAP_THRESHOLD).sum())}
-            out[f"{weights}/{layer}"] = row
-            print(f"  {weights:7s} {layer:6s} units {row['units']:4d} (defined {row['defined']}): start_gap max "
-                  f"{row['max']:.3f} (unit {row['argmax']}), p99 {row['p99']:.3f}, median {row['median']:.3f}; "
-                  f">= threshold {START_GAP_THRESHOLD}: {row['above_threshold']}", flush=True)
-    top = max(r["max"] for r in out.values())
-    rule = float(np.ceil(1.25 * top / 0.05 - 1e-9) * 0.05)
-    print(f"  largest clean value {top:.3f}; the principle (1.25x, rounded up to 0.05) gives {rule:.2f}; "
-          f"the committed threshold is {START_GAP_THRESHOLD}", flush=True)
-    return {"layers": out, "largest": top, "rule_gives": rule, "threshold": START_GAP_THRESHOLD}
+            for readout, (signal, threshold) in committed.items():
+                if readout != "output" and final_stage(model, layer) is None:
+                    continue
+                pr = probe(model, layer, imgs.flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True,
+                           readout=readout)
+                sg = start_signal(model, layer, units, pr.image_grad.reshape(len(units), st.top_k, -1),
+                                  pairs=st.start_pairs, seed=st.seed, readout=readout)
+                v = sg["gap"].double().numpy()
+                ok = np.isfinite(v)
+                row = {"signal": signal, "units": len(v), "defined": int(ok.sum()), "max": float(v[ok].max()),
+                       "p99": float(np.quantile(v[ok], 0.99)), "median": float(np.median(v[ok])),
+                       "argmax": int(units[int(np.nanargmax(v))]), "above_threshold": int((v[ok] >= threshold).sum())}
+                out[f"{weights}/{layer}/{signal}"] = row
+                print(f"  {weights:7s} {layer:6s} {signal:24s} units {row['units']:4d} (defined {row['defined']}): "
+                      f"max {row['max']:.3f} (unit {row['argmax']}), p99 {row['p99']:.3f}, median {row['median']:.3f}; "
+                      f">= threshold {threshold}: {row['above_threshold']}", flush=True)
+    summary = {}
+    for readout, (signal, threshold) in committed.items():
+        top = max(r["max"] for r in out.values() if r["signal"] == signal)
+        rule = float(np.ceil(1.25 * top / 0.05 - 1e-9) * 0.05)
+        summary[signal] = {"largest": top, "rule_gives": rule, "threshold": threshold}
+        print(f"  {signal}: largest clean value {top:.3f}; the principle (1.25x, rounded up to 0.05) gives {rule:.2f}; "
+              f"the committed threshold is {threshold}", flush=True)
+    return {"layers": out, **summary}
 
 
 def timing(model, data, repeats: int, steps: int) -> dict:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import FvtrustError
-from .probes import WIDER_STARTS, pixel_probe, probe, snapshot_steps, start_images, strongest_images, unit_activations
+from .probes import WIDER_STARTS, final_stage, pixel_probe, probe, snapshot_steps, start_images, strongest_images, unit_activations
 from .signals import evidence, gradient_agreement, path_jump, probe_agreement, start_gap
 
 FLAG_AT = 0.5  # a unit is flagged when its score reaches this; fixed, see THRESHOLDS
@@ -49,6 +49,9 @@ FLAG_AT = 0.5  # a unit is flagged when its score reaches this; fixed, see THRES
 # largest value on the clean calibration set -- fashion-cnn trained and random-init, layers fc, block3 and block4,
 # every unit (`benchmarks/bench_audit.py --only calibrate`) -- rounded up to 0.05. See the README for the values.
 START_GAP_THRESHOLD = 0.6
+# preactivation_start_gap's threshold, by the same principle on the same clean calibration set (block3 and block4:
+# fc has no final elementwise stage), computed and committed before any slingshot was audited with it.
+PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.723 (trained block3 unit 30) x 1.25 -> 0.95
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ THRESHOLDS = {
                         "natural images times the distance: the visualization's start sits in a trench (or on a "
                         "ridge) that nearby starts do not share, as a tunnel built for that start distribution "
                         "(a gradient slingshot) leaves it"),
+    # PREACTIVATION_START_GAP_THRESHOLD: the same principle, calibrated on clean models only
+    "preactivation_start_gap": Signal(PREACTIVATION_START_GAP_THRESHOLD, 0.2, True,
+                                      "start_gap read before the layer's final elementwise stage (its ReLU), where "
+                                      "the layer has one: a unit that the activation switches off (exactly 0) at "
+                                      "the start hides a trench in its pre-activation from start_gap"),
 }
 
 
@@ -132,7 +140,7 @@ class AuditResult:
     visualizations: torch.Tensor | None = field(default=None, repr=False)   # (U, C, H, W)
     top_images: torch.Tensor | None = field(default=None, repr=False)       # (U, k, C, H, W)
     worst_probes: torch.Tensor | None = field(default=None, repr=False)     # (U, C, H, W): probe_agreement's image
-    start_values: dict | None = field(default=None, repr=False)  # start_gap's evidence: the unit at each start
+    start_values: dict | None = field(default=None, repr=False)  # start gaps' evidence: the unit at each start
 
     @property
     def scores(self) -> np.ndarray:
@@ -236,7 +244,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "mechanism": 0.0, "start": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v3", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        "audit-v4", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
     bounds = np.cumsum([0] + [len(c) for c in plan])
@@ -289,7 +297,8 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     failed, vis_value, strong = chunk["failed"], chunk["vis_value"], chunk["strong"]
     n_own = own.shape[1]
     signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"],
-               "probe_agreement": pa["agreement"], "start_gap": chunk["sg.gap"]}
+               "probe_agreement": pa["agreement"], "start_gap": chunk["sg.gap"],
+               "preactivation_start_gap": chunk["sgp.gap"]}
     ev, score = score_signals(signals)
     top_values, top_indices = ranked["values"], ranked["indices"]
     nat_max = top_values[:, 0]
@@ -307,7 +316,13 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                                     if np.isfinite(float(chunk["sg.gap"][i])) else None),
                    start_activation=_num(chunk["sg.std_values"][i].median()),
                    wider_start_activation=_num(chunk["sg.wide_values"][i][int(chunk["sg.worst_scale"][i])].median()),
-                   natural_gradient_norm=_num(chunk["sg.natural_grad_norm"][i]))
+                   natural_gradient_norm=_num(chunk["sg.natural_grad_norm"][i]),
+                   preactivation_start_gap_scale=(
+                       f"{WIDER_STARTS[int(chunk['sgp.worst_scale'][i])]}x the start noise"
+                       if np.isfinite(float(chunk["sgp.gap"][i])) else None),
+                   start_preactivation=_num(chunk["sgp.std_values"][i].median()),
+                   wider_start_preactivation=_num(chunk["sgp.wide_values"][i][int(chunk["sgp.worst_scale"][i])].median()),
+                   natural_preactivation_gradient_norm=_num(chunk["sgp.natural_grad_norm"][i]))
         fired = [name for name in signals if float(ev[name][i]) >= FLAG_AT]
         rows.append({"unit": int(u), "score": round(float(score[i]), 6), "flagged": bool(score[i] >= FLAG_AT),
                      "signals": sig, "fired": fired, "top_natural_indices": top_indices[i].tolist()})
@@ -325,7 +340,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                        worst_probes=chunk["worst_probe"],
                        start_values={"standard": chunk["sg.std_values"], "wider": chunk["sg.wide_values"],
                                      "natural": top_values, "visualization": vis_value,
-                                     "wider_multiples": WIDER_STARTS})
+                                     "wider_multiples": WIDER_STARTS,
+                                     "pre_standard": chunk["sgp.std_values"], "pre_wider": chunk["sgp.wide_values"],
+                                     "pre_natural": chunk["sgp.natural_values"]})
 
 
 def _code_digest() -> str:
@@ -430,6 +447,19 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
     t = time.perf_counter()
     sg = start_signal(model, key, units, nat_p.image_grad.reshape(U, k, -1), pairs=settings.start_pairs,
                       seed=settings.seed, batch_size=settings.batch_size)
+    # the same, read before the layer's final elementwise stage (its ReLU) where it has one: a unit that is off
+    # (exactly 0) at the start shows nothing of a trench in its pre-activation
+    if final_stage(model, key) is not None:
+        nat_pre = probe(model, key, top_images.reshape(U * k, *chw), u_t.repeat_interleave(k), image_grad=True,
+                        batch_size=settings.batch_size, readout="pre-activation")
+        sg_pre = start_signal(model, key, units, nat_pre.image_grad.reshape(U, k, -1), pairs=settings.start_pairs,
+                              seed=settings.seed, batch_size=settings.batch_size, readout="pre-activation")
+        sg_pre["natural_values"] = nat_pre.value.reshape(U, k)
+    else:
+        nan = torch.full((U,), float("nan"))
+        sg_pre = {"gap": nan, "worst_scale": torch.zeros(U, dtype=torch.long), "std_values": nan[:, None],
+                  "wide_values": nan[:, None, None].expand(U, len(WIDER_STARTS), 1).contiguous(),
+                  "natural_grad_norm": nan, "natural_values": nan[:, None].expand(U, k).contiguous()}
     seconds["start"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -453,12 +483,14 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
     out.update({f"ga.{name}": v.detach().cpu() for name, v in ga.items()})
     out.update({f"pa.{name}": v.detach().cpu() for name, v in pa.items()})
     out.update({f"sg.{name}": v.detach().cpu() for name, v in sg.items()})
+    out.update({f"sgp.{name}": sg_pre[name].detach().cpu().clone()  # clone: the NaN fill shares one buffer
+                for name in ("gap", "worst_scale", "std_values", "wide_values", "natural_grad_norm", "natural_values")})
     out.update({f"seconds.{name}": torch.tensor(v, dtype=torch.float64) for name, v in seconds.items()})
     return out
 
 
 def start_signal(model, key: str, units, natural_image_grads: torch.Tensor, *, pairs: int, seed: int,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, readout: str = "output") -> dict:
     """`start_gap` for `units` given their image gradients on their top natural images (U, k, D).
 
     One forward pass of the shared start images (`start_images`: `pairs`
@@ -466,10 +498,13 @@ def start_signal(model, key: str, units, natural_image_grads: torch.Tensor, *, p
     value does not depend on which chunk it is in) gives every unit's
     activation there. Returns the `start_gap` dict plus ``std_values`` (U, S),
     ``wide_values`` (U, W, S) and ``natural_grad_norm`` (U,), the evidence.
+    `readout` as in `probe` ("pre-activation": the natural image gradients
+    must be the pre-activation's too).
     """
     std, wide = start_images(tuple(model.input_shape), pairs=pairs, seed=seed)
     W, S = wide.shape[:2]
-    acts = unit_activations(model, key, torch.cat([std, wide.flatten(0, 1)]), units, batch_size=batch_size)  # (N, U)
+    acts = unit_activations(model, key, torch.cat([std, wide.flatten(0, 1)]), units, batch_size=batch_size,
+                            readout=readout)  # (N, U)
     std_values, wide_values = acts[:S].T, acts[S:].T.reshape(len(units), W, S)
     distances = (wide - std[None]).flatten(2).norm(dim=2)                                          # (W, S)
     g = natural_image_grads.norm(dim=-1).median(dim=1).values                                      # (U,)

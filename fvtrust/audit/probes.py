@@ -73,18 +73,47 @@ def _tensors_in(args, kwargs) -> list[torch.Tensor]:
     return found
 
 
-def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad: bool) -> Probe:
+def _readout_hooks(module, stage_module, store: dict) -> list:
+    """Hooks that put the layer's readout in store["out"] and stop the forward pass there.
+
+    stage_module None: the layer's output. Otherwise the *input* of
+    `stage_module`, the layer's final elementwise stage (`final_stage`), on the
+    call whose output is the layer's output. Its input is cloned before the
+    stage runs, so an in-place activation (ReLU(inplace=True)) cannot
+    overwrite it; the clone keeps the autograd graph.
+    """
+    def post(_m, _args, out):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if stage_module is None:
+            store["out"] = out
+        else:
+            last = store.get("stage")
+            if last is None or last[1] is not out:
+                raise FvtrustError("the layer's final stage did not produce its output on this input, so its "
+                                   "pre-activation cannot be read")
+            store["out"] = last[0]
+        raise _Reached
+
+    hooks = []
+    if stage_module is not None:
+        def stage_pre(_m, args):
+            store["pending"] = args[0].clone()
+
+        def stage_post(_m, _args, out):
+            store["stage"] = (store.pop("pending"), out)
+
+        hooks += [stage_module.register_forward_pre_hook(stage_pre), stage_module.register_forward_hook(stage_post)]
+    return hooks + [module.register_forward_hook(post)]
+
+
+def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad: bool,
+                 stage_module=None) -> Probe:
     store: dict = {}
 
     def pre(_m, args, kwargs):
         store["in"] = _tensors_in(args, kwargs)
 
-    def post(_m, _args, _kwargs, out):
-        store["out"] = out[0] if isinstance(out, (tuple, list)) else out
-        raise _Reached
-
-    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = module.register_forward_hook(post, with_kwargs=True)
+    hooks = [module.register_forward_pre_hook(pre, with_kwargs=True)] + _readout_hooks(module, stage_module, store)
     x = x.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -93,8 +122,8 @@ def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad
             except _Reached:
                 pass
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
     if "out" not in store or not isinstance(store["out"], torch.Tensor):
         raise FvtrustError("the audited layer did not produce a tensor in the forward pass")
     value = unit_value(store["out"], units)
@@ -115,9 +144,14 @@ def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad
 
 
 def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = True,
-          batch_size: int = 256) -> Probe:
-    """Probe images[i] on unit units[i] (see module doc), in batches; results on the CPU."""
+          batch_size: int = 256, readout: str = "output") -> Probe:
+    """Probe images[i] on unit units[i] (see module doc), in batches; results on the CPU.
+
+    readout "output": the layer's output; "pre-activation": the input of its final elementwise stage
+    (`final_stage`; an error where the layer has none).
+    """
     module = model.get_layer(layer)
+    stage_module = _stage_for(model, layer, readout)
     units = torch.as_tensor(units, dtype=torch.long)
     if len(units) != len(images):
         raise FvtrustError("probe needs one unit per image")
@@ -128,7 +162,7 @@ def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = 
     try:
         for i in range(0, len(images), batch_size):
             xb = images[i:i + batch_size].to(model.device, torch.float32)
-            pb = _probe_batch(model, module, xb, units[i:i + batch_size].to(model.device), image_grad)
+            pb = _probe_batch(model, module, xb, units[i:i + batch_size].to(model.device), image_grad, stage_module)
             out.append(Probe(pb.value.cpu(), None if pb.image_grad is None else pb.image_grad.cpu(),
                              pb.input_grad.cpu()))
     finally:
@@ -140,17 +174,16 @@ def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = 
 
 
 @torch.no_grad()
-def unit_activations(model, layer: str, images: torch.Tensor, units, *, batch_size: int = 256) -> torch.Tensor:
-    """(N, U): every listed unit's activation (`unit_value`: spatial mean) on every image, one forward each."""
+def unit_activations(model, layer: str, images: torch.Tensor, units, *, batch_size: int = 256,
+                     readout: str = "output") -> torch.Tensor:
+    """(N, U): every listed unit's activation (`unit_value`: spatial mean) on every image, one forward each.
+
+    readout as in `probe`.
+    """
     module = model.get_layer(layer)
     units = torch.as_tensor(units, dtype=torch.long)
     store: dict = {}
-
-    def post(_m, _args, out):
-        store["out"] = out[0] if isinstance(out, (tuple, list)) else out
-        raise _Reached
-
-    h = module.register_forward_hook(post)
+    hooks = _readout_hooks(module, _stage_for(model, layer, readout), store)
     rows = []
     try:
         for i in range(0, len(images), batch_size):
@@ -164,8 +197,74 @@ def unit_activations(model, layer: str, images: torch.Tensor, units, *, batch_si
             out = store["out"][:, units.to(store["out"].device)]
             rows.append(out.reshape(len(out), len(units), -1).mean(2).float().cpu())
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
     return torch.cat(rows)
+
+
+READOUTS = ("output", "pre-activation")
+
+
+def _stage_for(model, layer: str, readout: str):
+    if readout not in READOUTS:
+        raise FvtrustError(f"unknown readout {readout!r}; valid: {', '.join(READOUTS)}")
+    if readout == "output":
+        return None
+    stage = final_stage(model, layer)
+    if stage is None:
+        raise FvtrustError(f"layer {layer!r} has no final elementwise stage (a parameter-free, shape-preserving "
+                           "submodule that produces its output), so it has no pre-activation to read")
+    return stage
+
+
+def final_stage(model, layer: str):
+    """The submodule that produces `layer`'s output elementwise (its activation function), or None.
+
+    Found by one forward pass of a mid-grey image, from behaviour only: the
+    last leaf submodule call of the layer whose output tensor *is* the
+    layer's output, provided it has no parameters and its input has the
+    output's shape. For fashion-cnn's Conv-BN-ReLU blocks that is the ReLU; for a
+    torchvision Bottleneck or BasicBlock the ReLU after the residual sum (the
+    same module is called several times: the last call counts); a plain conv
+    or linear layer, or a layer whose activation is a function call
+    (`F.relu`) rather than a module, has none. Why the audit wants it: a
+    ReLU unit that is off (exactly 0, zero gradient) at the visualization's
+    start hides whatever the pre-activation does there (a gradient slingshot
+    on fashion-cnn block4 sinks exactly that into a trench).
+    """
+    module = model.get_layer(layer)
+    seen: list = []   # (submodule, input, output) in the order the calls finished: innermost first
+    store: dict = {}
+
+    def sub_post(m, args, out):
+        seen.append((m, args, out))
+
+    def post(_m, _args, out):
+        store["out"] = out[0] if isinstance(out, (tuple, list)) else out
+        raise _Reached
+
+    hooks = [m.register_forward_hook(sub_post) for name, m in module.named_modules() if name]
+    hooks.append(module.register_forward_hook(post))
+    p = next(iter(model.parameters()), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            try:
+                model(torch.full((1, *model.input_shape), 0.5, device=dev))
+            except _Reached:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    out = store.get("out")
+    for m, args, o in reversed(seen):
+        if o is out and not any(True for _ in m.children()):
+            # the last leaf call that returned the output tensor (not the first: an in-place activation returns
+            # the very tensor the BatchNorm before it returned)
+            ok = (not any(True for _ in m.parameters()) and len(args) >= 1 and isinstance(args[0], torch.Tensor)
+                  and args[0].shape == out.shape)
+            return m if ok else None
+    return None
 
 
 def strongest_images(model, layer: str, pool: torch.Tensor, units, r: int, *, batch_size: int = 256) -> torch.Tensor:

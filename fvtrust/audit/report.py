@@ -83,25 +83,28 @@ def histogram_png(scores) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def start_png(standard, wider, natural, visualization, multiples) -> str:
+def start_png(standard, wider, natural, visualization, multiples, ylabel: str = "unit activation") -> str:
     """start_gap's evidence for one unit, as an inline PNG: the unit's activation at its visualization's own start
     images, at the wider starts (one column per noise multiple), on its top natural images and on its
-    visualization. A tunnel built for the start distribution shows as a first column far from the next ones."""
+    visualization (None: no column). A tunnel built for the start distribution shows as a first column far from
+    the next ones. preactivation_start_gap's evidence is the same plot of the pre-activation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = [("start\n(1x)", standard)] + [(f"{m}x noise", w) for m, w in zip(multiples, wider)] + \
-        [("top natural", natural), ("visual-\nization", np.atleast_1d(visualization))]
+        [("top natural", natural)] + ([] if visualization is None else
+                                      [("visual-\nization", np.atleast_1d(visualization))])
+    n_grey = 1 if visualization is None else 2
     fig, ax = plt.subplots(figsize=(3.4, 2.2))
     for j, (_, vals) in enumerate(cols):
         vals = np.asarray(vals, dtype=float)
         ax.plot(np.full(len(vals), j) + np.linspace(-0.12, 0.12, len(vals)), vals, "o", ms=3,
-                color="#b00" if j == 0 else ("#4a7ab0" if j < len(cols) - 2 else "#555"))
+                color="#b00" if j == 0 else ("#4a7ab0" if j < len(cols) - n_grey else "#555"))
     ax.set_xticks(range(len(cols)), [c for c, _ in cols], fontsize=6)
     ax.tick_params(axis="y", labelsize=6)
-    ax.set_ylabel("unit activation", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -159,6 +162,11 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
             if sv is not None and "start_gap" in u["fired"]:
                 worst += (f'<img src="{start_png(sv["standard"][i], sv["wider"][i], sv["natural"][i], sv["visualization"][i], sv["wider_multiples"])}" '
                           'alt="the unit at its visualization\'s start images, wider starts, natural images">')
+            if sv is not None and "preactivation_start_gap" in u["fired"]:
+                png = start_png(sv["pre_standard"][i], sv["pre_wider"][i], sv["pre_natural"][i], None,
+                                sv["wider_multiples"], ylabel="unit pre-activation")
+                worst += (f'<img src="{png}" alt="the unit\'s pre-activation at its visualization\'s start images, '
+                          'wider starts, natural images">')
             tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
                            for im in (result.top_images[i][:4] if result.top_images is not None else []))
             sig = "<br>".join((f"<b>{html.escape(k)} = {_fmt(v)}</b>" if k in u["fired"] else

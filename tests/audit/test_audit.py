@@ -192,7 +192,8 @@ def test_layer_without_units(natural8):
 
 def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
-    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement", "start_gap"}
+    assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement", "start_gap",
+                               "preactivation_start_gap"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
 
 
@@ -433,3 +434,139 @@ def test_start_tunnel_is_flagged_and_linear_units_are_not(tmp_path):
     flat = audit(_fv(WellNet(depth=0.0), (1, 16, 16)), "head", **kw)  # the same units without the well: linear
     assert all(u["signals"]["start_gap"] < 0.3 for u in flat.units)
     assert not any("start_gap" in u["fired"] for u in flat.units) and flat.verdict == "clean"
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class BlockNet(nn.Module):
+    """conv -> (Conv-BN-ReLU block, in-place ReLU) -> (block with a functional ReLU) -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.func = FunctionalReLU()
+        self.fc = nn.Linear(3 * 64, 2)
+
+    def forward(self, x):
+        return self.fc(self.func(self.block(x)[:, :1]).flatten(1))
+
+
+def test_final_stage_is_found_from_behaviour():
+    import torchvision
+
+    from fvtrust.audit.probes import final_stage
+    from fvtrust.models import wrap
+
+    m = _fv(BlockNet().eval())
+    assert isinstance(final_stage(m, "block"), nn.ReLU)          # in place: BatchNorm returned the same tensor
+    for layer in ("func", "fc", "block.0", "block.1", "block.2"):  # functional ReLU, linear, leaves themselves
+        assert final_stage(m, layer) is None, layer
+    rn = wrap(torchvision.models.resnet18().eval(), input_shape=(3, 32, 32))
+    assert final_stage(rn, "layer4") is rn.net.layer4[1].relu     # the ReLU after the residual sum
+    assert final_stage(rn, "layer4.1.conv2") is None
+
+
+def test_preactivation_readout_against_hooks():
+    import torchvision
+
+    from fvtrust.audit.probes import unit_activations
+    from fvtrust.models import wrap
+
+    net = torchvision.models.resnet18().eval()
+    rn = wrap(net, input_shape=(3, 32, 32))
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    store = {}
+    h1 = net.layer4[1].bn2.register_forward_hook(lambda m, i, o: store.__setitem__("bn2", o.clone()))
+    h2 = net.layer4[1].register_forward_pre_hook(lambda m, i: store.__setitem__("identity", i[0].clone()))
+    with torch.no_grad():
+        rn(x)
+    h1.remove(), h2.remove()
+    units = [0, 3, 7, 3, 511]
+    ref = (store["bn2"] + store["identity"]).mean((2, 3))          # the residual sum, before the in-place ReLU
+    pre = unit_activations(rn, "layer4", x, units, readout="pre-activation")
+    assert torch.allclose(pre, ref[:, units], atol=1e-5)
+    assert (pre < 0).any()                                          # not the clipped output
+    post = unit_activations(rn, "layer4", x, units)
+    assert torch.allclose(post, torch.relu(store["bn2"] + store["identity"]).mean((2, 3))[:, units], atol=1e-5)
+    # the probe's value and image gradient are those of the pre-activation (autograd on the reference)
+    xi = x[:2].clone().requires_grad_(True)
+    p = probe(rn, "layer4", x[:2], [3, 7], readout="pre-activation")
+    store.clear()
+    h1 = net.layer4[1].bn2.register_forward_hook(lambda m, i, o: store.__setitem__("bn2", o.clone()))
+    h2 = net.layer4[1].register_forward_pre_hook(lambda m, i: store.__setitem__("identity", i[0].clone()))
+    rn(xi)
+    h1.remove(), h2.remove()
+    s = (store["bn2"] + store["identity"]).mean((2, 3))
+    v = torch.stack([s[0, 3], s[1, 7]])
+    g, = torch.autograd.grad(v.sum(), xi)
+    assert torch.allclose(p.value, v.detach(), atol=1e-5)
+    assert torch.allclose(p.image_grad, g.reshape(2, -1), atol=1e-6)
+
+
+def test_preactivation_readout_bad_input():
+    from fvtrust.audit.probes import unit_activations
+
+    m = _fv(BlockNet().eval())
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(FvtrustError, match="no pre-activation"):
+        unit_activations(m, "func", x, [0], readout="pre-activation")
+    with pytest.raises(FvtrustError, match="unknown readout 'pre'"):
+        probe(m, "block", x, [0, 1], readout="pre")
+
+
+class WellPre(nn.Module):
+    """Well's units before a ReLU: unit 0 is off (< 0) at and around mid-grey, and its well sits below that."""
+
+    def __init__(self, depth: float = 5.0):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(256, 3)
+        with torch.no_grad():
+            self.lin.weight.mul_(5)
+            self.lin.bias.copy_(-0.5 - 0.5 * self.lin.weight.sum(1))   # -0.5 at mid-grey
+        self.depth = depth
+
+    def forward(self, x):
+        y = self.lin(x.flatten(1))
+        r2 = ((x - 0.5) ** 2).flatten(1).sum(1, keepdim=True)
+        return torch.cat([y[:, :1] - self.depth * torch.exp(-r2 / 0.25 ** 2), y[:, 1:]], 1)
+
+
+class WellReLUNet(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.head = nn.Sequential(WellPre(**kw), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_trench_behind_a_relu_is_flagged_by_the_preactivation(tmp_path):
+    from fvtrust.audit.report import save_audit
+
+    natural = torch.rand(120, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
+    res = audit(_fv(WellReLUNet(), (1, 16, 16)), "head", **kw)
+    by = {u["unit"]: u for u in res.units}
+    s0 = by[0]["signals"]
+    assert s0["start_activation"] == 0 and s0["wider_start_activation"] == 0     # off at every start: no start_gap
+    assert "start_gap" not in by[0]["fired"]
+    assert s0["start_preactivation"] < s0["wider_start_preactivation"] < 0       # the trench, behind the ReLU
+    assert s0["preactivation_start_gap"] > THRESHOLDS["preactivation_start_gap"].threshold
+    assert "preactivation_start_gap" in by[0]["fired"] and res.verdict == "suspicious"
+    for u in (1, 2):
+        assert by[u]["signals"]["preactivation_start_gap"] < 0.3
+    page = (save_audit(res, tmp_path / "aud") / "index.html").read_text()
+    assert page.count("pre-activation at its visualization's start images") == 1   # its evidence, unit 0 only
+    flat = audit(_fv(WellReLUNet(depth=0.0), (1, 16, 16)), "head", **kw)
+    assert all(u["signals"]["preactivation_start_gap"] < 0.3 for u in flat.units) and flat.verdict == "clean"
+    lin = audit(_fv(WellNet(depth=0.0), (1, 16, 16)), "head", **kw)            # no final stage: not defined
+    assert all(u["signals"]["preactivation_start_gap"] is None for u in lin.units)
