@@ -11,7 +11,8 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
                        per-position gamma rule this was `w 0.9, gamma_ratio 200`, a gamma within 2 % of today's),
                        and, held out, fc:3 astronaut, block4:7 coffee (these two did not take), fc:0 camera
                        seed 1, fc:5 camera, block4:0 camera seed 1 (`w 0.9`; block4 under the old gamma rule's
-                       defaults did not take);
+                       defaults did not take), and block4:0 camera seed 2 (`w 0.9`), built after
+                       preactivation_start_gap was committed;
 * clean:               the original model, audited at fc, block3 and block4 (128 units).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -99,7 +100,6 @@ SLINGSHOTS = {
     "slingshot-block4-seed1": ("block4", 0, "camera", 1, {"w": 0.9}),
     # built after the pre-activation readout of start_gap was committed: held out from its development
     "slingshot-block4-seed2": ("block4", 0, "camera", 2, {"w": 0.9}),
-    "slingshot-block4-u1": ("block4", 1, "camera", 0, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this

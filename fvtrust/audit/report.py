@@ -28,7 +28,7 @@ BLIND_SPOTS = [
     "who also shapes the landscape at the wider starts (a tunnel wider than 30x the start noise, or several start "
     "distributions trained at once), one whose tunnel begins where the unit already is (no trench or ridge at the "
     "start), nor a tunnel built for another start (another parameterization or init scale than the audit's fft "
-    "visualization). Measured on fashion-cnn: it flagged both fc:0 slingshots that took and missed the block4:0 one, whose unit is off at the start images and whose tunnel begins only after the unit wakes. Other units of a slingshot model whose visualizations the fine-tune dragged along (fashion-cnn "
+    "visualization). Measured on fashion-cnn: it flagged both fc:0 slingshots that took and missed the block4:0 ones, whose unit is off at the start images and whose tunnel begins only after the unit wakes; read before the ReLU (preactivation_start_gap) the start shows no trench either: the slung unit's pre-activation there is the clean unit's (-0.60 in both). Other units of a slingshot model whose visualizations the fine-tune dragged along (fashion-cnn "
     "fc: the classes whose weights oppose the slung unit's) can be flagged too.",
     "A silent unit that none of the probes switches on is, on every image the audit makes, the clean unit; "
     "the audit cannot tell it apart (on fashion-cnn the pool of all units' probes reached every one).",
