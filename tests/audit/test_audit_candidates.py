@@ -29,3 +29,42 @@ def test_pearson_rows_is_the_row_wise_correlation():
     a, b = torch.randn(3, 1, 4, 5, generator=g), torch.randn(3, 1, 4, 5, generator=g)
     want = [np.corrcoef(a[i].flatten(), b[i].flatten())[0, 1] for i in range(3)]
     assert torch.allclose(audit_candidates.pearson_rows(a, b), torch.tensor(want, dtype=torch.float32), atol=1e-6)
+
+
+def test_tunnel_coherence_against_a_per_line_reference():
+    """The batched candidate equals a plain autograd loop over units and starts (same draws, same leaves)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fvtrust.audit.probes import START_SD
+    from fvtrust.models import FvModel
+    from fvtrust.visualize import transforms as T
+    from fvtrust.visualize.param import make_param
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1))
+    m = FvModel(net, mean=[0.0], std=[1.0], input_shape=(1, 12, 12), spec="test-net")
+    vis = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    got = audit_candidates.tunnel_coherence(m, "2", vis, [0, 1], pairs=3, seed=5)
+    spec = T.TransformSpec.standard(12)
+    rng = np.random.default_rng(5)
+    ds = [T.draw(spec, rng) for _ in range(4)]
+    th_v = make_param("fft", (2, 1, 12, 12), start=vis).tensor.detach()
+    base = make_param("fft", (3, 1, 12, 12), sd=START_SD,
+                      generators=[torch.Generator().manual_seed(5 * 100003 + s) for s in range(3)])
+    want = []
+    for u in range(2):
+        cs = []
+        for s in range(3):
+            gs = []
+            for pt in (0.25, 0.75):
+                th = (base.tensor.detach()[s] + pt * (th_v[u] - base.tensor.detach()[s]))[None].clone().requires_grad_(True)
+                img = dataclasses.replace(base, tensor=th, shape=(1, 1, 12, 12)).image()
+                val = sum(net(T.apply(img, spec, d))[0, u].mean() for d in ds)
+                gs.append(torch.autograd.grad(val, th)[0].flatten().double())
+            cs.append(float(gs[0] @ gs[1] / (gs[0].norm() * gs[1].norm())))
+        want.append(float(np.median(cs)))
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float32), atol=1e-5)
