@@ -407,21 +407,31 @@ class Well(nn.Module):
         return torch.cat([y[:, :1] - well, y[:, 1:]], 1)
 
 
-class WellNet(nn.Module):
-    def __init__(self, **kw):
+class HeadNet(nn.Module):
+    """A model that is its layer `head` (what the audit's hand-made cases need)."""
+
+    def __init__(self, head: nn.Module):
         super().__init__()
-        self.head = Well(**kw)
+        self.head = head
 
     def forward(self, x):
         return self.head(x)
 
 
+def WellNet(**kw):
+    return HeadNet(Well(**kw))
+
+
+def _audit_head(net):
+    """The audit of `net`'s head on 120 uniform 16 x 16 natural images, with settings small enough for a test."""
+    natural = torch.rand(120, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return audit(_fv(net, (1, 16, 16)), "head", data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
+
+
 def test_start_tunnel_is_flagged_and_linear_units_are_not(tmp_path):
     from fvtrust.audit.report import save_audit
 
-    natural = torch.rand(120, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    kw = dict(data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
-    res = audit(_fv(WellNet(), (1, 16, 16)), "head", **kw)
+    res = _audit_head(WellNet())
     by = {u["unit"]: u for u in res.units}
     assert by[0]["signals"]["start_gap"] > THRESHOLDS["start_gap"].threshold and "start_gap" in by[0]["fired"]
     assert by[0]["signals"]["start_activation"] < by[0]["signals"]["wider_start_activation"]  # a trench
@@ -431,7 +441,7 @@ def test_start_tunnel_is_flagged_and_linear_units_are_not(tmp_path):
     assert res.start_values["standard"].shape == (3, 8) and res.start_values["wider"].shape == (3, 2, 8)
     page = (save_audit(res, tmp_path / "aud") / "index.html").read_text()
     assert page.count("the unit at its visualization's start images") == 1   # start_gap's evidence, unit 0 only
-    flat = audit(_fv(WellNet(depth=0.0), (1, 16, 16)), "head", **kw)  # the same units without the well: linear
+    flat = _audit_head(WellNet(depth=0.0))  # the same units without the well: linear
     assert all(u["signals"]["start_gap"] < 0.3 for u in flat.units)
     assert not any("start_gap" in u["fired"] for u in flat.units) and flat.verdict == "clean"
 
@@ -540,21 +550,14 @@ class WellPre(nn.Module):
         return torch.cat([y[:, :1] - self.depth * torch.exp(-r2 / 0.25 ** 2), y[:, 1:]], 1)
 
 
-class WellReLUNet(nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.head = nn.Sequential(WellPre(**kw), nn.ReLU(inplace=True))
-
-    def forward(self, x):
-        return self.head(x)
+def WellReLUNet(**kw):
+    return HeadNet(nn.Sequential(WellPre(**kw), nn.ReLU(inplace=True)))
 
 
 def test_trench_behind_a_relu_is_flagged_by_the_preactivation(tmp_path):
     from fvtrust.audit.report import save_audit
 
-    natural = torch.rand(120, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    kw = dict(data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
-    res = audit(_fv(WellReLUNet(), (1, 16, 16)), "head", **kw)
+    res = _audit_head(WellReLUNet())
     by = {u["unit"]: u for u in res.units}
     s0 = by[0]["signals"]
     assert s0["start_activation"] == 0 and s0["wider_start_activation"] == 0     # off at every start: no start_gap
@@ -566,7 +569,7 @@ def test_trench_behind_a_relu_is_flagged_by_the_preactivation(tmp_path):
         assert by[u]["signals"]["preactivation_start_gap"] < 0.3
     page = (save_audit(res, tmp_path / "aud") / "index.html").read_text()
     assert page.count("pre-activation at its visualization's start images") == 1   # its evidence, unit 0 only
-    flat = audit(_fv(WellReLUNet(depth=0.0), (1, 16, 16)), "head", **kw)
+    flat = _audit_head(WellReLUNet(depth=0.0))
     assert all(u["signals"]["preactivation_start_gap"] < 0.3 for u in flat.units) and flat.verdict == "clean"
-    lin = audit(_fv(WellNet(depth=0.0), (1, 16, 16)), "head", **kw)            # no final stage: not defined
+    lin = _audit_head(WellNet(depth=0.0))                                      # no final stage: not defined
     assert all(u["signals"]["preactivation_start_gap"] is None for u in lin.units)
