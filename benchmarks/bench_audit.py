@@ -208,7 +208,6 @@ def calibrate(data, threads_note: str) -> dict:
                  "pre-activation": ("preactivation_start_gap", PREACTIVATION_START_GAP_THRESHOLD)}
     out = {}
     for weights in ("trained", "random"):
-        torch.manual_seed(0)  # random init draws from the global generator: seeded, so the calibration repeats
         model = fvtrust.load_model("fashion-cnn") if weights == "trained" else fvtrust.load_model(
             "fashion-cnn", weights="random")
         for layer in ("fc", "block3", "block4"):

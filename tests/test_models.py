@@ -160,3 +160,18 @@ def test_evaluate_tiny(random_fashion):
     assert res["top1"] == 0.0
     with pytest.raises(FvtrustError, match="do not fit"):
         fvtrust.evaluate(random_fashion, (torch.rand(2, 3, 28, 28), torch.zeros(2, dtype=torch.long)))
+
+
+def test_random_weights_are_one_network_and_leave_the_global_stream_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = fvtrust.load_model("fashion-cnn", weights="random")
+    assert torch.equal(torch.rand(3), expected_next)             # the caller's random stream did not move
+    b = fvtrust.load_model("fashion-cnn", weights="random")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    trained = fvtrust.load_model("fashion-cnn")
+    assert not torch.equal(a.net.fc.weight, trained.net.fc.weight)
+    r1 = fvtrust.load_model("torchvision:resnet18", weights="random")
+    r2 = fvtrust.load_model("torchvision:resnet18", weights="random")
+    assert torch.equal(r1.net.conv1.weight, r2.net.conv1.weight)

@@ -4,8 +4,10 @@ Specs: ``fashion-cnn`` (embedded default), ``torchvision:NAME``,
 ``timm:NAME`` (when timm is installed), ``lucent:inceptionv1`` (when
 torch-lucent is installed), ``py:path/to/file.py:factory`` (your own code), or
 a directory saved by fvtrust. Weights: None = the spec's default (packaged weights for
-fashion-cnn, torchvision's DEFAULT enum otherwise), ``random`` = random init,
-an enum name such as ``IMAGENET1K_V1``, or a local weights file.
+fashion-cnn, torchvision's DEFAULT enum otherwise), ``random`` = random init
+(drawn under RANDOM_INIT_SEED, so every load gives the same network and the
+caller's global random state is left as it was), an enum name such as
+``IMAGENET1K_V1``, or a local weights file.
 """
 from __future__ import annotations
 
@@ -290,8 +292,24 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+RANDOM_INIT_SEED = 0  # weights="random": the seed of the init, so a random-init baseline is one network, not a draw
+
+
 def load_model(spec: str = DEFAULT_SPEC, weights=None, device=None) -> FvModel:
-    """Resolve `spec` to an FvModel in eval mode ([0, 1] NCHW in, normalizes inside)."""
+    """Resolve `spec` to an FvModel in eval mode ([0, 1] NCHW in, normalizes inside).
+
+    weights="random" builds the architecture under `torch.manual_seed(RANDOM_INIT_SEED)` inside a forked CPU
+    random state: two loads are the same network (a rerun of a random-init audit or sanity check is exact),
+    and the caller's random stream does not move.
+    """
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return _load_model(spec, weights, device)
+    return _load_model(spec, weights, device)
+
+
+def _load_model(spec, weights, device) -> FvModel:
     from .saved import is_model_dir, load_saved
 
     spec = str(spec)
