@@ -229,8 +229,10 @@ def final_stage(model, layer: str):
     or linear layer, or a layer whose activation is a function call
     (`F.relu`) rather than a module, has none. Why the audit wants it: a
     ReLU unit that is off (exactly 0, zero gradient) at the visualization's
-    start hides whatever the pre-activation does there (a gradient slingshot
-    on fashion-cnn block4 sinks exactly that into a trench).
+    start hides whatever the pre-activation does there (a trench dug behind
+    the ReLU; measured on fashion-cnn's block4 slingshots, their
+    pre-activation at the start is the clean unit's, so this is not where
+    those hide).
     """
     module = model.get_layer(layer)
     seen: list = []   # (submodule, input, output) in the order the calls finished: innermost first
@@ -320,14 +322,22 @@ def start_images(shape, *, pairs: int, seed: int) -> tuple[torch.Tensor, torch.T
     ~0.11): still faint noise on grey, but outside any tunnel built for the
     standard start distribution. Pair s of every scale uses its own seed.
     """
+    def draw(scale, i):
+        return start_params(shape, pairs=pairs, seed=seed, scale=scale, stream=i).image().detach().float()
+
+    std = draw(1, 0)
+    wide = torch.stack([draw(m, i + 1) for i, m in enumerate(WIDER_STARTS)])
+    return std, wide
+
+
+def start_params(shape, *, pairs: int, seed: int, scale: float = 1, stream: int = 0):
+    """The fft parameters (`ImageParam`) behind `start_images`: `pairs` starts of noise sd scale x START_SD.
+
+    stream 0 is the standard starts, stream i + 1 the wider scale WIDER_STARTS[i]; start s of stream j is
+    drawn from its own generator, seeded (seed, j, s), so every caller that needs the starts' parameters
+    (not just their images) gets the very same draws.
+    """
     from ..visualize.param import make_param
 
-    n = pairs
-
-    def draw(sd, offset):
-        gens = [torch.Generator().manual_seed(int(seed) * 100003 + offset + s) for s in range(n)]
-        return make_param("fft", (n, *shape), sd=sd, generators=gens).image().detach().float()
-
-    std = draw(START_SD, 0)
-    wide = torch.stack([draw(START_SD * m, 1000 * (i + 1)) for i, m in enumerate(WIDER_STARTS)])
-    return std, wide
+    gens = [torch.Generator().manual_seed(int(seed) * 100003 + 1000 * stream + s) for s in range(pairs)]
+    return make_param("fft", (pairs, *shape), sd=START_SD * scale, generators=gens)
