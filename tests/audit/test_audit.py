@@ -281,6 +281,49 @@ def test_probe_agreement_values():
     assert torch.isnan(dead["agreement"][0])
 
 
+def test_one_input_channel_has_no_mechanism_direction():
+    """With one input channel a profile is one number and a cosine only its sign: both agreements are undefined
+    (NaN), whatever the signs, while two channels are compared as before."""
+    from fvtrust.audit.signals import probe_agreement
+
+    nat = torch.tensor([[[2.0], [1.0]], [[1.0], [3.0]]])          # (U=2, k=2, D=1)
+    vis = torch.tensor([[[-1.0]], [[4.0]]])                        # unit 0: opposite sign, unit 1: same
+    assert torch.isnan(gradient_agreement(nat, vis)["agreement"]).all()
+    pa = probe_agreement(nat, torch.tensor([[[-1.0], [1.0]], [[2.0], [5.0]]]), torch.ones(2, 2, 3))
+    assert torch.isnan(pa["agreement"]).all()
+    two = gradient_agreement(torch.cat([nat, torch.zeros_like(nat)], -1), torch.cat([vis, torch.zeros_like(vis)], -1))
+    assert two["agreement"].tolist() == pytest.approx([-1.0, 1.0])
+
+
+class EdgeNet(nn.Module):
+    """A first Conv-ReLU block of zero-sum edge kernels on a grey image (fashion-cnn's block1 has such units):
+    the sum of a unit's input gradient over positions is set by which border positions are active."""
+
+    def __init__(self):
+        super().__init__()
+        conv = nn.Conv2d(1, 3, 3, padding=1)
+        with torch.no_grad():
+            k = torch.tensor([[-1.0, 0.0, 1.0], [-1.0, 0.2, 1.0], [-1.0, 0.0, 1.0]])  # sums to 0.2
+            conv.weight.copy_(torch.stack([k, k.T, -k])[:, None])
+            conv.bias.fill_(-0.1)                                  # off on the black border
+        self.block = nn.Sequential(conv, nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 2))
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_first_layer_on_a_grey_image_is_not_flagged_by_mechanism_signals():
+    """Natural images with a black border (as Fashion-MNIST): the third unit's profile is +1 on them and -1 on
+    its visualization (measured without the one-channel rule: both agreements -1, fired); now undefined."""
+    natural = torch.zeros(200, 1, 8, 8)
+    natural[:, :, 2:6, 2:6] = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    res = audit(_fv(EdgeNet()), "block", data=natural, steps=16, top_k=4, path_starts=2, path_points=4)
+    for u in res.units:
+        assert u["signals"]["gradient_agreement"] is None and u["signals"]["probe_agreement"] is None
+        assert not {"gradient_agreement", "probe_agreement"} & set(u["fired"])
+
+
 def test_unit_activations_and_strongest_images():
     from fvtrust.audit.probes import strongest_images, unit_activations
     from fvtrust.models.hooks import LayerTap
