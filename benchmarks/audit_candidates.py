@@ -1,8 +1,8 @@
 """Candidate audit signals that were measured and *not* adopted: does any separate a unit from its layer?
 
-The audit's slingshot signal `start_gap` misses block4 slingshots (README, "Audit"). This measures six
-more candidates per unit, for every unit of a layer, so a slung unit can be compared with the clean range
-(run it on clean models as the baseline):
+The audit's slingshot signal `start_gap` misses block4 slingshots (README, "Audit"). This measures
+candidates per unit, for every unit of a layer, so a slung unit can be compared with the clean range
+(run it on clean models as the baseline). The first set (`--set first`, the default), six candidates:
 
 * start steepness: median over the audit's 8 standard start images of ||grad_x a|| / G, G the median
   ||grad_x a|| on the unit's top natural images (a tunnel needs a steep start);
@@ -21,7 +21,12 @@ more candidates per unit, for every unit of a layer, so a slung unit can be comp
   reaches 0.718 and random-init fashion-cnn 0.93-0.99 (fc, block3, block4: a random network's gradient
   hardly turns), so no threshold fixed on clean models separates it.
 
+The second set (`--set second`; `more_candidates` says what each is): planted curvature, smoothness,
+seed agreement as a z-score in the layer, wide-start disagreement, natural-start reach. The README's audit
+section gives the values measured on the block4:0 slingshot and on the clean models.
+
     python benchmarks/audit_candidates.py SLINGSHOT_DIR/model --layer block4 --unit 0
+    python benchmarks/audit_candidates.py SLINGSHOT_DIR/model --layer block4 --unit 0 --set second
     python benchmarks/audit_candidates.py fashion-cnn --layer block4 --unit 0            # the clean range
     python benchmarks/audit_candidates.py fashion-cnn --weights random --layer block3 --unit 0
 """
@@ -154,6 +159,134 @@ def candidates(model, layer: str, steps: int, seed: int) -> dict:
     return out
 
 
+def leaf_gradients(model, layer: str, base, th: torch.Tensor, units: torch.Tensor, spec, draws) -> torch.Tensor:
+    """(N, D) gradient w.r.t. fft leaves `th` (N, ...) of unit units[i] at image i, summed over `draws` of the
+    standard transforms (`base`: an ImageParam whose scale / colour map the leaves to images)."""
+    import dataclasses
+
+    module = model.get_layer(layer)
+    store = {}
+
+    def hook(_m, _i, o):
+        store["out"] = o
+        raise StopIteration  # stop the forward pass at the layer
+
+    th = th.clone().requires_grad_(True)
+    img = dataclasses.replace(base, tensor=th, shape=(len(th), *base.shape[1:])).image()
+    total = 0
+    h = module.register_forward_hook(hook)
+    try:
+        for d in draws:
+            try:
+                model(T.apply(img, spec, d))
+            except StopIteration:
+                pass
+            total = total + unit_value(store["out"], units).sum()
+    finally:
+        h.remove()
+    return torch.autograd.grad(total, th)[0].flatten(1).double()
+
+
+def planted_curvature(model, layer: str, visualizations: torch.Tensor, units, *, pairs: int, seed: int,
+                      points=(0.25, 0.5, 0.75), steps_per_point: int = 4, sd: float = 0.01,
+                      draws: int = 4) -> torch.Tensor:
+    """(U,) how much the unit's gradient field bends like a planted bowl: at points θ a fraction p of the way
+    from the 8 standard starts to the visualization (fft leaves), for random steps δ ~ N(0, sd²) (sd: the
+    slingshot tunnel's width), c = -cos(δ, g(θ + δ) - g(θ - δ)), averaged over `steps_per_point` steps, median
+    over starts, mean over `points`. A field γ(θ_t - θ) gives c = 1; a field that does not bend, 0 (NaN
+    where the gradient does not change: the unit is off there)."""
+    from fvtrust.visualize.param import make_param
+
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    units = torch.as_tensor(units)
+    shape = tuple(model.input_shape)
+    th_v = make_param("fft", (len(units), *shape), start=visualizations).tensor.detach()
+    base = start_params(shape, pairs=pairs, seed=seed)
+    th_s = base.tensor.detach()
+    spec = T.TransformSpec.standard(int(shape[1]))
+    rng = np.random.default_rng(seed)
+    ds = [T.draw(spec, rng) for _ in range(draws)]
+    gen = torch.Generator().manual_seed(seed + 7)
+    u = units.repeat_interleave(pairs)
+    per_point = []
+    try:
+        for pt in points:
+            th = (th_s[None] + pt * (th_v[:, None] - th_s[None])).flatten(0, 1)
+            cs = []
+            for _ in range(steps_per_point):
+                dl = sd * torch.randn(th.shape, generator=gen)
+                dg = (leaf_gradients(model, layer, base, th + dl, u, spec, ds)
+                      - leaf_gradients(model, layer, base, th - dl, u, spec, ds))
+                d = dl.flatten(1).double()
+                c = -(d * dg).sum(1) / (d.norm(dim=1) * dg.norm(dim=1)).clamp_min(1e-300)
+                cs.append(torch.where(dg.norm(dim=1) > 0, c, torch.full_like(c, float("nan"))))
+            per_point.append(torch.stack(cs).nanmean(0).reshape(len(units), pairs).nanmedian(1).values)
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    return torch.stack(per_point).nanmean(0).float()
+
+
+def smoothness(images: torch.Tensor) -> torch.Tensor:
+    """(U,) total variation of each image (mean absolute neighbour difference, both axes, channel mean) divided
+    by its standard deviation: low for a smooth photograph, high for the textures gradient ascent paints."""
+    x = images.double() - images.double().mean((1, 2, 3), keepdim=True)
+    tv = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3)) + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean((1, 2, 3))
+    return (tv / x.flatten(1).std(1).clamp_min(1e-12)).float()
+
+
+def robust_z(v: torch.Tensor) -> torch.Tensor:
+    """(v - median) / (1.4826 MAD) over the layer: how far a unit stands out among its neighbours (numpy's
+    median: torch's takes the lower middle value of an even count)."""
+    x = v.double().numpy()
+    med = np.nanmedian(x)
+    mad = 1.4826 * np.nanmedian(np.abs(x - med))
+    return torch.from_numpy((x - med) / max(mad, 1e-12)).float()
+
+
+def more_candidates(model, layer: str, steps: int, seed: int) -> dict:
+    """The second set (measured after the first had failed), {candidate: (U,) values}:
+
+    * planted curvature (`planted_curvature`);
+    * smoothness of the visualization (`smoothness`);
+    * seed agreement, robust z in the layer: the mean Pearson over the 3 pairs of seeds 0-2, as a z-score
+      among the layer's units (an attractor that stands out from its neighbours);
+    * wide-start disagreement: Pearson between visualizations from two standard starts minus Pearson between
+      one of them and one from a start with 30x the noise (same seed: same transforms), i.e. how much a
+      start outside the tunnel changes the result beyond what another standard start does;
+    * natural-start reach: the unit's activation at its visualization over its mean activation at two
+      visualizations started from its top-2 natural images (a tunnel ends lower than the landscape it hides).
+    """
+    st = AuditSettings()
+    n = layer_units(model, layer)
+    units = list(range(n))
+    out = {}
+    finals = [visualize(model, layer, units, steps=steps, objective="channel", seed=seed + i,
+                        progress_desc=None).final for i in range(3)]
+    out["planted curvature"] = planted_curvature(model, layer, finals[0], units, pairs=st.start_pairs, seed=seed)
+    out["smoothness (TV / std)"] = smoothness(finals[0])
+    agree = torch.stack([pearson_rows(finals[i], finals[j]) for i in range(3) for j in range(i + 1, 3)]).mean(0)
+    out["seed agreement (3 pairs)"] = agree
+    out["seed agreement, z in the layer"] = robust_z(agree)
+    std, wide = start_images(tuple(model.input_shape), pairs=2, seed=seed)
+
+    def from_start(x):
+        return visualize(model, layer, units, steps=steps, objective="channel", seed=seed,
+                         start=x[None].expand(n, -1, -1, -1).clone(), progress_desc=None).final
+
+    v0, v1, w30 = from_start(std[0]), from_start(std[1]), from_start(wide[-1, 0])
+    out["wide-start disagreement"] = pearson_rows(v0, v1) - pearson_rows(v0, w30)
+    data = natural(None, model=model).evaluation.tensors(st.natural_limit, desc="read natural images")[0]
+    top = top_activating_many(model, layer, units, data, m=2, objective="channel", batch_size=st.batch_size)
+    reach = torch.stack([unit_activations(model, layer, visualize(
+        model, layer, units, steps=steps, objective="channel", seed=seed, start=data[top.indices[:, j]].clone(),
+        progress_desc=None).final, units).diagonal() for j in range(2)]).mean(0)
+    out["natural-start reach"] = unit_activations(model, layer, finals[0], units).diagonal() / reach
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a spec or a saved model directory")
@@ -162,13 +295,19 @@ def main() -> None:
     ap.add_argument("--unit", type=int, default=0, help="the unit to compare with the rest of its layer")
     ap.add_argument("--steps", type=int, default=128, help="visualization steps (the audit's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", choices=("first", "second", "all"), default="first",
+                    help="which candidates: the first six (default), the second set, or both")
     args = ap.parse_args()
     try:
         model = fvtrust.load_model(args.model, **({"weights": args.weights} if args.weights else {}))
         n = layer_units(model, args.layer)
         if not 0 <= args.unit < n:
             raise FvtrustError(f"unit {args.unit} out of range for {args.layer}: valid units are 0..{n - 1}")
-        values = candidates(model, args.layer, args.steps, args.seed)
+        values = {}
+        if args.set in ("first", "all"):
+            values.update(candidates(model, args.layer, args.steps, args.seed))
+        if args.set in ("second", "all"):
+            values.update(more_candidates(model, args.layer, args.steps, args.seed))
     except FvtrustError as e:
         raise SystemExit(f"audit_candidates: {e}")
     print(f"{args.model} {args.layer}: unit {args.unit} against the other {n - 1} units of the layer")
@@ -177,8 +316,9 @@ def main() -> None:
         others = v.copy()
         others[args.unit] = np.nan  # the rest of the layer, indexed as the layer is
         top = int(np.nanargmax(others)) if np.isfinite(others).any() else None
+        low = int(np.nanargmin(others)) if np.isfinite(others).any() else None
         print(f"  {name:40s} unit {v[args.unit]:7.3f}   others: median {np.nanmedian(others):7.3f}, "
-              f"max {np.nanmax(others):7.3f} (unit {top})", flush=True)
+              f"max {np.nanmax(others):7.3f} (unit {top}), min {np.nanmin(others):7.3f} (unit {low})", flush=True)
 
 
 if __name__ == "__main__":
