@@ -13,7 +13,7 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
                        seed 1, fc:5 camera, block4:0 camera seed 1 (`w 0.9`; block4 under the old gamma rule's
                        defaults did not take), and block4:0 camera seed 2 (`w 0.9`), built after
                        preactivation_start_gap was committed;
-* clean:               the original model, audited at fc, block3 and block4 (128 units).
+* clean:               the original model, audited at every top-level layer with units (CLEAN_LAYERS).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
 the clean model's units of the same layer (negatives); TPR at the fixed threshold (score >= FLAG_AT); the
@@ -29,7 +29,7 @@ standard visualization (`fvtrust.visualize`'s defaults, 512 steps, as the slings
 
     python benchmarks/bench_audit.py                      # everything
     python benchmarks/bench_audit.py --repeats 3 --only timing
-    python benchmarks/bench_audit.py --only calibrate     # start_gap on clean models: its threshold's basis
+    python benchmarks/bench_audit.py --only calibrate     # every signal on clean models: the thresholds' basis
 """
 from __future__ import annotations
 
@@ -102,6 +102,9 @@ SLINGSHOTS = {
     "slingshot-block4-seed2": ("block4", 0, "camera", 2, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
+# every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model
+# is audited at each, since a user may audit any of them
+CLEAN_LAYERS = ("block1", "pool1", "block2", "block3", "pool2", "block4", "gap", "fc")
 TOOK_AT = 0.6  # a slingshot "took" when the standard visualization's Pearson to the target reaches this
 
 
@@ -194,53 +197,87 @@ def slingshot_took(model, result, layer: str, unit: int, target: str) -> dict:
             "standard_512": standard, "took": bool(standard["pearson"] >= TOOK_AT)}
 
 
-def calibrate(data, threads_note: str) -> dict:
-    """start_gap and preactivation_start_gap on the clean calibration set (trained and random-init fashion-cnn;
-    fc, block3, block4; all units): the values their fixed thresholds were derived from (the principle is stated
-    at START_GAP_THRESHOLD in fvtrust/audit/core.py; fc has no final elementwise stage, so no pre-activation)."""
-    from fvtrust.audit.core import AuditSettings, PREACTIVATION_START_GAP_THRESHOLD, START_GAP_THRESHOLD, start_signal
+# the calibration principle of every threshold (fvtrust/audit/core.py states it at THRESHOLDS): a margin of 25 % beyond
+# the most extreme value on the clean calibration set, rounded outwards to 0.05; for the two agreement signals and
+# path_jump, whose thresholds were first set from a principle (a clean linear / conv unit's profile does not depend
+# on the input; a continuous unit has no unexplained step), the stricter of that value and the rule's
+CALIBRATION_MARGIN = 1.25
+
+
+def rule_threshold(extreme: float, higher_is_suspicious: bool) -> float:
+    """The calibration rule: 25 % beyond the most extreme clean value, rounded outwards to 0.05."""
+    if higher_is_suspicious:
+        return float(np.ceil(CALIBRATION_MARGIN * extreme / 0.05 - 1e-9) * 0.05)
+    return float(np.floor(extreme / CALIBRATION_MARGIN / 0.05 + 1e-9) * 0.05)
+
+
+def calibrate(data, cache: Path) -> dict:
+    """Every signal on the clean calibration set: trained and random-init fashion-cnn, every layer with units.
+
+    The start signals (start_gap; preactivation_start_gap where the layer has a final elementwise stage) need no
+    visualization, so they are read on every layer `list_layers` reports, sub-layers included (block3.conv is a
+    layer a user may audit). The signals that need visualizations come from full audits of CLEAN_LAYERS (cached
+    under `cache`, as the attacks' audits; the trained model's are the benchmark's clean audits). Printed per signal: the most extreme clean value, what the
+    calibration rule gives, and the threshold committed in fvtrust/audit/core.py.
+    """
+    from fvtrust.audit import THRESHOLDS
+    from fvtrust.audit.core import AuditSettings, start_signal
     from fvtrust.audit.probes import final_stage, probe
     from fvtrust.linearity.top_activating import top_activating_many
-    from fvtrust.models.layers import parse_units
+    from fvtrust.models.layers import list_layers
 
     st = AuditSettings()
-    committed = {"output": ("start_gap", START_GAP_THRESHOLD),
-                 "pre-activation": ("preactivation_start_gap", PREACTIVATION_START_GAP_THRESHOLD)}
-    out = {}
+    values = {name: [] for name in THRESHOLDS}   # (value, where) over the whole calibration set
+    out = {"layers": {}}
     for weights in ("trained", "random"):
-        model = fvtrust.load_model("fashion-cnn") if weights == "trained" else fvtrust.load_model(
-            "fashion-cnn", weights="random")
-        for layer in ("fc", "block3", "block4"):
-            n = model.get_layer(layer).out_features if layer == "fc" else model.get_layer(layer).conv.out_channels
-            units = parse_units("all", n, layer)
+        model = fvtrust.load_model("fashion-cnn", **({} if weights == "trained" else {"weights": "random"}))
+        layers = [i for i in list_layers(model) if len(i.shape) > 0]
+        for info in layers:
+            layer, n = info.name, info.units
+            units = list(range(n))
             top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
                                       batch_size=st.batch_size)
-            imgs = data[top.indices]
-            u_t = torch.as_tensor(units)
-            for readout, (signal, threshold) in committed.items():
+            imgs = data[top.indices].flatten(0, 1)
+            u_t = torch.arange(n).repeat_interleave(st.top_k)
+            row = {}
+            for readout, signal in (("output", "start_gap"), ("pre-activation", "preactivation_start_gap")):
                 if readout != "output" and final_stage(model, layer) is None:
                     continue
-                pr = probe(model, layer, imgs.flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True,
-                           readout=readout)
-                sg = start_signal(model, layer, units, pr.image_grad.reshape(len(units), st.top_k, -1),
-                                  pairs=st.start_pairs, seed=st.seed, readout=readout)
-                v = sg["gap"].double().numpy()
+                pr = probe(model, layer, imgs, u_t, image_grad=True, readout=readout)
+                v = start_signal(model, layer, units, pr.image_grad.reshape(n, st.top_k, -1), pairs=st.start_pairs,
+                                 seed=st.seed, readout=readout)["gap"].double().numpy()
                 ok = np.isfinite(v)
-                row = {"signal": signal, "units": len(v), "defined": int(ok.sum()), "max": float(v[ok].max()),
-                       "p99": float(np.quantile(v[ok], 0.99)), "median": float(np.median(v[ok])),
-                       "argmax": int(units[int(np.nanargmax(v))]), "above_threshold": int((v[ok] >= threshold).sum())}
-                out[f"{weights}/{layer}/{signal}"] = row
-                print(f"  {weights:7s} {layer:6s} {signal:24s} units {row['units']:4d} (defined {row['defined']}): "
-                      f"max {row['max']:.3f} (unit {row['argmax']}), p99 {row['p99']:.3f}, median {row['median']:.3f}; "
-                      f">= threshold {threshold}: {row['above_threshold']}", flush=True)
-    summary = {}
-    for readout, (signal, threshold) in committed.items():
-        top = max(r["max"] for r in out.values() if r["signal"] == signal)
-        rule = float(np.ceil(1.25 * top / 0.05 - 1e-9) * 0.05)
-        summary[signal] = {"largest": top, "rule_gives": rule, "threshold": threshold}
-        print(f"  {signal}: largest clean value {top:.3f}; the principle (1.25x, rounded up to 0.05) gives {rule:.2f}; "
-              f"the committed threshold is {threshold}", flush=True)
-    return {"layers": out, **summary}
+                if ok.any():
+                    j = int(np.nanargmax(v))
+                    row[signal] = {"max": float(v[ok].max()), "unit": j, "median": float(np.median(v[ok])),
+                                   "above_threshold": int((v[ok] >= THRESHOLDS[signal].threshold).sum())}
+                    values[signal].append((float(v[j]), f"{weights} {layer} unit {j}"))
+            if layer in CLEAN_LAYERS:  # a full audit for the signals that need visualizations
+                r = cached_audit(cache, "clean" if weights == "trained" else "clean-random", model, layer, data)
+                row["audit"] = {"verdict": r["verdict"], "flagged": r["evidence"]["flagged_units"],
+                                "fired": r["evidence"]["flagged_by_signal"], "max_score": r["evidence"]["max_score"]}
+                for signal in ("gradient_agreement", "probe_agreement", "path_jump"):
+                    vals = [(u["signals"][signal], u["unit"]) for u in r["units"] if u["signals"][signal] is not None
+                            and not (signal == "gradient_agreement" and u["signals"]["visualization_failed"])]
+                    if vals:
+                        ext = (max if THRESHOLDS[signal].higher_is_suspicious else min)(vals)
+                        values[signal].append((float(ext[0]), f"{weights} {layer} unit {ext[1]}"))
+                        row[signal] = {"extreme": float(ext[0]), "unit": int(ext[1])}
+            out["layers"][f"{weights}/{layer}"] = row
+            print(f"  {weights:7s} {layer:12s} " + "  ".join(
+                f"{k} {v.get('max', v.get('extreme')):.3f} (u{v['unit']})" for k, v in row.items() if k != "audit")
+                + (f"  audit: {row['audit']['verdict']} {row['audit']['flagged']}" if "audit" in row else ""),
+                flush=True)
+    for signal, vals in values.items():
+        s = THRESHOLDS[signal]
+        ext, where = (max if s.higher_is_suspicious else min)(vals)
+        rule = rule_threshold(ext, s.higher_is_suspicious)
+        out[signal] = {"most_extreme": ext, "where": where, "rule_gives": rule, "threshold": s.threshold,
+                       "clean_values_past_threshold": int(sum((v >= s.threshold) if s.higher_is_suspicious
+                                                              else (v <= s.threshold) for v, _ in vals))}
+        print(f"  {signal}: most extreme clean value {ext:.3f} ({where}); the rule gives {rule:.2f}; "
+              f"committed threshold {s.threshold}", flush=True)
+    return out
 
 
 def timing(model, data, repeats: int, steps: int) -> dict:
@@ -269,7 +306,7 @@ def main():
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
     ap.add_argument("--only", default="attacks,clean,timing",
-                    help="Comma-separated: attacks, clean, timing, calibrate (start_gap on clean models only).")
+                    help="Comma-separated: attacks, clean, timing, calibrate (every signal on clean models, every layer).")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
@@ -305,7 +342,7 @@ def main():
             audits[name] = (layer, r)
     clean = {}
     if only & {"attacks", "clean"}:
-        layers = ("fc", "block3", "block4") if "clean" in only else sorted({layer for layer, _ in audits.values()})
+        layers = CLEAN_LAYERS if "clean" in only else sorted({layer for layer, _ in audits.values()})
         for layer in layers:
             clean[layer] = cached_audit(args.cache, "clean", model, layer, data, **kw)
         print("clean model (negatives everywhere):")
@@ -355,8 +392,8 @@ def main():
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
                   + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
     if "calibrate" in only:
-        print("calibration of start_gap's threshold on clean models (trained and random-init fashion-cnn):")
-        out["calibrate"] = calibrate(data, "")
+        print("calibration of every threshold on clean models (trained and random-init fashion-cnn, every layer):")
+        out["calibrate"] = calibrate(data, args.cache)
     if audits and any(n in SLINGSHOTS for n in audits):
         # the slingshot family: every slingshot that took, pooled (positives: the slingshot units; negatives: the
         # untouched units of those models plus the clean model's units of each model's layer, once per layer)

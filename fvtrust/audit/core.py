@@ -9,13 +9,14 @@ modules, class names or metadata — only forward and backward passes):
    log-spaced snapshots, plus a pixel-space probe optimization with a large
    step: the unit's probe images;
 3. probe the unit's gradient w.r.t. the layer's input on its top natural
-   images and on its visualization → `gradient_agreement`
-   (undefined where the visualization itself failed: zero image gradient);
+   images and on its visualization → `gradient_agreement`;
    and on its own probe images and the layer's probe images that drive it
-   hardest → `probe_agreement`;
+   hardest → `probe_agreement` (both undefined where the layer input has one
+   channel, see signals.py);
 4. walk straight paths from `path_starts` top natural images to the
    visualization and compare the unit's change with what its gradient
-   predicts → `path_jump`;
+   predicts → `path_jump` (the three undefined where the visualization
+   itself failed: zero image gradient, UNDEFINED_WHERE_FAILED);
    and compare the unit at the visualization's own start images with
    starts of 10x / 30x the noise, scaled by its steepness on its natural
    images → `start_gap` (a tunnel built for the start distribution, as a
@@ -45,13 +46,30 @@ from .signals import evidence, gradient_agreement, path_jump, probe_agreement, s
 
 FLAG_AT = 0.5  # a unit is flagged when its score reaches this; fixed, see THRESHOLDS
 
-# start_gap's threshold. Principle (fixed before it was computed on any held-out manipulated model): 25 % above the
-# largest value on the clean calibration set -- fashion-cnn trained and random-init, layers fc, block3 and block4,
-# every unit (`benchmarks/bench_audit.py --only calibrate`) -- rounded up to 0.05. See the README for the values.
-START_GAP_THRESHOLD = 0.6
-# preactivation_start_gap's threshold, by the same principle on the same clean calibration set (block3 and block4:
-# fc has no final elementwise stage), computed and committed before any slingshot was audited with it.
-PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.723 (trained block3 unit 30) x 1.25 -> 0.95
+# Signals that compare the unit's visualization (or its probes) with its natural images, and so say nothing where
+# the visualization failed (it ended where the unit is dead: zero image gradient, a grey or blank image): a user
+# shown that image is shown nothing to distrust. Measured: random-init fashion-cnn block4 has 5 such units; two
+# of them, nearly dead on natural data too (natural maximum 4e-5 and 7e-4), gave path_jump 0.70 and
+# probe_agreement 0.44 from ratios of numerical noise, the only clean values past the thresholds there.
+UNDEFINED_WHERE_FAILED = ("gradient_agreement", "probe_agreement", "path_jump")
+
+# The calibration principle (`benchmarks/bench_audit.py --only calibrate` prints every value): the clean
+# calibration set is fashion-cnn, trained and random-init, every unit of every layer a user can audit (the start
+# signals on every layer `list_layers` reports, sub-layers included; the signals that need visualizations on every
+# top-level layer). A threshold sits 25 % beyond the most extreme clean value, rounded outwards to 0.05. For
+# gradient_agreement, probe_agreement and path_jump, whose thresholds were first set from a principle (below), the
+# principled value stands unless a clean unit comes within that margin; then the rule's value replaces it.
+#
+# History, as it happened: the calibration set was first fc, block3 and block4 only, which gave start_gap 0.6
+# (clean max 0.477, trained block3) and preactivation_start_gap 0.95 (0.723, trained block3 unit 30), both
+# committed before the held-out slingshots they were then measured on. A later session audited the clean model's
+# other layers and found the audit calling clean layers suspicious: block2 (start_gap 0.692 at unit 7, 0.632,
+# 0.614; probe_agreement 0.469 at unit 53) and block3.conv (start_gap 0.729 at unit 30). The set was widened to
+# every layer, using clean models only, and the rule re-applied; it was done *after* the attacks' values at the old
+# thresholds were known, and the README reports what the move cost them.
+START_GAP_THRESHOLD = 0.95        # clean max 0.729 (trained block3.conv unit 30) x 1.25 -> 0.95 (was 0.6)
+PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.729 (the same unit, block3.relu's input) x 1.25 -> 0.95
+PROBE_AGREEMENT_THRESHOLD = 0.35  # clean min 0.469 (trained block2 unit 53) / 1.25 -> 0.35 (the principle's 0.5 before)
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,13 @@ class Signal:
     meaning: str
 
 
-# Fixed in advance, never fitted to the model under audit (README, "Audit"). gradient_agreement: for a single
+# Fixed in advance, never fitted to the model under audit (README, "Audit"); the calibration principle above
+# checks every one of them on clean models. gradient_agreement: for a single
 # linear / conv unit the channel profile of its input gradient does not depend on the input (cos = 1 up to
 # padding borders), so 0.5 (60 degrees) leaves a wide margin; path_jump: clean fashion-cnn fc and block3 gave at
 # most 0.044 and 0.118 (16 segments, 3 starts), a hand-made gate 0.29-0.99; 0.3 sits above every clean value.
-# Both were committed before any manipulated model was audited.
+# Both were committed before any manipulated model was audited; on every clean layer (the wider calibration set)
+# both keep a margin beyond the rule's (clean gradient_agreement min 0.844, path_jump max 0.124).
 THRESHOLDS = {
     "gradient_agreement": Signal(0.5, 0.2, False,
                                  "cosine between the unit's gradient w.r.t. the layer input, summed per input "
@@ -80,13 +100,14 @@ THRESHOLDS = {
                         "gate) between natural input and visualizations"),
     # same principle as gradient_agreement (a clean linear / conv unit's profile is the same on every input where
     # it is active), taken as the minimum over the unit's probe images; 0.5 fixed before it was computed on any
-    # manipulated model. Its probe set was widened once afterwards (own snapshots added; see the README)
-    "probe_agreement": Signal(0.5, 0.2, False,
+    # manipulated model. Its probe set was widened once afterwards (own snapshots added; see the README), and the
+    # threshold moved to PROBE_AGREEMENT_THRESHOLD when the calibration set was widened (above)
+    "probe_agreement": Signal(PROBE_AGREEMENT_THRESHOLD, 0.2, False,
                               "the smallest cosine, over the unit's own probe images (its fft and pixel-space "
                               "optimizations at log-spaced steps) and the probe images of all units that drive "
                               "it hardest, between the unit's input-gradient profile there and on its top "
                               "natural images: some input reaches a mechanism the natural images never use"),
-    # START_GAP_THRESHOLD (below): calibrated on clean models only, before any held-out slingshot was audited
+    # START_GAP_THRESHOLD (above): calibrated on clean models only
     "start_gap": Signal(START_GAP_THRESHOLD, 0.2, True,
                         "how much the unit changes between the visualization's own start images (faint fft noise "
                         "on grey) and starts with 10x / 30x the noise, as a fraction of its steepness on its top "
@@ -442,6 +463,7 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
                   batch_size=settings.batch_size)
     pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, n_own + r, -1),
                          str_p.image_grad.reshape(U, n_own + r, -1))
+    pa["agreement"] = torch.where(failed, torch.full_like(pa["agreement"], float("nan")), pa["agreement"])
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -477,8 +499,11 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
         jumps.append(path_jump(pp.value.reshape(n, P, T + 1), pp.image_grad.reshape(n, P, T + 1, -1),
                                d.reshape(n, P, -1)))
     seconds["path"] = time.perf_counter() - t
+    jumps = torch.cat(jumps).detach().cpu()
     out = {"failed": failed.cpu(), "vis_value": vis_p.value.detach().cpu(),
-           "path_jump": torch.cat(jumps).detach().cpu(), "strong": strong.cpu(),
+           # undefined where the visualization failed (UNDEFINED_WHERE_FAILED)
+           "path_jump": torch.where(failed.cpu(), torch.full_like(jumps, float("nan")), jumps),
+           "strong": strong.cpu(),
            "worst_probe": probe_images[torch.arange(U), pa["worst"]].detach().float().cpu().contiguous()}
     out.update({f"ga.{name}": v.detach().cpu() for name, v in ga.items()})
     out.update({f"pa.{name}": v.detach().cpu() for name, v in pa.items()})
@@ -524,7 +549,7 @@ def score_signals(signals: dict) -> tuple[dict, torch.Tensor]:
 def rescore(result: dict) -> dict:
     """An audit.json dict with score / flagged / fired / verdict recomputed from its stored signal values."""
     rows = result["units"]
-    vals = {name: [float("nan") if r["signals"].get(name) is None or (name == "gradient_agreement" and
+    vals = {name: [float("nan") if r["signals"].get(name) is None or (name in UNDEFINED_WHERE_FAILED and
                                                                        r["signals"].get("visualization_failed"))
                    else r["signals"][name] for r in rows] for name in THRESHOLDS}
     ev, score = score_signals(vals)

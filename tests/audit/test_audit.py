@@ -259,9 +259,17 @@ def test_failed_visualization_is_not_evidence():
     vis = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])  # unit 0: dead (blank) image; unit 1: fine
     res = audit(m, "2", data=natural, visualizations=vis, top_k=2, path_points=4)
     u0, u1 = res.units
-    assert u0["signals"]["visualization_failed"] and u0["signals"]["gradient_agreement"] is None
+    assert u0["signals"]["visualization_failed"]
+    for name in ("gradient_agreement", "probe_agreement", "path_jump"):   # nothing shown, nothing compared
+        assert u0["signals"][name] is None
     assert not u1["signals"]["visualization_failed"] and u1["signals"]["gradient_agreement"] == pytest.approx(1.0)
+    assert u1["signals"]["probe_agreement"] is not None and u1["signals"]["path_jump"] is not None
     assert res.verdict == "clean"
+    from fvtrust.audit.core import rescore
+
+    d = json.loads(json.dumps(res.to_dict()))
+    d["units"][0]["signals"].update(probe_agreement=-1.0, path_jump=1.0)  # a cached entry from before the rule
+    assert rescore(d)["units"][0]["flagged"] is False and rescore(d)["verdict"] == "clean"
 
 
 def test_probe_agreement_values():
