@@ -33,6 +33,7 @@ section gives the values measured on the block4:0 slingshot and on the clean mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import torch
@@ -62,51 +63,12 @@ def tunnel_coherence(model, layer: str, visualizations: torch.Tensor, units, *, 
     """(U,) median over `pairs` standard starts θ_s of cos(g(p_1), g(p_2)), g(p) the gradient w.r.t. the fft leaf
     at θ_s + p(θ_v − θ_s) of the unit summed over `draws` draws of the standard transforms (θ_v: the
     visualization's leaf, `make_param(start=...)` inverts the image map)."""
-    import dataclasses
-
-    from fvtrust.visualize.param import make_param
-
-    module = model.get_layer(layer)
-    units = torch.as_tensor(units)
-    shape = tuple(model.input_shape)
-    th_v = make_param("fft", (len(units), *shape), start=visualizations).tensor.detach()
-    base = start_params(shape, pairs=pairs, seed=seed)  # the parameters of start_images' standard starts
-    th_s = base.tensor.detach()
-    spec = T.TransformSpec.standard(int(shape[1]))
-    rng = np.random.default_rng(seed)
-    ds = [T.draw(spec, rng) for _ in range(draws)]
-    store = {}
-
-    def hook(_m, _i, o):
-        store["out"] = o
-        raise StopIteration  # stop the forward pass at the layer
-
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients w.r.t. the leaves only
-    grads = []
-    u = units.repeat_interleave(pairs)
-    h = module.register_forward_hook(hook)
-    try:
-        for pt in points:
-            th = (th_s[None] + pt * (th_v[:, None] - th_s[None])).flatten(0, 1).clone().requires_grad_(True)
-            img = dataclasses.replace(base, tensor=th, shape=(len(th), *shape)).image()
-            total = 0
-            for d in ds:
-                try:
-                    model(T.apply(img, spec, d))
-                except StopIteration:
-                    pass
-                total = total + unit_value(store["out"], u).sum()
-            grads.append(torch.autograd.grad(total, th)[0].flatten(1).double())
-    finally:
-        h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-    a, b = grads
+    lines = Lines(model, visualizations, units, pairs=pairs, seed=seed, draws=draws)
+    with frozen(model):
+        a, b = (lines.gradients(model, layer, lines.at(pt)) for pt in points)
     c = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
     c = torch.where((a.norm(dim=1) > 0) & (b.norm(dim=1) > 0), c, torch.full_like(c, float("nan")))
-    return c.reshape(len(units), pairs).nanmedian(1).values.float()
+    return lines.per_unit_median(c)
 
 
 def candidates(model, layer: str, steps: int, seed: int) -> dict:
@@ -159,73 +121,96 @@ def candidates(model, layer: str, steps: int, seed: int) -> dict:
     return out
 
 
-def leaf_gradients(model, layer: str, base, th: torch.Tensor, units: torch.Tensor, spec, draws) -> torch.Tensor:
-    """(N, D) gradient w.r.t. fft leaves `th` (N, ...) of unit units[i] at image i, summed over `draws` of the
-    standard transforms (`base`: an ImageParam whose scale / colour map the leaves to images)."""
-    import dataclasses
-
-    module = model.get_layer(layer)
-    store = {}
-
-    def hook(_m, _i, o):
-        store["out"] = o
-        raise StopIteration  # stop the forward pass at the layer
-
-    th = th.clone().requires_grad_(True)
-    img = dataclasses.replace(base, tensor=th, shape=(len(th), *base.shape[1:])).image()
-    total = 0
-    h = module.register_forward_hook(hook)
+@contextlib.contextmanager
+def frozen(model):
+    """The model's parameters without gradients inside the block (gradients w.r.t. the image leaves only)."""
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
     try:
-        for d in draws:
-            try:
-                model(T.apply(img, spec, d))
-            except StopIteration:
-                pass
-            total = total + unit_value(store["out"], units).sum()
+        yield model
     finally:
-        h.remove()
-    return torch.autograd.grad(total, th)[0].flatten(1).double()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
+class Lines:
+    """Straight lines in the fft parameter space from the audit's `pairs` standard starts θ_s (`start_params`)
+    to each unit's visualization θ_v (`make_param(start=...)` inverts the image map), and the unit's gradient
+    there through `draws` fixed draws of the standard transforms: what tunnel_coherence and planted_curvature
+    read. Points are ordered unit-major: row u * pairs + s is unit u's line from start s."""
+
+    def __init__(self, model, visualizations: torch.Tensor, units, *, pairs: int, seed: int, draws: int):
+        from fvtrust.visualize.param import make_param
+
+        self.units = torch.as_tensor(units)
+        self.pairs = pairs
+        shape = tuple(model.input_shape)
+        self.th_v = make_param("fft", (len(self.units), *shape), start=visualizations).tensor.detach()
+        self.base = start_params(shape, pairs=pairs, seed=seed)
+        self.th_s = self.base.tensor.detach()
+        self.spec = T.TransformSpec.standard(int(shape[1]))
+        rng = np.random.default_rng(seed)
+        self.draws = [T.draw(self.spec, rng) for _ in range(draws)]
+
+    def at(self, p: float) -> torch.Tensor:
+        """(U * pairs, ...) the points a fraction p of the way from each start to each visualization."""
+        return (self.th_s[None] + p * (self.th_v[:, None] - self.th_s[None])).flatten(0, 1)
+
+    def gradients(self, model, layer: str, th: torch.Tensor) -> torch.Tensor:
+        """(U * pairs, D) gradient w.r.t. the leaves `th` of row i's unit, summed over the transform draws."""
+        import dataclasses
+
+        module = model.get_layer(layer)
+        store = {}
+
+        def hook(_m, _i, o):
+            store["out"] = o
+            raise StopIteration  # stop the forward pass at the layer
+
+        th = th.clone().requires_grad_(True)
+        img = dataclasses.replace(self.base, tensor=th, shape=(len(th), *self.base.shape[1:])).image()
+        u = self.units.repeat_interleave(self.pairs)
+        total = 0
+        h = module.register_forward_hook(hook)
+        try:
+            for d in self.draws:
+                try:
+                    model(T.apply(img, self.spec, d))
+                except StopIteration:
+                    pass
+                total = total + unit_value(store["out"], u).sum()
+        finally:
+            h.remove()
+        return torch.autograd.grad(total, th)[0].flatten(1).double()
+
+    def per_unit_median(self, v: torch.Tensor) -> torch.Tensor:
+        """(U,) the median over each unit's lines (NaN-aware)."""
+        return v.reshape(len(self.units), self.pairs).nanmedian(1).values.float()
 
 
 def planted_curvature(model, layer: str, visualizations: torch.Tensor, units, *, pairs: int, seed: int,
                       points=(0.25, 0.5, 0.75), steps_per_point: int = 4, sd: float = 0.01,
                       draws: int = 4) -> torch.Tensor:
     """(U,) how much the unit's gradient field bends like a planted bowl: at points θ a fraction p of the way
-    from the 8 standard starts to the visualization (fft leaves), for random steps δ ~ N(0, sd²) (sd: the
+    from the 8 standard starts to the visualization (`Lines`), for random steps δ ~ N(0, sd²) (sd: the
     slingshot tunnel's width), c = -cos(δ, g(θ + δ) - g(θ - δ)), averaged over `steps_per_point` steps, median
     over starts, mean over `points`. A field γ(θ_t - θ) gives c = 1; a field that does not bend, 0 (NaN
     where the gradient does not change: the unit is off there)."""
-    from fvtrust.visualize.param import make_param
-
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    units = torch.as_tensor(units)
-    shape = tuple(model.input_shape)
-    th_v = make_param("fft", (len(units), *shape), start=visualizations).tensor.detach()
-    base = start_params(shape, pairs=pairs, seed=seed)
-    th_s = base.tensor.detach()
-    spec = T.TransformSpec.standard(int(shape[1]))
-    rng = np.random.default_rng(seed)
-    ds = [T.draw(spec, rng) for _ in range(draws)]
+    lines = Lines(model, visualizations, units, pairs=pairs, seed=seed, draws=draws)
     gen = torch.Generator().manual_seed(seed + 7)
-    u = units.repeat_interleave(pairs)
     per_point = []
-    try:
+    with frozen(model):
         for pt in points:
-            th = (th_s[None] + pt * (th_v[:, None] - th_s[None])).flatten(0, 1)
+            th = lines.at(pt)
             cs = []
             for _ in range(steps_per_point):
                 dl = sd * torch.randn(th.shape, generator=gen)
-                dg = (leaf_gradients(model, layer, base, th + dl, u, spec, ds)
-                      - leaf_gradients(model, layer, base, th - dl, u, spec, ds))
+                dg = lines.gradients(model, layer, th + dl) - lines.gradients(model, layer, th - dl)
                 d = dl.flatten(1).double()
                 c = -(d * dg).sum(1) / (d.norm(dim=1) * dg.norm(dim=1)).clamp_min(1e-300)
                 cs.append(torch.where(dg.norm(dim=1) > 0, c, torch.full_like(c, float("nan"))))
-            per_point.append(torch.stack(cs).nanmean(0).reshape(len(units), pairs).nanmedian(1).values)
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
+            per_point.append(lines.per_unit_median(torch.stack(cs).nanmean(0)))
     return torch.stack(per_point).nanmean(0).float()
 
 

@@ -31,10 +31,9 @@ def test_pearson_rows_is_the_row_wise_correlation():
     assert torch.allclose(audit_candidates.pearson_rows(a, b), torch.tensor(want, dtype=torch.float32), atol=1e-6)
 
 
-def test_tunnel_coherence_against_a_per_line_reference():
-    """The batched candidate equals a plain autograd loop over units and starts (same draws, same leaves)."""
-    import dataclasses
-
+def _tiny_lines():
+    """A tiny conv net, two visualizations, and what a per-line reference needs: the 4 transform draws of seed 5,
+    the visualizations' fft leaves and the 3 standard starts of seed 5 (as `start_params` draws them)."""
     import numpy as np
     import torch
     from torch import nn
@@ -48,13 +47,26 @@ def test_tunnel_coherence_against_a_per_line_reference():
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1))
     m = FvModel(net, mean=[0.0], std=[1.0], input_shape=(1, 12, 12), spec="test-net")
     vis = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
-    got = audit_candidates.tunnel_coherence(m, "2", vis, [0, 1], pairs=3, seed=5)
     spec = T.TransformSpec.standard(12)
     rng = np.random.default_rng(5)
     ds = [T.draw(spec, rng) for _ in range(4)]
     th_v = make_param("fft", (2, 1, 12, 12), start=vis).tensor.detach()
     base = make_param("fft", (3, 1, 12, 12), sd=START_SD,
                       generators=[torch.Generator().manual_seed(5 * 100003 + s) for s in range(3)])
+    return net, m, vis, spec, ds, th_v, base
+
+
+def test_tunnel_coherence_against_a_per_line_reference():
+    """The batched candidate equals a plain autograd loop over units and starts (same draws, same leaves)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from fvtrust.visualize import transforms as T
+
+    net, m, vis, spec, ds, th_v, base = _tiny_lines()
+    got = audit_candidates.tunnel_coherence(m, "2", vis, [0, 1], pairs=3, seed=5)
     want = []
     for u in range(2):
         cs = []
@@ -94,25 +106,12 @@ def test_planted_curvature_against_a_per_line_reference():
 
     import numpy as np
     import torch
-    from torch import nn
 
-    from fvtrust.audit.probes import START_SD
-    from fvtrust.models import FvModel
     from fvtrust.visualize import transforms as T
-    from fvtrust.visualize.param import make_param
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1))
-    m = FvModel(net, mean=[0.0], std=[1.0], input_shape=(1, 12, 12), spec="test-net")
-    vis = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    net, m, vis, spec, ds, th_v, base = _tiny_lines()
     got = audit_candidates.planted_curvature(m, "2", vis, [0, 1], pairs=3, seed=5, points=(0.5,),
                                              steps_per_point=2, sd=0.05)
-    spec = T.TransformSpec.standard(12)
-    rng = np.random.default_rng(5)
-    ds = [T.draw(spec, rng) for _ in range(4)]
-    th_v = make_param("fft", (2, 1, 12, 12), start=vis).tensor.detach()
-    base = make_param("fft", (3, 1, 12, 12), sd=START_SD,
-                      generators=[torch.Generator().manual_seed(5 * 100003 + s) for s in range(3)])
     th = (base.tensor.detach()[None] + 0.5 * (th_v[:, None] - base.tensor.detach()[None])).flatten(0, 1)
     gen = torch.Generator().manual_seed(12)
     steps = [0.05 * torch.randn(th.shape, generator=gen) for _ in range(2)]
