@@ -217,8 +217,9 @@ def calibrate(data, cache: Path) -> dict:
     The start signals (start_gap; preactivation_start_gap where the layer has a final elementwise stage) need no
     visualization, so they are read on every layer `list_layers` reports, sub-layers included (block3.conv is a
     layer a user may audit). The signals that need visualizations come from full audits of CLEAN_LAYERS (cached
-    under `cache`, as the attacks' audits; the trained model's are the benchmark's clean audits). Printed per signal: the most extreme clean value, what the
-    calibration rule gives, and the threshold committed in fvtrust/audit/core.py.
+    under `cache`, as the attacks' audits; the trained model's are the benchmark's clean audits). Printed per
+    signal: the most extreme clean value, what the calibration rule gives, and the threshold committed in
+    fvtrust/audit/core.py.
     """
     from fvtrust.audit import THRESHOLDS
     from fvtrust.audit.core import AuditSettings, start_signal
@@ -258,7 +259,7 @@ def calibrate(data, cache: Path) -> dict:
                                 "fired": r["evidence"]["flagged_by_signal"], "max_score": r["evidence"]["max_score"]}
                 for signal in ("gradient_agreement", "probe_agreement", "path_jump"):
                     vals = [(u["signals"][signal], u["unit"]) for u in r["units"] if u["signals"][signal] is not None
-                            and not (signal == "gradient_agreement" and u["signals"]["visualization_failed"])]
+                            and not u["signals"]["visualization_failed"]]  # all three are UNDEFINED_WHERE_FAILED
                     if vals:
                         ext = (max if THRESHOLDS[signal].higher_is_suspicious else min)(vals)
                         values[signal].append((float(ext[0]), f"{weights} {layer} unit {ext[1]}"))
@@ -306,7 +307,8 @@ def main():
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
     ap.add_argument("--only", default="attacks,clean,timing",
-                    help="Comma-separated: attacks, clean, timing, calibrate (every signal on clean models, every layer).")
+                    help="Comma-separated: attacks, clean, timing, calibrate (every signal on clean models, "
+                         "every layer).")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)

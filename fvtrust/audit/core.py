@@ -320,6 +320,8 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"],
                "probe_agreement": pa["agreement"], "start_gap": chunk["sg.gap"],
                "preactivation_start_gap": chunk["sgp.gap"]}
+    for name in UNDEFINED_WHERE_FAILED:  # the one place the rule is applied (rescore applies it to stored values)
+        signals[name] = torch.where(failed, torch.full_like(signals[name], float("nan")), signals[name])
     ev, score = score_signals(signals)
     top_values, top_indices = ranked["values"], ranked["indices"]
     nat_max = top_values[:, 0]
@@ -332,7 +334,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
                    visualization_activation=_num(vis_value[i]), natural_max_activation=_num(nat_max[i]),
                    range_ratio=_num(vis_value[i] / nat_max[i]) if float(nat_max[i]) > 0 else None,
                    probe_worst=_probe_name(int(pa["worst"][i]), n_own, strong[i])
-                   if np.isfinite(float(pa["agreement"][i])) else None,
+                   if np.isfinite(float(signals["probe_agreement"][i])) else None,
                    start_gap_scale=(f"{WIDER_STARTS[int(chunk['sg.worst_scale'][i])]}x the start noise"
                                     if np.isfinite(float(chunk["sg.gap"][i])) else None),
                    start_activation=_num(chunk["sg.std_values"][i].median()),
@@ -433,8 +435,8 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
     """Stage 2 of one chunk (a shard): its units' signals, given the whole layer's probe-image `pool`.
 
     Returns tensors, one row per unit: ``failed``, ``vis_value``,
-    ``path_jump``, ``ga.*`` (what `gradient_agreement` returns, agreement NaN
-    where the visualization failed), ``pa.*`` (`probe_agreement`),
+    ``path_jump``, ``ga.*`` (what `gradient_agreement` returns), ``pa.*``
+    (`probe_agreement`; `audit` masks the three where ``failed``),
     ``strong`` (indices into `pool`), ``worst_probe`` (the image that gave
     probe_agreement its value), and the stage times ``seconds.*`` (0-d).
     """
@@ -449,10 +451,10 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
                   batch_size=settings.batch_size)
     vis_p = probe(model, key, x_v, u_t, image_grad=True, batch_size=settings.batch_size)
     # a visualization whose image gradient vanishes is a failed optimization (a dead unit at the end: a grey
-    # or blank image), not a mechanism: nothing to compare, so agreement is undefined rather than 0
+    # or blank image), not a mechanism: nothing to compare, so `audit` leaves the UNDEFINED_WHERE_FAILED
+    # signals undefined rather than 0
     failed = vis_p.image_grad.abs().amax(1) == 0
     ga = gradient_agreement(nat_p.input_grad.reshape(U, k, -1), vis_p.input_grad.reshape(U, 1, -1))
-    ga["agreement"] = torch.where(failed, torch.full_like(ga["agreement"], float("nan")), ga["agreement"])
     # the same comparison on the unit's own probe images (every snapshot of both of its optimizations) and on
     # the probe images of all units that drive it hardest
     r = min(settings.probe_top, len(pool))
@@ -463,7 +465,6 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
                   batch_size=settings.batch_size)
     pa = probe_agreement(nat_p.input_grad.reshape(U, k, -1), str_p.input_grad.reshape(U, n_own + r, -1),
                          str_p.image_grad.reshape(U, n_own + r, -1))
-    pa["agreement"] = torch.where(failed, torch.full_like(pa["agreement"], float("nan")), pa["agreement"])
     seconds["mechanism"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -499,11 +500,8 @@ def _signal_chunk(model, pool: torch.Tensor, key: str, units: list, top_images: 
         jumps.append(path_jump(pp.value.reshape(n, P, T + 1), pp.image_grad.reshape(n, P, T + 1, -1),
                                d.reshape(n, P, -1)))
     seconds["path"] = time.perf_counter() - t
-    jumps = torch.cat(jumps).detach().cpu()
     out = {"failed": failed.cpu(), "vis_value": vis_p.value.detach().cpu(),
-           # undefined where the visualization failed (UNDEFINED_WHERE_FAILED)
-           "path_jump": torch.where(failed.cpu(), torch.full_like(jumps, float("nan")), jumps),
-           "strong": strong.cpu(),
+           "path_jump": torch.cat(jumps).detach().cpu(), "strong": strong.cpu(),
            "worst_probe": probe_images[torch.arange(U), pa["worst"]].detach().float().cpu().contiguous()}
     out.update({f"ga.{name}": v.detach().cpu() for name, v in ga.items()})
     out.update({f"pa.{name}": v.detach().cpu() for name, v in pa.items()})
