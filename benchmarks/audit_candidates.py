@@ -71,13 +71,44 @@ def tunnel_coherence(model, layer: str, visualizations: torch.Tensor, units, *, 
     return lines.per_unit_median(c)
 
 
-def candidates(model, layer: str, steps: int, seed: int) -> dict:
+class Runs:
+    """The work both candidate sets need, done once per layer: the natural images and the standard
+    visualizations per seed (`--set all` would otherwise read the data twice and visualize seeds 0-2 twice;
+    recording snapshots does not change a visualization's final image)."""
+
+    def __init__(self, model, layer: str, steps: int):
+        self.model, self.layer, self.steps = model, layer, steps
+        self.units = list(range(layer_units(model, layer)))
+        self._finals, self._data = {}, None
+
+    def data(self) -> torch.Tensor:
+        if self._data is None:
+            self._data = natural(None, model=self.model).evaluation.tensors(
+                AuditSettings().natural_limit, desc="read natural images")[0]
+        return self._data
+
+    def final(self, seed: int) -> torch.Tensor:
+        if seed not in self._finals:
+            self._finals[seed] = visualize(self.model, self.layer, self.units, steps=self.steps,
+                                           objective="channel", seed=seed, progress_desc=None).final
+        return self._finals[seed]
+
+    def snapshots(self, seed: int):
+        """The seed's visualization with its log-spaced snapshots (its final image is kept for `final`)."""
+        snaps = visualize(self.model, self.layer, self.units, steps=self.steps, objective="channel", seed=seed,
+                          thresholds=snapshot_steps(self.steps), progress_desc=None)
+        self._finals.setdefault(seed, snaps.final)
+        return snaps
+
+
+def candidates(model, layer: str, steps: int, seed: int, runs: Runs | None = None) -> dict:
     """{candidate: (U,) values} for every unit of `layer`, as the module docstring defines them."""
     st = AuditSettings()
-    n = layer_units(model, layer)
-    units = list(range(n))
+    runs = runs or Runs(model, layer, steps)
+    units = runs.units
+    n = len(units)
     u_t = torch.arange(n)
-    data = natural(None, model=model).evaluation.tensors(st.natural_limit, desc="read natural images")[0]
+    data = runs.data()
     top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel", batch_size=st.batch_size)
     nat = probe(model, layer, data[top.indices].flatten(0, 1), u_t.repeat_interleave(st.top_k), image_grad=True)
     g_nat = nat.image_grad.reshape(n, st.top_k, -1).norm(dim=-1).median(1).values
@@ -100,14 +131,12 @@ def candidates(model, layer: str, steps: int, seed: int) -> dict:
     dist = torch.stack([(w - std).flatten(1).norm(dim=1).repeat(len(draws)) for w in wide])
     out["transformed start_gap"] = start_gap(a[:k].T, a[k:].T.reshape(n, len(wide), k), dist, g_nat)["gap"]
 
-    snaps = visualize(model, layer, units, steps=steps, objective="channel", seed=seed,
-                      thresholds=snapshot_steps(steps), progress_desc=None)
+    snaps = runs.snapshots(seed)
     t = len(snaps.images)
     pv = probe(model, layer, snaps.images.transpose(0, 1).flatten(0, 1), u_t.repeat_interleave(t), image_grad=True)
     out["snapshot steepness"] = (pv.image_grad.norm(dim=1).reshape(n, t) / g_nat[:, None]).median(1).values
 
-    finals = [snaps.final] + [visualize(model, layer, units, steps=steps, objective="channel", seed=seed + i,
-                                        progress_desc=None).final for i in (1, 2, 3)]
+    finals = [snaps.final] + [runs.final(seed + i) for i in (1, 2, 3)]
     out["seed agreement (seeds 0, 1)"] = pearson_rows(finals[0], finals[1])
     out["seed agreement (mean of 6 pairs)"] = torch.stack(
         [pearson_rows(finals[i], finals[j]) for i in range(4) for j in range(i + 1, 4)]).mean(0)
@@ -231,7 +260,7 @@ def robust_z(v: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy((x - med) / max(mad, 1e-12)).float()
 
 
-def more_candidates(model, layer: str, steps: int, seed: int) -> dict:
+def more_candidates(model, layer: str, steps: int, seed: int, runs: Runs | None = None) -> dict:
     """The second set (measured after the first had failed), {candidate: (U,) values}:
 
     * planted curvature (`planted_curvature`);
@@ -245,11 +274,11 @@ def more_candidates(model, layer: str, steps: int, seed: int) -> dict:
       visualizations started from its top-2 natural images (a tunnel ends lower than the landscape it hides).
     """
     st = AuditSettings()
-    n = layer_units(model, layer)
-    units = list(range(n))
+    runs = runs or Runs(model, layer, steps)
+    units = runs.units
+    n = len(units)
     out = {}
-    finals = [visualize(model, layer, units, steps=steps, objective="channel", seed=seed + i,
-                        progress_desc=None).final for i in range(3)]
+    finals = [runs.final(seed + i) for i in range(3)]
     out["planted curvature"] = planted_curvature(model, layer, finals[0], units, pairs=st.start_pairs, seed=seed)
     out["smoothness (TV / std)"] = smoothness(finals[0])
     agree = torch.stack([pearson_rows(finals[i], finals[j]) for i in range(3) for j in range(i + 1, 3)]).mean(0)
@@ -263,7 +292,7 @@ def more_candidates(model, layer: str, steps: int, seed: int) -> dict:
 
     v0, v1, w30 = from_start(std[0]), from_start(std[1]), from_start(wide[-1, 0])
     out["wide-start disagreement"] = pearson_rows(v0, v1) - pearson_rows(v0, w30)
-    data = natural(None, model=model).evaluation.tensors(st.natural_limit, desc="read natural images")[0]
+    data = runs.data()
     top = top_activating_many(model, layer, units, data, m=2, objective="channel", batch_size=st.batch_size)
     reach = torch.stack([unit_activations(model, layer, visualize(
         model, layer, units, steps=steps, objective="channel", seed=seed, start=data[top.indices[:, j]].clone(),
@@ -288,11 +317,11 @@ def main() -> None:
         n = layer_units(model, args.layer)
         if not 0 <= args.unit < n:
             raise FvtrustError(f"unit {args.unit} out of range for {args.layer}: valid units are 0..{n - 1}")
-        values = {}
+        values, runs = {}, Runs(model, args.layer, args.steps)
         if args.set in ("first", "all"):
-            values.update(candidates(model, args.layer, args.steps, args.seed))
+            values.update(candidates(model, args.layer, args.steps, args.seed, runs))
         if args.set in ("second", "all"):
-            values.update(more_candidates(model, args.layer, args.steps, args.seed))
+            values.update(more_candidates(model, args.layer, args.steps, args.seed, runs))
     except FvtrustError as e:
         raise SystemExit(f"audit_candidates: {e}")
     print(f"{args.model} {args.layer}: unit {args.unit} against the other {n - 1} units of the layer")
