@@ -21,6 +21,10 @@ candidates per unit, for every unit of a layer, so a slung unit can be compared 
   reaches 0.718 and random-init fashion-cnn 0.93-0.99 (fc, block3, block4: a random network's gradient
   hardly turns), so no threshold fixed on clean models separates it.
 
+Seed agreement and tunnel coherence, each useless alone on an absolute scale, became two of the three probes
+of the audit's `pinning` signal, with agreement under 5 % weight noise as the third: read as robust z-scores
+within the layer, where a slung unit stands out on all three at once (fvtrust/audit/pinning.py, README).
+
 The second set (`--set second`; `more_candidates` says what each is): planted curvature, smoothness,
 seed agreement as a z-score in the layer, wide-start disagreement, natural-start reach. The README's audit
 section gives the values measured on the block4:0 slingshot and on the clean models.
@@ -33,14 +37,14 @@ section gives the values measured on the block4:0 slingshot and on the clean mod
 from __future__ import annotations
 
 import argparse
-import contextlib
-
 import numpy as np
 import torch
 
 import fvtrust
 from fvtrust.audit.core import AuditSettings
-from fvtrust.audit.probes import probe, snapshot_steps, start_images, start_params, unit_activations, unit_value
+from fvtrust.audit.pinning import Lines, frozen, gradient_coherence, pearson_rows
+from fvtrust.audit.pinning import robust_z as audit_robust_z
+from fvtrust.audit.probes import probe, snapshot_steps, start_images, unit_activations
 from fvtrust.audit.signals import start_gap
 from fvtrust.data import natural
 from fvtrust.errors import FvtrustError
@@ -51,24 +55,11 @@ from fvtrust.visualize import transforms as T
 from fvtrust.visualize import visualize
 
 
-def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each row of a with the same row of b (U x D each)."""
-    a, b = a.flatten(1).double(), b.flatten(1).double()
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).float()
-
-
-def tunnel_coherence(model, layer: str, visualizations: torch.Tensor, units, *, pairs: int, seed: int,
-                     points=(0.25, 0.75), draws: int = 4) -> torch.Tensor:
-    """(U,) median over `pairs` standard starts θ_s of cos(g(p_1), g(p_2)), g(p) the gradient w.r.t. the fft leaf
-    at θ_s + p(θ_v − θ_s) of the unit summed over `draws` draws of the standard transforms (θ_v: the
-    visualization's leaf, `make_param(start=...)` inverts the image map)."""
-    lines = Lines(model, visualizations, units, pairs=pairs, seed=seed, draws=draws)
-    with frozen(model):
-        a, b = (lines.gradients(model, layer, lines.at(pt)) for pt in points)
-    c = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
-    c = torch.where((a.norm(dim=1) > 0) & (b.norm(dim=1) > 0), c, torch.full_like(c, float("nan")))
-    return lines.per_unit_median(c)
+def tunnel_coherence(model, layer: str, visualizations: torch.Tensor, units, *, pairs: int, seed: int) -> torch.Tensor:
+    """(U,) median over `pairs` standard starts of the cosine between the unit's fft-leaf gradients a quarter and
+    three quarters of the way to its visualization: `fvtrust.audit.pinning.gradient_coherence`, which the audit
+    adopted as the third probe of its `pinning` signal (read there as a z-score within the layer)."""
+    return gradient_coherence(model, layer, visualizations, units, lines=pairs, seed=seed).float()
 
 
 class Runs:
@@ -150,74 +141,6 @@ def candidates(model, layer: str, steps: int, seed: int, runs: Runs | None = Non
     return out
 
 
-@contextlib.contextmanager
-def frozen(model):
-    """The model's parameters without gradients inside the block (gradients w.r.t. the image leaves only)."""
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-
-
-class Lines:
-    """Straight lines in the fft parameter space from the audit's `pairs` standard starts θ_s (`start_params`)
-    to each unit's visualization θ_v (`make_param(start=...)` inverts the image map), and the unit's gradient
-    there through `draws` fixed draws of the standard transforms: what tunnel_coherence and planted_curvature
-    read. Points are ordered unit-major: row u * pairs + s is unit u's line from start s."""
-
-    def __init__(self, model, visualizations: torch.Tensor, units, *, pairs: int, seed: int, draws: int):
-        from fvtrust.visualize.param import make_param
-
-        self.units = torch.as_tensor(units)
-        self.pairs = pairs
-        shape = tuple(model.input_shape)
-        self.th_v = make_param("fft", (len(self.units), *shape), start=visualizations).tensor.detach()
-        self.base = start_params(shape, pairs=pairs, seed=seed)
-        self.th_s = self.base.tensor.detach()
-        self.spec = T.TransformSpec.standard(int(shape[1]))
-        rng = np.random.default_rng(seed)
-        self.draws = [T.draw(self.spec, rng) for _ in range(draws)]
-
-    def at(self, p: float) -> torch.Tensor:
-        """(U * pairs, ...) the points a fraction p of the way from each start to each visualization."""
-        return (self.th_s[None] + p * (self.th_v[:, None] - self.th_s[None])).flatten(0, 1)
-
-    def gradients(self, model, layer: str, th: torch.Tensor) -> torch.Tensor:
-        """(U * pairs, D) gradient w.r.t. the leaves `th` of row i's unit, summed over the transform draws."""
-        import dataclasses
-
-        module = model.get_layer(layer)
-        store = {}
-
-        def hook(_m, _i, o):
-            store["out"] = o
-            raise StopIteration  # stop the forward pass at the layer
-
-        th = th.clone().requires_grad_(True)
-        img = dataclasses.replace(self.base, tensor=th, shape=(len(th), *self.base.shape[1:])).image()
-        u = self.units.repeat_interleave(self.pairs)
-        total = 0
-        h = module.register_forward_hook(hook)
-        try:
-            for d in self.draws:
-                try:
-                    model(T.apply(img, self.spec, d))
-                except StopIteration:
-                    pass
-                total = total + unit_value(store["out"], u).sum()
-        finally:
-            h.remove()
-        return torch.autograd.grad(total, th)[0].flatten(1).double()
-
-    def per_unit_median(self, v: torch.Tensor) -> torch.Tensor:
-        """(U,) the median over each unit's lines (NaN-aware)."""
-        return v.reshape(len(self.units), self.pairs).nanmedian(1).values.float()
-
-
 def planted_curvature(model, layer: str, visualizations: torch.Tensor, units, *, pairs: int, seed: int,
                       points=(0.25, 0.5, 0.75), steps_per_point: int = 4, sd: float = 0.01,
                       draws: int = 4) -> torch.Tensor:
@@ -252,12 +175,9 @@ def smoothness(images: torch.Tensor) -> torch.Tensor:
 
 
 def robust_z(v: torch.Tensor) -> torch.Tensor:
-    """(v - median) / (1.4826 MAD) over the layer: how far a unit stands out among its neighbours (numpy's
-    median: torch's takes the lower middle value of an even count)."""
-    x = v.double().numpy()
-    med = np.nanmedian(x)
-    mad = 1.4826 * np.nanmedian(np.abs(x - med))
-    return torch.from_numpy((x - med) / max(mad, 1e-12)).float()
+    """(v - median) / (1.4826 MAD) over the layer (`fvtrust.audit.pinning.robust_z`, here for any layer size:
+    the candidate was also read on fc's 10 units)."""
+    return torch.from_numpy(audit_robust_z(v.double().numpy(), min_units=1)).float()
 
 
 def more_candidates(model, layer: str, steps: int, seed: int, runs: Runs | None = None) -> dict:

@@ -100,6 +100,10 @@ SLINGSHOTS = {
     "slingshot-block4-seed1": ("block4", 0, "camera", 1, {"w": 0.9}),
     # built after the pre-activation readout of start_gap was committed: held out from its development
     "slingshot-block4-seed2": ("block4", 0, "camera", 2, {"w": 0.9}),
+    # built while the `pinning` signal was being written, audited only after it and its threshold were committed
+    # (held out from its development, which saw the three block4:0 models above)
+    "slingshot-block4-seed3": ("block4", 0, "camera", 3, {"w": 0.9}),
+    "slingshot-block4-u12": ("block4", 12, "camera", 0, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 # every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model
@@ -257,9 +261,9 @@ def calibrate(data, cache: Path) -> dict:
                 r = cached_audit(cache, "clean" if weights == "trained" else "clean-random", model, layer, data)
                 row["audit"] = {"verdict": r["verdict"], "flagged": r["evidence"]["flagged_units"],
                                 "fired": r["evidence"]["flagged_by_signal"], "max_score": r["evidence"]["max_score"]}
-                for signal in ("gradient_agreement", "probe_agreement", "path_jump"):
+                for signal in ("gradient_agreement", "probe_agreement", "path_jump", "pinning"):
                     vals = [(u["signals"][signal], u["unit"]) for u in r["units"] if u["signals"][signal] is not None
-                            and not u["signals"]["visualization_failed"]]  # all three are UNDEFINED_WHERE_FAILED
+                            and not u["signals"]["visualization_failed"]]  # all four are UNDEFINED_WHERE_FAILED
                     if vals:
                         ext = (max if THRESHOLDS[signal].higher_is_suspicious else min)(vals)
                         values[signal].append((float(ext[0]), f"{weights} {layer} unit {ext[1]}"))

@@ -120,6 +120,36 @@ def start_png(standard, wider, natural, visualization, multiples, ylabel: str = 
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def pinning_png(rows: list, i: int) -> str:
+    """pinning's evidence for unit i, as an inline PNG: every audited unit's robust z-score on each of the three
+    probes (grey), unit i's in red, and the pinning threshold. A slung unit stands out on all three columns at
+    once; a clean unit that tops one column sits inside the layer on another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .core import PINNING_PROBES
+
+    fig, ax = plt.subplots(figsize=(3.4, 2.2))
+    rng = np.random.default_rng(0)
+    for j, name in enumerate(PINNING_PROBES):
+        z = np.array([np.nan if r["signals"].get(f"{name}_z") is None else r["signals"][f"{name}_z"] for r in rows])
+        ok = np.isfinite(z)
+        ax.plot(j + rng.uniform(-0.15, 0.15, ok.sum()), z[ok], "o", ms=2, color="#999")
+        if np.isfinite(z[i]):
+            ax.plot([j], [z[i]], "o", ms=5, color="#b00")
+    ax.axhline(THRESHOLDS["pinning"].threshold, color="#b00", ls="--", lw=1)
+    ax.set_xticks(range(len(PINNING_PROBES)), [n.replace("_", "\n") for n in PINNING_PROBES], fontsize=6)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_ylabel("robust z in the layer", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _fmt(v) -> str:
     if v is None:
         return "—"
@@ -160,7 +190,7 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
     else:
         if len(flagged) > max_shown:
             parts.append(f'<p class="note">Showing the {max_shown} highest scores; all are in audit.json.</p>')
-        parts.append("<table><tr><th>unit</th><th>score</th><th>visualization</th><th>worst probe image</th>"
+        parts.append("<table><tr><th>unit</th><th>score</th><th>visualization</th><th>evidence (worst probe image; start and pinning plots)</th>"
                      "<th>top natural images</th><th>signals (fired in bold)</th></tr>")
         for i, u in flagged[:max_shown]:
             vis = _png(result.visualizations[i]) if result.visualizations is not None else ""
@@ -175,6 +205,9 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
                                 sv["wider_multiples"], ylabel="unit pre-activation")
                 worst += (f'<img src="{png}" alt="the unit\'s pre-activation at its visualization\'s start images, '
                           'wider starts, natural images">')
+            if "pinning" in u["fired"]:
+                worst += (f'<img src="{pinning_png(result.units, i)}" alt="the unit\'s robust z-scores on the three '
+                          'pinning probes against the layer\'s">')
             tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
                            for im in (result.top_images[i][:4] if result.top_images is not None else []))
             sig = "<br>".join((f"<b>{html.escape(k)} = {_fmt(v)}</b>" if k in u["fired"] else

@@ -193,7 +193,7 @@ def test_layer_without_units(natural8):
 def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
     assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement", "start_gap",
-                               "preactivation_start_gap"}
+                               "preactivation_start_gap", "pinning"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
 
 
