@@ -104,6 +104,10 @@ SLINGSHOTS = {
     # (held out from its development, which saw the three block4:0 models above)
     "slingshot-block4-seed3": ("block4", 0, "camera", 3, {"w": 0.9}),
     "slingshot-block4-u12": ("block4", 12, "camera", 0, {"w": 0.9}),
+    # built after the first two held-out ones had been audited with the unchanged signal (seed 3: ranked first in
+    # its layer but below the threshold; unit 12: did not take), to measure the same signal on more held-out models
+    "slingshot-block4-seed4": ("block4", 0, "camera", 4, {"w": 0.9}),
+    "slingshot-block4-seed5": ("block4", 0, "camera", 5, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 # every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model

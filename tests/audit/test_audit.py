@@ -624,3 +624,21 @@ def test_trench_behind_a_relu_is_flagged_by_the_preactivation(tmp_path):
     assert all(u["signals"]["preactivation_start_gap"] < 0.3 for u in flat.units) and flat.verdict == "clean"
     lin = _audit_head(WellNet(depth=0.0))                                      # no final stage: not defined
     assert all(u["signals"]["preactivation_start_gap"] is None for u in lin.units)
+
+
+def test_pinning_needs_a_layer_and_its_evidence_is_drawn():
+    """With 3 audited units there is no layer to read a z-score in: pinning is undefined (its raw probes are
+    still reported); a flagged pinning unit gets its strip plot on the page."""
+    from fvtrust.audit.report import render_html
+
+    res = _audit_head(WellNet())
+    for u in res.units:
+        s = u["signals"]
+        assert s["pinning"] is None and s["seed_agreement_z"] is None and "pinning" not in u["fired"]
+        assert -1 <= s["seed_agreement"] <= 1 and -1 <= s["noise_agreement"] <= 1
+    assert 'pinning probes against the layer' not in render_html(res)
+    for j, u in enumerate(res.units):  # as if the layer had been wide enough: unit 0 stands out on all three
+        u["signals"].update(seed_agreement_z=3.0 - j, noise_agreement_z=2.8 - j, gradient_coherence_z=2.6 - j)
+    res.units[0]["fired"].append("pinning")
+    res.units[0]["flagged"] = True
+    assert render_html(res).count("pinning probes against the layer") == 1
