@@ -98,3 +98,16 @@ def test_planted_curvature_against_a_per_line_reference():
             per_start.append(np.mean(cs))
         want.append(float(np.median(per_start)))
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float32), atol=1e-5)
+
+
+def test_slingshot_anatomy_bad_input_is_one_line(monkeypatch):
+    import slingshot_anatomy
+
+    for argv, message in ((["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
+                          (["fashion-cnn", "--layer", "block4", "--at", "nowhere"], "nowhere"),
+                          (["fashion-cnn", "--layer", "block4", "--target", "no-such-picture"], "no-such-picture")):
+        monkeypatch.setattr(sys, "argv", ["slingshot_anatomy.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            slingshot_anatomy.main()
+        text = str(e.value)
+        assert text.startswith("slingshot_anatomy: ") and message in text and "\n" not in text
