@@ -42,9 +42,9 @@ import torch
 
 import fvtrust
 from fvtrust.audit.core import AuditSettings
-from fvtrust.audit.pinning import Lines, frozen, gradient_coherence, pearson_rows
+from fvtrust.audit.pinning import Lines, gradient_coherence, pearson_rows
 from fvtrust.audit.pinning import robust_z as audit_robust_z
-from fvtrust.audit.probes import probe, snapshot_steps, start_images, unit_activations
+from fvtrust.audit.probes import frozen, probe, snapshot_steps, start_images, unit_activations
 from fvtrust.audit.signals import start_gap
 from fvtrust.data import natural
 from fvtrust.errors import FvtrustError

@@ -39,7 +39,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from .probes import start_params, unit_value
+from ..models.hooks import forward_to
+from .probes import frozen, start_params, unit_value
 
 SEED_OFFSETS = (1, 2)   # the other seeds, relative to the audit's own
 WEIGHT_NOISE = 0.05     # the parameter noise, as a fraction of each parameter tensor's standard deviation
@@ -105,19 +106,6 @@ def perturbed_parameters(model, relative_sd: float, generator: torch.Generator):
                 p.copy_(s)
 
 
-@contextlib.contextmanager
-def frozen(model):
-    """The model's parameters without gradients inside the block (gradients w.r.t. the image leaves only)."""
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-
-
 class Lines:
     """Straight lines in the fft parameter space from `pairs` standard starts θ_s (`start_params`) to each
     unit's visualization θ_v (`make_param(start=...)` inverts the image map), and the unit's gradient there
@@ -147,32 +135,15 @@ class Lines:
         """(U * pairs, D) gradient w.r.t. the leaves `th` of row i's unit, summed over the transform draws."""
         from ..visualize import transforms as T
 
-        module = model.get_layer(layer)
-        store = {}
-
-        def hook(_m, _i, o):
-            store["out"] = o[0] if isinstance(o, (tuple, list)) else o
-            raise StopIteration  # stop the forward pass at the layer
-
-        dev = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
         u_all = self.units.repeat_interleave(self.pairs)
         rows = []
-        h = module.register_forward_hook(hook)
-        try:
-            for i in range(0, len(th), batch_size):
-                leaf = th[i:i + batch_size].to(dev).clone().requires_grad_(True)
-                img = dataclasses.replace(self.base, tensor=leaf, shape=(len(leaf), *self.base.shape[1:])).image()
-                u = u_all[i:i + batch_size].to(dev)
-                total = 0
-                for d in self.draws:
-                    try:
-                        model(T.apply(img, self.spec, d))
-                    except StopIteration:
-                        pass
-                    total = total + unit_value(store["out"], u).sum()
-                rows.append(torch.autograd.grad(total, leaf)[0].flatten(1).double().cpu())
-        finally:
-            h.remove()
+        for i in range(0, len(th), batch_size):
+            leaf = th[i:i + batch_size].to(model.device).clone().requires_grad_(True)
+            img = dataclasses.replace(self.base, tensor=leaf, shape=(len(leaf), *self.base.shape[1:])).image()
+            u = u_all[i:i + batch_size].to(model.device)
+            total = sum(unit_value(forward_to(model, T.apply(img, self.spec, d), layer)[layer], u).sum()
+                        for d in self.draws)
+            rows.append(torch.autograd.grad(total, leaf)[0].flatten(1).double().cpu())
         return torch.cat(rows)
 
     def per_unit_median(self, v: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ and a forward hook on the audited layer, which stops the forward pass there.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,20 @@ def _probe_batch(model, module, x: torch.Tensor, units: torch.Tensor, image_grad
     return Probe(value.detach(), None if gi is None else gi.detach(), torch.cat(parts, 1).detach())
 
 
+@contextlib.contextmanager
+def frozen(model):
+    """The model's parameters without gradients inside the block (gradients w.r.t. the inputs only); each
+    parameter's requires_grad is restored on exit, exceptions included."""
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
 def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = True,
           batch_size: int = 256, readout: str = "output") -> Probe:
     """Probe images[i] on unit units[i] (see module doc), in batches; results on the CPU.
@@ -155,19 +170,13 @@ def probe(model, layer: str, images: torch.Tensor, units, *, image_grad: bool = 
     units = torch.as_tensor(units, dtype=torch.long)
     if len(units) != len(images):
         raise FvtrustError("probe needs one unit per image")
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients w.r.t. inputs only
     out = []
-    try:
+    with frozen(model):  # gradients w.r.t. inputs only
         for i in range(0, len(images), batch_size):
             xb = images[i:i + batch_size].to(model.device, torch.float32)
             pb = _probe_batch(model, module, xb, units[i:i + batch_size].to(model.device), image_grad, stage_module)
             out.append(Probe(pb.value.cpu(), None if pb.image_grad is None else pb.image_grad.cpu(),
                              pb.input_grad.cpu()))
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
     return Probe(torch.cat([p.value for p in out]),
                  torch.cat([p.image_grad for p in out]) if image_grad else None,
                  torch.cat([p.input_grad for p in out]))

@@ -73,6 +73,17 @@ def _png(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _figure_uri(fig) -> str:
+    """A matplotlib figure as an inline PNG data URI (closed afterwards): the page needs no other file."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def histogram_png(scores) -> str:
     """Histogram of the layer's scores with the flag threshold, as an inline PNG."""
     import matplotlib
@@ -86,11 +97,7 @@ def histogram_png(scores) -> str:
     ax.text(FLAG_AT, ax.get_ylim()[1] * 0.9, " flagged →", color="#b00", fontsize=8)
     ax.set_xlabel("suspicion score")
     ax.set_ylabel("units")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _figure_uri(fig)
 
 
 def start_png(standard, wider, natural, visualization, multiples, ylabel: str = "unit activation") -> str:
@@ -115,11 +122,7 @@ def start_png(standard, wider, natural, visualization, multiples, ylabel: str = 
     ax.set_xticks(range(len(cols)), [c for c, _ in cols], fontsize=6)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_ylabel(ylabel, fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _figure_uri(fig)
 
 
 def pinning_png(rows: list, i: int) -> str:
@@ -145,11 +148,7 @@ def pinning_png(rows: list, i: int) -> str:
     ax.set_xticks(range(len(PINNING_PROBES)), [n.replace("_", "\n") for n in PINNING_PROBES], fontsize=6)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_ylabel("robust z in the layer", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _figure_uri(fig)
 
 
 def _fmt(v) -> str:
