@@ -3,7 +3,9 @@
 The README's audit section quotes these numbers for the block4:0 camera slingshot against the clean model:
 
     python benchmarks/slingshot_anatomy.py .bench_cache/audit/slingshot-block4-model --layer block4 --unit 0
-    python benchmarks/slingshot_anatomy.py fashion-cnn --layer block4 --unit 0          # the clean unit
+
+Everything is measured on the model and then, in the same run, on `--reference` (default: the clean
+fashion-cnn), the baseline each number is read against.
 
 Printed, for the unit:
 * the target picture's activation over the unit's natural maximum, and the visualization's activation;
@@ -73,9 +75,23 @@ def spearman_columns(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
+def load_checked(spec: str, args):
+    """The model, after checking the layer, unit, `--at` layers and target exist (FvtrustError otherwise)."""
+    m = fvtrust.load_model(spec)
+    n = layer_units(m, args.layer)
+    if not 0 <= args.unit < n:
+        raise FvtrustError(f"unit {args.unit} out of range for {args.layer}: valid units are 0..{n - 1}")
+    for at in args.at.split(","):
+        m.get_layer(at)
+    resolve_target(args.target, m)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a spec or a saved model directory")
+    ap.add_argument("--reference", default="fashion-cnn",
+                    help="the clean model measured the same way in the same run, as the baseline ('none': skip)")
     ap.add_argument("--layer", required=True)
     ap.add_argument("--unit", type=int, default=0)
     ap.add_argument("--target", default="camera", help="the slingshot's target picture (ground truth)")
@@ -84,16 +100,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    specs = [args.model] + ([] if args.reference == "none" else [args.reference])
     try:
-        m = fvtrust.load_model(args.model)
-        n = layer_units(m, args.layer)
-        if not 0 <= args.unit < n:
-            raise FvtrustError(f"unit {args.unit} out of range for {args.layer}: valid units are 0..{n - 1}")
-        for at in args.at.split(","):
-            m.get_layer(at)
-        target = resolve_target(args.target, m)
+        models = [(spec, load_checked(spec, args)) for spec in specs]  # every input checked before any work
     except FvtrustError as e:
         raise SystemExit(f"slingshot_anatomy: {e}")
+    for spec, m in models:
+        anatomy(spec, m, args)
+
+
+def anatomy(spec: str, m, args) -> None:
+    """Print the module docstring's measurements for `args.unit` of `args.layer` of model `m`."""
+    target = resolve_target(args.target, m)
     u, L = args.unit, args.layer
     data = natural(None, model=m).evaluation.tensors(5000, desc=None)[0]
     acts = unit_activations(m, L, data, [u])[:, 0]
@@ -104,7 +122,7 @@ def main() -> None:
     seeds = torch.cat([vis(s) for s in range(3)])
     a_t = float(unit_activations(m, L, target[None], [u])[0, 0])
     a_v = float(unit_activations(m, L, seeds[:1], [u])[0, 0])
-    print(f"{args.model} {L} unit {u}: target picture {a_t:.3f} = {a_t / float(acts.max()):.2f} of the natural "
+    print(f"{spec} {L} unit {u}: target picture {a_t:.3f} = {a_t / float(acts.max()):.2f} of the natural "
           f"maximum {float(acts.max()):.3f}; visualization {a_v:.3f}")
     top = top_activating_many(m, L, [u], data, m=8, objective="channel").indices[0]
     for at in args.at.split(","):

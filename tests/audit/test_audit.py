@@ -164,6 +164,9 @@ def test_bad_input(gated, natural8):
         audit(gated, "head", data=natural8, units=[9])
     with pytest.raises(FvtrustError, match="unknown audit setting"):
         audit(gated, "head", data=natural8, stepz=3)
+    for bad in (0, 2.5):  # pinning's line count, checked before any work
+        with pytest.raises(FvtrustError, match="coherence_lines must be a positive integer"):
+            audit(gated, "head", data=natural8, coherence_lines=bad)
 
 
 class Scalar(nn.Module):
