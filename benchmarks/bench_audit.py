@@ -108,6 +108,12 @@ SLINGSHOTS = {
     # its layer but below the threshold; unit 12: did not take), to measure the same signal on more held-out models
     "slingshot-block4-seed4": ("block4", 0, "camera", 4, {"w": 0.9}),
     "slingshot-block4-seed5": ("block4", 0, "camera", 5, {"w": 0.9}),
+    # built before the pinning probes' variance reduction (4 weight-noise draws, 4 seeds) was written, audited only
+    # after it and its recalibrated threshold were committed; two targets other than the camera, to vary the attack
+    "slingshot-block4-seed6": ("block4", 0, "camera", 6, {"w": 0.9}),
+    "slingshot-block4-seed7": ("block4", 0, "camera", 7, {"w": 0.9}),
+    "slingshot-block4-astronaut": ("block4", 0, "astronaut", 0, {"w": 0.9}),
+    "slingshot-block4-coffee": ("block4", 0, "coffee", 0, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 # every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model
