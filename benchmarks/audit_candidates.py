@@ -21,9 +21,9 @@ candidates per unit, for every unit of a layer, so a slung unit can be compared 
   reaches 0.718 and random-init fashion-cnn 0.93-0.99 (fc, block3, block4: a random network's gradient
   hardly turns), so no threshold fixed on clean models separates it.
 
-Seed agreement and tunnel coherence, each useless alone on an absolute scale, became two of the three probes
-of the audit's `pinning` signal, with agreement under 5 % weight noise as the third: read as robust z-scores
-within the layer, where a slung unit stands out on all three at once (fvtrust/audit/pinning.py, README).
+Seed agreement and tunnel coherence, each useless alone on an absolute scale, became the two probes of the
+audit's `pinning` signal: read as robust z-scores within the layer, where a slung unit stands out on both at
+once (fvtrust/audit/pinning.py, README; agreement under 5 % weight noise was a third probe for one session).
 
 The second set (`--set second`; `more_candidates` says what each is): planted curvature, smoothness,
 seed agreement as a z-score in the layer, wide-start disagreement, natural-start reach. The README's audit

@@ -21,11 +21,10 @@ modules, class names or metadata — only forward and backward passes):
    starts of 10x / 30x the noise, scaled by its steepness on its natural
    images → `start_gap` (a tunnel built for the start distribution, as a
    gradient slingshot digs it, leaves the start in a trench);
-5. re-make every visualization with two more seeds and under two draws of
-   5 % weight noise, and follow the unit's gradient along lines from the
-   start images to it; each of the three as a robust z-score within the
-   layer, their minimum → `pinning` (one image that every seed, a perturbed
-   model and a straight field all lead to, as a slingshot's target;
+5. re-make every visualization with two more seeds, and follow the unit's
+   gradient along lines from the start images to it; each of the two as a
+   robust z-score within the layer, the smaller → `pinning` (one image that
+   every seed and a straight field lead to, as a slingshot's target;
    pinning.py);
 6. map each signal to evidence in [0, 1] (0.5 at its fixed threshold),
    score = max evidence, flagged = score ≥ 0.5; the layer is `suspicious`
@@ -80,7 +79,10 @@ START_GAP_THRESHOLD = 0.95        # clean max 0.729 (trained block3.conv unit 30
 PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.723 (trained block3 unit 30) x 1.25 -> 0.95
 PROBE_AGREEMENT_THRESHOLD = 0.35  # clean min 0.469 (trained block2 unit 53) / 1.25 -> 0.35 (the principle's 0.5 before)
 PINNING_THRESHOLD = 2.25  # clean max 1.762 (random-init block4 / gap unit 41) x 1.25 -> 2.25; committed before the
-#                           held-out slingshots built during its development (block4:0 seed 3, block4:12) were audited
+#                           held-out slingshots built during its development (block4:0 seed 3, block4:12) were audited.
+#                           The weight-noise probe was dropped from the rule later (pinning.py); the clean maximum is
+#                           the same unit's, so the threshold stands; committed before block4:0 camera seeds 6 and 7,
+#                           astronaut and coffee (built first) were audited
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,11 @@ THRESHOLDS = {
                                       "the start hides a trench in its pre-activation from start_gap"),
     # PINNING_THRESHOLD: calibrated on clean models only (pinning.py says why the signal is read within the layer)
     "pinning": Signal(PINNING_THRESHOLD, 0.5, True,
-                      "how far the unit's visualization stands out of its layer as pinned, on all three at once "
-                      "(the smallest of three robust z-scores among the layer's units): agreement between the "
-                      "visualizations of three seeds, agreement with the visualization after 5 % weight noise, "
-                      "and how well the unit's gradient keeps its direction along straight lines from the start "
-                      "images to the visualization. One image that every start and a perturbed model reach "
-                      "alike, down a straight field, as a gradient slingshot's target is"),
+                      "how far the unit's visualization stands out of its layer as pinned, on both at once "
+                      "(the smaller of two robust z-scores among the layer's units): agreement between the "
+                      "visualizations of three seeds, and how well the unit's gradient keeps its direction along "
+                      "straight lines from the start images to the visualization. One image that every start "
+                      "reaches alike, down a straight field, as a gradient slingshot's target is"),
 }
 
 
@@ -231,7 +232,7 @@ def _layer_units(model, layer: str) -> tuple[str, int]:
     return key, info.units
 
 
-PINNING_PROBES = ("seed_agreement", "noise_agreement", "gradient_coherence")
+PINNING_PROBES = ("seed_agreement", "gradient_coherence")
 CHUNK_UNITS = 32  # units per cached chunk (and per Ray shard): a kill costs at most one chunk's work
 
 
@@ -286,7 +287,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "pinning": 0.0, "mechanism": 0.0, "start": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v5", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        "audit-v6", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
     bounds = np.cumsum([0] + [len(c) for c in plan])
@@ -342,7 +343,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"],
                "probe_agreement": pa["agreement"], "start_gap": chunk["sg.gap"],
                "preactivation_start_gap": chunk["sgp.gap"]}
-    # pinning is read within the layer: the z-scores of the three probes among the audited units whose
+    # pinning is read within the layer: the z-scores of the two probes among the audited units whose
     # visualization did not fail (a failed unit's images are grey whatever the seed)
     raw_pin = {name: torch.cat([probed[ci][f"pin.{name}"] for ci in range(len(plan))]) for name in PINNING_PROBES}
     pin = pinning(*(raw_pin[name].numpy() for name in PINNING_PROBES), defined=(~failed).numpy())

@@ -26,11 +26,10 @@ BLIND_SPOTS = [
     "see them. Two signals look for them. start_gap compares the unit at the visualization's own start images with "
     "starts of 10x and 30x the noise: it cannot see a tunnel that begins where the unit already is, one also shaped "
     "at the wider starts, or one built for another start than the audit's fft visualization. pinning asks whether "
-    "the visualization is one image that every seed, a model with 5 % weight noise and a straight gradient field "
-    "all lead to, more so than for the other units of the layer: it is a comparison with the unit's neighbours, "
-    "so it cannot see a manipulation spread over most of a layer, a target that changes with the seed, a layer "
-    "with fewer than 24 audited units (a 10-class head), or a slung unit that stands out on only two of its three "
-    "probes. Measured on fashion-cnn (README): start_gap flags fc:0 seed 1 and misses the fc:0 dev model, whose "
+    "the visualization is one image that every seed and a straight gradient field lead to, more so than for the "
+    "other units of the layer: it is a comparison with the unit's neighbours, so it cannot see a manipulation "
+    "spread over most of a layer, a target that changes with the seed, a layer with fewer than 24 audited units "
+    "(a 10-class head), or a slung unit that stands out on only one of its two probes. Measured on fashion-cnn (README): start_gap flags fc:0 seed 1 and misses the fc:0 dev model, whose "
     "start sits inside the clean range; pinning flags five of the six block4:0 slingshots that took (the three it "
     "was developed on and two of three held out); the sixth is the most pinned unit of its layer but scores 2.04 "
     "against the threshold 2.25. Other "
@@ -126,9 +125,9 @@ def start_png(standard, wider, natural, visualization, multiples, ylabel: str = 
 
 
 def pinning_png(rows: list, i: int) -> str:
-    """pinning's evidence for unit i, as an inline PNG: every audited unit's robust z-score on each of the three
-    probes (grey), unit i's in red, and the pinning threshold. A slung unit stands out on all three columns at
-    once; a clean unit that tops one column sits inside the layer on another."""
+    """pinning's evidence for unit i, as an inline PNG: every audited unit's robust z-score on each of its two
+    probes (grey), unit i's in red, and the pinning threshold. A slung unit stands out on both columns at once;
+    a clean unit that tops one column sits inside the layer on the other."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +206,7 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
                 worst += (f'<img src="{png}" alt="the unit\'s pre-activation at its visualization\'s start images, '
                           'wider starts, natural images">')
             if "pinning" in u["fired"]:
-                worst += (f'<img src="{pinning_png(result.units, i)}" alt="the unit\'s robust z-scores on the three '
+                worst += (f'<img src="{pinning_png(result.units, i)}" alt="the unit\'s robust z-scores on the two '
                           'pinning probes against the layer\'s">')
             tops = "".join(f'<img class="px" src="{_png(im)}" alt="natural">'
                            for im in (result.top_images[i][:4] if result.top_images is not None else []))

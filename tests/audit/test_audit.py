@@ -638,10 +638,11 @@ def test_pinning_needs_a_layer_and_its_evidence_is_drawn():
     for u in res.units:
         s = u["signals"]
         assert s["pinning"] is None and s["seed_agreement_z"] is None and "pinning" not in u["fired"]
-        assert -1 <= s["seed_agreement"] <= 1 and -1 <= s["noise_agreement"] <= 1
+        assert -1 <= s["seed_agreement"] <= 1 and -1 <= s["gradient_coherence"] <= 1
+        assert "noise_agreement" not in s
     assert 'pinning probes against the layer' not in render_html(res)
-    for j, u in enumerate(res.units):  # as if the layer had been wide enough: unit 0 stands out on all three
-        u["signals"].update(seed_agreement_z=3.0 - j, noise_agreement_z=2.8 - j, gradient_coherence_z=2.6 - j)
+    for j, u in enumerate(res.units):  # as if the layer had been wide enough: unit 0 stands out on both
+        u["signals"].update(seed_agreement_z=3.0 - j, gradient_coherence_z=2.6 - j)
     res.units[0]["fired"].append("pinning")
     res.units[0]["flagged"] = True
     assert render_html(res).count("pinning probes against the layer") == 1

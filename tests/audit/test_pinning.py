@@ -1,4 +1,5 @@
-"""fvtrust.audit.pinning: the three probes and the within-layer z-scores, against references."""
+"""fvtrust.audit.pinning: the two probes, the within-layer z-scores, and the weight-noise context the benchmarks
+use, against references."""
 import dataclasses
 
 import numpy as np
@@ -50,17 +51,22 @@ def test_robust_z_edge_cases():
     assert np.isnan(z[0]) and np.isfinite(z[1:]).all()
 
 
-def test_pinning_is_the_smallest_z_and_needs_all_three():
+def test_pinning_is_the_smaller_z_and_needs_both():
     rng = np.random.default_rng(1)
-    a, b, c = (rng.normal(size=40) for _ in range(3))
-    a[0], b[0], c[0] = 6.0, 5.0, 4.0   # stands out on all three: pinning = its smallest z
-    a[1] = 9.0                         # stands out on one only: pinning stays low
-    c[2] = np.nan                      # one probe undefined: pinning undefined
-    out = P.pinning(a, b, c, defined=np.ones(40, bool))
-    z = np.stack([P.robust_z(a), P.robust_z(b), P.robust_z(c)])
-    assert out["pinning"][0] == pytest.approx(z[:, 0].min())
-    assert out["pinning"][1] < 3 and np.isnan(out["pinning"][2])
+    a, c = (rng.normal(size=40) for _ in range(2))
+    a[0], c[0] = 6.0, 4.0   # stands out on both: pinning = its smaller z
+    a[1] = 9.0              # stands out on one only: pinning stays low
+    c[3] = 9.0              # ... either one
+    c[2] = np.nan           # one probe undefined: pinning undefined
+    defined = np.ones(40, bool)
+    defined[4] = False      # a failed unit: undefined, and out of the layer's median and MAD
+    out = P.pinning(a, c, defined=defined)
+    z = np.stack([P.robust_z(a, defined), P.robust_z(c, defined)])
+    assert out["pinning"][0] == pytest.approx(z[:, 0].min()) and out["pinning"][0] == pytest.approx(z[1, 0])
+    assert out["pinning"][1] < 3 and out["pinning"][3] < 3
+    assert np.isnan(out["pinning"][2]) and np.isnan(out["pinning"][4])
     assert np.allclose(out["z.seed_agreement"], z[0], equal_nan=True)
+    assert np.allclose(out["z.gradient_coherence"], z[1], equal_nan=True)
 
 
 def test_perturbed_parameters_adds_relative_noise_and_restores_exactly():
@@ -142,9 +148,8 @@ def test_pinning_probes_read_a_planted_attractor():
     units = list(range(32))
     vis = visualize(m, "0", units, steps=64, objective="channel", seed=0, progress_desc=None).final
     raw = P.pinning_probes(m, "0", units, vis, steps=64, seed=0, lines=4)
-    assert all(raw[k].shape == (32,) for k in ("seed_agreement", "noise_agreement", "gradient_coherence"))
+    assert set(raw) == {"seed_agreement", "gradient_coherence"} and all(v.shape == (32,) for v in raw.values())
     assert float(raw["seed_agreement"][0]) > 0.9 and float(raw["gradient_coherence"][0]) > 0.9
     assert float(raw["seed_agreement"][0]) > np.median(raw["seed_agreement"].numpy())
-    out = P.pinning(raw["seed_agreement"], raw["noise_agreement"], raw["gradient_coherence"],
-                    defined=np.ones(32, bool))
+    out = P.pinning(raw["seed_agreement"], raw["gradient_coherence"], defined=np.ones(32, bool))
     assert int(np.nanargmax(out["pinning"])) == 0
