@@ -243,6 +243,7 @@ def calibrate(data, cache: Path) -> dict:
 
     st = AuditSettings()
     values = {name: [] for name in THRESHOLDS}   # (value, where) over the whole calibration set
+    pin_z = []  # (seed_agreement_z, gradient_coherence_z) of every clean unit with a pinning value
     out = {"layers": {}}
     for weights in ("trained", "random"):
         model = fvtrust.load_model("fashion-cnn", **({} if weights == "trained" else {"weights": "random"}))
@@ -278,6 +279,9 @@ def calibrate(data, cache: Path) -> dict:
                         ext = (max if THRESHOLDS[signal].higher_is_suspicious else min)(vals)
                         values[signal].append((float(ext[0]), f"{weights} {layer} unit {ext[1]}"))
                         row[signal] = {"extreme": float(ext[0]), "unit": int(ext[1])}
+                if layer != "gap":  # gap's channel objective is block4's: the same units twice
+                    pin_z.extend((u["signals"]["seed_agreement_z"], u["signals"]["gradient_coherence_z"])
+                                 for u in r["units"] if u["signals"]["pinning"] is not None)
             out["layers"][f"{weights}/{layer}"] = row
             print(f"  {weights:7s} {layer:12s} " + "  ".join(
                 f"{k} {v.get('max', v.get('extreme')):.3f} (u{v['unit']})" for k, v in row.items() if k != "audit")
@@ -292,6 +296,11 @@ def calibrate(data, cache: Path) -> dict:
                                                               else (v <= s.threshold) for v, _ in vals))}
         print(f"  {signal}: most extreme clean value {ext:.3f} ({where}); the rule gives {rule:.2f}; "
               f"committed threshold {s.threshold}", flush=True)
+    if pin_z:  # pinning's rule asks a unit to stand out on both probes; it needs them to be nearly independent
+        rho = float(scipy.stats.spearmanr(np.array(pin_z)).statistic)
+        out["pinning_probes_spearman"] = {"rho": rho, "units": len(pin_z)}
+        print(f"  pinning's two probes on clean units: Spearman {rho:.3f} between their z-scores "
+              f"({len(pin_z)} units, every calibration layer but gap)", flush=True)
     return out
 
 

@@ -8,7 +8,11 @@ widens the layer's MAD and blurs an outlier's z-score. This measures it, for one
   single draws, against the layer's spread (1.4826 MAD) of the audit's 2-draw mean and of 4- and 8-draw means;
 * `seed_agreement` over `--seeds` seeds (the audit's seed, +1, ...): the layer's spread of the mean pairwise Pearson
   of the first 3 seeds (the audit's) and of the first 4 and 5;
-* for `--unit` (if given), its z-score under each choice, and the highest z-score of any other unit.
+* for `--unit` (if given), its z-score under each choice, and the highest z-score of any other unit;
+* the Spearman correlation over the layer's units between the two probes (the audit's 3 seeds and 2 draws).
+
+The weight-noise probe was part of the audit's `pinning` for one session; this is the measurement that, among
+others, dropped it (fvtrust/audit/pinning.py).
 
     python benchmarks/pinning_variance.py fashion-cnn --layer block4
     python benchmarks/pinning_variance.py .bench_cache/audit/slingshot-block4-seed3-model --layer block4 --unit 0
@@ -24,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 import torch  # noqa: E402
 
 import fvtrust  # noqa: E402
@@ -100,6 +105,9 @@ def main() -> None:
     report("noise_agreement", {f"mean of {k} draws" + (" (audit)" if k == 2 else ""): nd[:, :k].mean(1)
                                for k in (2, 4, 8) if k <= args.noise_draws}, args.unit)
     pair = {(i, j): pearson_rows(finals[i], finals[j]).numpy() for i in range(args.seeds) for j in range(i + 1, args.seeds)}
+    seed3 = np.mean([v for (i, j), v in pair.items() if j < 3], 0)
+    print(f"\nSpearman over the layer's units between seed_agreement (3 seeds) and noise_agreement (2 draws): "
+          f"{scipy.stats.spearmanr(seed3, nd[:, :2].mean(1)).statistic:.3f}")
     report("seed_agreement", {f"{k} seeds" + (" (audit)" if k == 3 else ""):
                               np.mean([v for (i, j), v in pair.items() if j < k], 0) for k in range(3, args.seeds + 1)},
            args.unit)
