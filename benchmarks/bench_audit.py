@@ -114,6 +114,12 @@ SLINGSHOTS = {
     "slingshot-block4-seed7": ("block4", 0, "camera", 7, {"w": 0.9}),
     "slingshot-block4-astronaut": ("block4", 0, "astronaut", 0, {"w": 0.9}),
     "slingshot-block4-coffee": ("block4", 0, "coffee", 0, {"w": 0.9}),
+    # built after those four were audited with the two-probe pinning (seed 6 and 7 flagged, coffee 2.21 missed,
+    # astronaut did not take), before any further change to the audit; audited only after it is committed
+    "slingshot-block4-seed8": ("block4", 0, "camera", 8, {"w": 0.9}),
+    "slingshot-block4-coffee-seed1": ("block4", 0, "coffee", 1, {"w": 0.9}),
+    "slingshot-block4-chelsea": ("block4", 0, "chelsea", 0, {"w": 0.9}),
+    "slingshot-block4-moon": ("block4", 0, "moon", 0, {"w": 0.9}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 # every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model
