@@ -305,8 +305,11 @@ def calibrate(data, cache: Path) -> dict:
     if pin_z:  # pinning's rule asks a unit to stand out on both probes; it needs them to be nearly independent
         rho = float(scipy.stats.spearmanr(np.array(pin_z)).statistic)
         out["pinning_probes_spearman"] = {"rho": rho, "units": len(pin_z)}
+        top = np.nanmax(np.array(pin_z, dtype=float), 0)
+        out["pinning_probes_spearman"]["largest_z"] = top.tolist()
         print(f"  pinning's two probes on clean units: Spearman {rho:.3f} between their z-scores "
-              f"({len(pin_z)} units, every calibration layer but gap)", flush=True)
+              f"({len(pin_z)} units, every calibration layer but gap); largest z-score of each: "
+              f"seed_agreement {top[0]:.3f}, gradient_coherence {top[1]:.3f}", flush=True)
     return out
 
 
@@ -413,6 +416,15 @@ def main():
                    "s_per_unit_cpu": r["bench_cpu_s"] / len(r["units"]),
                    "fired": r["evidence"]["flagged_by_signal"], "detector": r.get("detector_on_audit"),
                    "slingshot_took": r.get("slingshot_took")}
+            if name in SLINGSHOTS:  # where the slung unit sits on pinning, against the rest of its model
+                pin = {u["unit"]: u["signals"]["pinning"] for u in r["units"] if u["signals"]["pinning"] is not None}
+                if pin:
+                    u0 = next(u for u in r["units"] if u["unit"] in man)
+                    others = {u: v for u, v in pin.items() if u not in man}
+                    top = max(others, key=others.get)
+                    row["pinning"] = {"slung": u0["signals"]["pinning"],
+                                      "z": [u0["signals"].get(f"{p}_z") for p in ("seed_agreement", "gradient_coherence")],
+                                      "highest_other": [top, others[top]]}
             out["attacks"][name] = row
             print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
                   f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  active in the visualization "
@@ -421,6 +433,7 @@ def main():
                   f"{row['fpr_untouched']:.3f}  verdict {row['verdict']}  fired {row['fired']}  "
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
+                  + (f"  pinning {row['pinning']}" if row.get("pinning") else "")
                   + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
     if "calibrate" in only:
         print("calibration of every threshold on clean models (trained and random-init fashion-cnn, every layer):")

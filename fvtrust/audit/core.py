@@ -23,7 +23,7 @@ modules, class names or metadata — only forward and backward passes):
    gradient slingshot digs it, leaves the start in a trench);
 5. re-make every visualization with two more seeds, and follow the unit's
    gradient along lines from the start images to it; each of the two as a
-   robust z-score within the layer, the smaller → `pinning` (one image that
+   robust z-score within the layer, combined (Stouffer) → `pinning` (one image that
    every seed and a straight field lead to, as a slingshot's target;
    pinning.py);
 6. map each signal to evidence in [0, 1] (0.5 at its fixed threshold),
@@ -78,11 +78,10 @@ UNDEFINED_WHERE_FAILED = ("gradient_agreement", "probe_agreement", "path_jump", 
 START_GAP_THRESHOLD = 0.95        # clean max 0.729 (trained block3.conv unit 30) x 1.25 -> 0.95 (was 0.6)
 PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.723 (trained block3 unit 30) x 1.25 -> 0.95
 PROBE_AGREEMENT_THRESHOLD = 0.35  # clean min 0.469 (trained block2 unit 53) / 1.25 -> 0.35 (the principle's 0.5 before)
-PINNING_THRESHOLD = 2.25  # clean max 1.762 (random-init block4 / gap unit 41) x 1.25 -> 2.25; committed before the
-#                           held-out slingshots built during its development (block4:0 seed 3, block4:12) were audited.
-#                           The weight-noise probe was dropped from the rule later (pinning.py); the clean maximum is
-#                           the same unit's, so the threshold stands; committed before block4:0 camera seeds 6 and 7,
-#                           astronaut and coffee (built first) were audited
+PINNING_THRESHOLD = 3.3   # Stouffer's combination of the two z-scores (pinning.py): clean max 2.619 (random-init
+#                           block4 / gap unit 41) x 1.25 -> 3.3; committed before block4:0 camera seed 8, coffee seed 1,
+#                           chelsea and moon (built first) were audited. History: 2.25 under the smallest of three
+#                           z-scores (clean max 1.762, the same unit), kept when the weight-noise probe was dropped
 
 
 @dataclass(frozen=True)
@@ -134,8 +133,8 @@ THRESHOLDS = {
                                       "the start hides a trench in its pre-activation from start_gap"),
     # PINNING_THRESHOLD: calibrated on clean models only (pinning.py says why the signal is read within the layer)
     "pinning": Signal(PINNING_THRESHOLD, 0.5, True,
-                      "how far the unit's visualization stands out of its layer as pinned, on both at once "
-                      "(the smaller of two robust z-scores among the layer's units): agreement between the "
+                      "how far the unit's visualization stands out of its layer as pinned (two robust z-scores "
+                      "among the layer's units, combined by Stouffer's rule, sum / sqrt 2): agreement between the "
                       "visualizations of three seeds, and how well the unit's gradient keeps its direction along "
                       "straight lines from the start images to the visualization. One image that every start "
                       "reaches alike, down a straight field, as a gradient slingshot's target is"),
@@ -287,7 +286,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "pinning": 0.0, "mechanism": 0.0, "start": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v6", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        "audit-v7", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
     bounds = np.cumsum([0] + [len(c) for c in plan])

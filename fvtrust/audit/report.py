@@ -29,7 +29,7 @@ BLIND_SPOTS = [
     "the visualization is one image that every seed and a straight gradient field lead to, more so than for the "
     "other units of the layer: it is a comparison with the unit's neighbours, so it cannot see a manipulation "
     "spread over most of a layer, a target that changes with the seed, a layer with fewer than 24 audited units "
-    "(a 10-class head), or a slung unit that stands out on only one of its two probes. Measured on fashion-cnn (README): start_gap flags fc:0 seed 1 and misses the fc:0 dev model, whose "
+    "(a 10-class head), or a slung unit that stands out of its layer too little on its two probes together. Measured on fashion-cnn (README): start_gap flags fc:0 seed 1 and misses the fc:0 dev model, whose "
     "start sits inside the clean range; pinning flags five of the six block4:0 slingshots that took (the three it "
     "was developed on and two of three held out); the sixth is the most pinned unit of its layer but scores 2.04 "
     "against the threshold 2.25. Other "
@@ -126,8 +126,9 @@ def start_png(standard, wider, natural, visualization, multiples, ylabel: str = 
 
 def pinning_png(rows: list, i: int) -> str:
     """pinning's evidence for unit i, as an inline PNG: every audited unit's robust z-score on each of its two
-    probes (grey), unit i's in red, and the pinning threshold. A slung unit stands out on both columns at once;
-    a clean unit that tops one column sits inside the layer on the other."""
+    probes and their Stouffer combination, pinning (grey), unit i's in red, and the pinning threshold on the
+    combined column. A slung unit stands out on both probe columns; a clean unit that tops one column usually
+    sits inside the layer on the other."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,14 +138,16 @@ def pinning_png(rows: list, i: int) -> str:
 
     fig, ax = plt.subplots(figsize=(3.4, 2.2))
     rng = np.random.default_rng(0)
-    for j, name in enumerate(PINNING_PROBES):
-        z = np.array([np.nan if r["signals"].get(f"{name}_z") is None else r["signals"][f"{name}_z"] for r in rows])
+    cols = [f"{name}_z" for name in PINNING_PROBES] + ["pinning"]
+    for j, key in enumerate(cols):
+        z = np.array([np.nan if r["signals"].get(key) is None else r["signals"][key] for r in rows])
         ok = np.isfinite(z)
         ax.plot(j + rng.uniform(-0.15, 0.15, ok.sum()), z[ok], "o", ms=2, color="#999")
         if np.isfinite(z[i]):
             ax.plot([j], [z[i]], "o", ms=5, color="#b00")
-    ax.axhline(THRESHOLDS["pinning"].threshold, color="#b00", ls="--", lw=1)
-    ax.set_xticks(range(len(PINNING_PROBES)), [n.replace("_", "\n") for n in PINNING_PROBES], fontsize=6)
+    j = len(cols) - 1
+    ax.plot([j - 0.3, j + 0.3], [THRESHOLDS["pinning"].threshold] * 2, color="#b00", ls="--", lw=1)
+    ax.set_xticks(range(len(cols)), [n.replace("_z", "").replace("_", "\n") for n in cols], fontsize=6)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_ylabel("robust z in the layer", fontsize=7)
     return _figure_uri(fig)

@@ -51,19 +51,23 @@ def test_robust_z_edge_cases():
     assert np.isnan(z[0]) and np.isfinite(z[1:]).all()
 
 
-def test_pinning_is_the_smaller_z_and_needs_both():
+def test_pinning_is_stouffers_combination_and_needs_both():
+    """pinning = (z_seed + z_coherence) / sqrt(2), which is scipy's Stouffer combination of the one-sided p-values
+    of the two z-scores read back as a z-score; undefined where either probe or the unit is."""
     rng = np.random.default_rng(1)
     a, c = (rng.normal(size=40) for _ in range(2))
-    a[0], c[0] = 6.0, 4.0   # stands out on both: pinning = its smaller z
-    a[1] = 9.0              # stands out on one only: pinning stays low
-    c[3] = 9.0              # ... either one
+    a[0], c[0] = 6.0, 4.0   # stands out on both
+    a[1] = 9.0              # stands out on one only: its combination is z / sqrt(2) plus the other's
     c[2] = np.nan           # one probe undefined: pinning undefined
     defined = np.ones(40, bool)
     defined[4] = False      # a failed unit: undefined, and out of the layer's median and MAD
     out = P.pinning(a, c, defined=defined)
     z = np.stack([P.robust_z(a, defined), P.robust_z(c, defined)])
-    assert out["pinning"][0] == pytest.approx(z[:, 0].min()) and out["pinning"][0] == pytest.approx(z[1, 0])
-    assert out["pinning"][1] < 3 and out["pinning"][3] < 3
+    for i in (0, 1, 5):
+        p = scipy.stats.norm.sf(z[:, i])
+        want = scipy.stats.norm.isf(scipy.stats.combine_pvalues(p, method="stouffer").pvalue)
+        assert out["pinning"][i] == pytest.approx(want, rel=1e-6)
+    assert out["pinning"][0] > out["pinning"][1] > 0   # both at once outweighs one alone here
     assert np.isnan(out["pinning"][2]) and np.isnan(out["pinning"][4])
     assert np.allclose(out["z.seed_agreement"], z[0], equal_nan=True)
     assert np.allclose(out["z.gradient_coherence"], z[1], equal_nan=True)
