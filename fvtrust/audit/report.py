@@ -30,9 +30,9 @@ BLIND_SPOTS = [
     "other units of the layer: it is a comparison with the unit's neighbours, so it cannot see a manipulation "
     "spread over most of a layer, a target that changes with the seed, a layer with fewer than 24 audited units "
     "(a 10-class head), or a slung unit that stands out of its layer too little on its two probes together. Measured on fashion-cnn (README): start_gap flags fc:0 seed 1 and misses the fc:0 dev model, whose "
-    "start sits inside the clean range; pinning flags five of the six block4:0 slingshots that took (the three it "
-    "was developed on and two of three held out); the sixth is the most pinned unit of its layer but scores 2.04 "
-    "against the threshold 2.25. Other "
+    "start sits inside the clean range; pinning flags all ten block4:0 slingshots that took, nine of which were "
+    "seen while its rule was chosen; every one targets unit 0. Its rule adds the evidence of its two probes, so "
+    "a clean unit far out on one of them alone (4.67 robust SDs) would be flagged. Other "
     "units of a slingshot model whose visualizations the fine-tune dragged along (fashion-cnn fc: the classes "
     "whose weights oppose the slung unit's) can be flagged too.",
     "A silent unit that none of the probes switches on is, on every image the audit makes, the clean unit; "

@@ -111,3 +111,40 @@ def test_slingshot_anatomy_bad_input_is_one_line(monkeypatch):
             slingshot_anatomy.main()
         text = str(e.value)
         assert text.startswith("slingshot_anatomy: ") and message in text and "\n" not in text
+
+
+def test_pinning_variance_bad_input_is_one_line(monkeypatch):
+    import pinning_variance
+
+    for argv, message in ((["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
+                          (["fashion-cnn", "--layer", "nope"], "nope"),
+                          (["fashion-cnn", "--layer", "fc", "--lines", "8"], "--lines at least 16"),
+                          (["fashion-cnn", "--layer", "fc", "--noise-draws", "2"], "--noise-draws 0 or at least 4"),
+                          (["fashion-cnn", "--layer", "fc", "--weight-noise", "0"], "--weight-noise must be positive")):
+        monkeypatch.setattr(sys, "argv", ["pinning_variance.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            pinning_variance.main()
+        text = str(e.value)
+        assert text.startswith("pinning_variance: ") and message in text and "\n" not in text
+
+
+def test_pinning_variance_lines_are_the_audits():
+    """The per-line cosines' median over the first `lines` lines is the audit's gradient_coherence, and more lines
+    extend the same ones (the first 3 of 5 are the 3)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import pinning_variance
+    from fvtrust.audit.pinning import gradient_coherence
+    from fvtrust.models import FvModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1))
+    m = FvModel(net, mean=[0.0], std=[1.0], input_shape=(1, 12, 12), spec="test-net")
+    vis = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    few = pinning_variance.line_cosines(m, "2", vis, [0, 1], lines=3, seed=5)
+    more = pinning_variance.line_cosines(m, "2", vis, [0, 1], lines=5, seed=5)
+    assert few.shape == (2, 3) and more.shape == (2, 5)
+    assert np.allclose(more[:, :3], few, atol=1e-6)
+    assert np.allclose(np.nanmedian(few, 1), gradient_coherence(m, "2", vis, [0, 1], lines=3, seed=5).numpy(), atol=1e-6)
