@@ -249,10 +249,14 @@ def test_cli_ray_interrupted_driver_resumes(tmp_path, single_thread):
     out = tmp_path / "ray"
     rc, first, err = _run_cli([*AUDIT_ARGV, "--ray", "local:2", "--out", str(out)], env, kill_after_writes=2)
     assert rc == -signal.SIGKILL and len(first) == 2  # the ranking and one chunk's probes arrived, then the driver died
+    # the driver may finish one more entry between its second event and the kill's delivery (seen on a loaded
+    # 2-core machine): what it left is every finished entry on disk (atomic writes: no partial one has the name)
+    left = sorted(str(p) for p in (out / ".cache").glob("audit-*") if p.suffix in (".safetensors", ".json"))
+    assert set(first) <= set(left)
     rc, second, err = _run_cli([*AUDIT_ARGV, "--ray", "local:2", "--out", str(out)], env)
     assert rc == 0, err
-    assert not set(first) & set(second), "a finished shard was recomputed"
-    assert len(first) + len(second) == 1 + 2 * 3  # the ranking + 3 chunks of 2 units x 2 stages, each written once
+    assert not set(left) & set(second), "a finished shard was recomputed"
+    assert len(left) + len(second) == 1 + 2 * 3  # the ranking + 3 chunks of 2 units x 2 stages, each written once
     # the same audit as one process computes (the CLI's settings: units 0-5, 4 steps, top-2, 100 images)
     ref = audit("fashion-cnn", "block3", units="0-5", steps=4, top_k=2, natural_limit=100, chunk_units=2)
     got = json.loads((out / "audit.json").read_text())
