@@ -30,6 +30,7 @@ standard visualization (`fvtrust.visualize`'s defaults, 512 steps, as the slings
     python benchmarks/bench_audit.py                      # everything
     python benchmarks/bench_audit.py --repeats 3 --only timing
     python benchmarks/bench_audit.py --only calibrate     # every signal on clean models: the thresholds' basis
+    python benchmarks/bench_audit.py --only calibrate-linear   # start_gap on more clean fully connected layers
 """
 from __future__ import annotations
 
@@ -120,6 +121,13 @@ SLINGSHOTS = {
     "slingshot-block4-coffee-seed1": ("block4", 0, "coffee", 1, {"w": 0.9}),
     "slingshot-block4-chelsea": ("block4", 0, "chelsea", 0, {"w": 0.9}),
     "slingshot-block4-moon": ("block4", 0, "moon", 0, {"w": 0.9}),
+    # built after fc:0 dev had been measured missed (start_gap 0.736 under 0.95) and before any change to the
+    # audit for fully connected layers; audited only after that change is committed
+    "slingshot-fc-seed2": ("fc", 0, "camera", 2, {}),
+    "slingshot-fc-seed3": ("fc", 0, "camera", 3, {}),
+    "slingshot-fc-coffee": ("fc", 0, "coffee", 0, {}),
+    "slingshot-fc-seed4": ("fc", 0, "camera", 4, {}),
+    "slingshot-fc-u7": ("fc", 7, "camera", 0, {}),
 }
 ATTACKS = ("circuit-permutation", "circuit-picture", "silent-picture", "silent-unit") + tuple(SLINGSHOTS)
 # every top-level layer of fashion-cnn with units (flatten and dropout are gap's 128 numbers again): the clean model
@@ -245,7 +253,7 @@ def calibrate(data, cache: Path) -> dict:
     from fvtrust.audit.core import AuditSettings, start_signal
     from fvtrust.audit.probes import final_stage, probe
     from fvtrust.linearity.top_activating import top_activating_many
-    from fvtrust.models.layers import list_layers
+    from fvtrust.models.layers import is_fully_connected, list_layers
 
     st = AuditSettings()
     values = {name: [] for name in THRESHOLDS}   # (value, where) over the whole calibration set
@@ -274,6 +282,10 @@ def calibrate(data, cache: Path) -> dict:
                     row[signal] = {"max": float(v[ok].max()), "unit": j, "median": float(np.median(v[ok])),
                                    "above_threshold": int((v[ok] >= THRESHOLDS[signal].threshold).sum())}
                     values[signal].append((float(v[j]), f"{weights} {layer} unit {j}"))
+                    if signal == "start_gap" and is_fully_connected(model, layer):  # its own kind's threshold too
+                        row["linear_start_gap"] = {**row[signal], "above_threshold": int(
+                            (v[ok] >= THRESHOLDS["linear_start_gap"].threshold).sum())}
+                        values["linear_start_gap"].append((float(v[j]), f"{weights} {layer} unit {j}"))
             if layer in CLEAN_LAYERS:  # a full audit for the signals that need visualizations
                 r = cached_audit(cache, "clean" if weights == "trained" else "clean-random", model, layer, data)
                 row["audit"] = {"verdict": r["verdict"], "flagged": r["evidence"]["flagged_units"],
@@ -294,6 +306,9 @@ def calibrate(data, cache: Path) -> dict:
                 + (f"  audit: {row['audit']['verdict']} {row['audit']['flagged']}" if "audit" in row else ""),
                 flush=True)
     for signal, vals in values.items():
+        if not vals:
+            print(f"  {signal}: no clean layer of its kind in the calibration set", flush=True)
+            continue
         s = THRESHOLDS[signal]
         ext, where = (max if s.higher_is_suspicious else min)(vals)
         rule = rule_threshold(ext, s.higher_is_suspicious)
@@ -310,6 +325,71 @@ def calibrate(data, cache: Path) -> dict:
         print(f"  pinning's two probes on clean units: Spearman {rho:.3f} between their z-scores "
               f"({len(pin_z)} units, every calibration layer but gap); largest z-score of each: "
               f"seed_agreement {top[0]:.3f}, gradient_coherence {top[1]:.3f}", flush=True)
+    return out
+
+
+# the fully connected layers' own calibration set is wider than the main one (fashion-cnn has one such layer, 10
+# units, so the main set gives 20 values): the same recipe trained from other seeds, and random inits of other seeds
+LINEAR_TRAINED_SEEDS = (1, 2)
+LINEAR_RANDOM_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def clean_variant(kind: str, seed: int, cache: Path):
+    """A clean fashion-cnn other than the embedded one: `trained` = the embedded recipe (`train_fashion_cnn`) from
+    `seed`, cached under `cache` (about 20 min on a shared 2-core machine); `random` = a random init drawn after
+    torch.manual_seed(seed)."""
+    from fvtrust.models.train import save_weights, train_fashion_cnn
+    from fvtrust.models.zoo import FashionCNN, fashion_cnn
+
+    if kind == "random":
+        torch.manual_seed(seed)
+        m = fashion_cnn(weights="random")
+        assert isinstance(m.net, FashionCNN)
+        return m
+    path = cache / f"clean-trained-seed{seed}.safetensors"
+    if not path.is_file():
+        model, _ = train_fashion_cnn(load_fashion_mnist("train"), seed=seed)
+        save_weights(model, path)
+    return fashion_cnn(weights=str(path))
+
+
+def calibrate_linear(data, cache: Path) -> dict:
+    """start_gap on every fully connected layer of the widened clean set (`clean_variant`, plus the embedded and
+    the main set's random-init model as `--only calibrate` reads them): the basis of LINEAR_START_GAP_THRESHOLD."""
+    from fvtrust.audit import THRESHOLDS
+    from fvtrust.audit.core import AuditSettings, start_signal
+    from fvtrust.audit.probes import probe
+    from fvtrust.linearity.top_activating import top_activating_many
+    from fvtrust.models.layers import is_fully_connected, list_layers
+
+    st = AuditSettings()
+    models = [("trained seed 0 (embedded)", lambda: fvtrust.load_model("fashion-cnn"))]
+    models += [(f"trained seed {s}", lambda s=s: clean_variant("trained", s, cache)) for s in LINEAR_TRAINED_SEEDS]
+    models += [(f"random-init seed {s}", lambda s=s: clean_variant("random", s, cache)) for s in LINEAR_RANDOM_SEEDS]
+    out, every = {}, []
+    for name, make in models:
+        model = make()
+        for info in list_layers(model):
+            if not is_fully_connected(model, info.name):
+                continue
+            layer, n = info.name, info.units
+            units = list(range(n))
+            top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
+                                      batch_size=st.batch_size)
+            pr = probe(model, layer, data[top.indices].flatten(0, 1), torch.arange(n).repeat_interleave(st.top_k),
+                       image_grad=True)
+            v = start_signal(model, layer, units, pr.image_grad.reshape(n, st.top_k, -1), pairs=st.start_pairs,
+                             seed=st.seed)["gap"].double().numpy()
+            j = int(np.nanargmax(v))
+            out[f"{name}/{layer}"] = {"values": v.tolist(), "max": float(v[j]), "unit": j}
+            every.append((float(v[j]), f"{name} {layer} unit {j}"))
+            print(f"  {name:28s} {layer}: start_gap max {v[j]:.3f} (u{j}), median {np.nanmedian(v):.3f}", flush=True)
+    ext, where = max(every)
+    out["linear_start_gap"] = {"most_extreme": ext, "where": where, "rule_gives": rule_threshold(ext, True),
+                               "threshold": THRESHOLDS["linear_start_gap"].threshold}
+    print(f"  linear_start_gap: most extreme clean value {ext:.3f} ({where}) over {len(every)} fully connected "
+          f"layers; the rule gives {rule_threshold(ext, True):.2f}; committed threshold "
+          f"{THRESHOLDS['linear_start_gap'].threshold}", flush=True)
     return out
 
 
@@ -340,7 +420,8 @@ def main():
     ap.add_argument("--steps", default=None, type=int, help="Override the audit's visualization steps.")
     ap.add_argument("--only", default="attacks,clean,timing",
                     help="Comma-separated: attacks, clean, timing, calibrate (every signal on clean models, "
-                         "every layer).")
+                         "every layer), calibrate-linear (start_gap on the widened set of clean fully connected "
+                         "layers).")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated subset of: " + ", ".join(ATTACKS))
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--threads", default=2, type=int)
@@ -438,6 +519,10 @@ def main():
     if "calibrate" in only:
         print("calibration of every threshold on clean models (trained and random-init fashion-cnn, every layer):")
         out["calibrate"] = calibrate(data, args.cache)
+    if "calibrate-linear" in only:
+        print("calibration of linear_start_gap on clean fully connected layers (the embedded model, the recipe "
+              f"from seeds {LINEAR_TRAINED_SEEDS}, random inits from seeds {LINEAR_RANDOM_SEEDS}):")
+        out["calibrate_linear"] = calibrate_linear(data, args.cache)
     if audits and any(n in SLINGSHOTS for n in audits):
         # the slingshot family: every slingshot that took, pooled (positives: the slingshot units; negatives: the
         # untouched units of those models plus the clean model's units of each model's layer, once per layer)

@@ -64,7 +64,6 @@ def main(argv=None):
                                     | {"sanity_mean": r.get("sanity", {}).get("mean")} for r in res["methods"] + res["anchors"]]}
         for r in res["ranking"]:
             print(f"sanity {r['method']:>16}: {r['sanity_mean']:.3f}", flush=True)
-        n = len(units) * a.replicates
         first = {r["method"]: r["seconds_per_unit"] for r in res["methods"] + res["anchors"] if "seconds_per_unit" in r}
         t = {k: first[k] for k in ("maco", "accentuation", "horama-maco", "faccent") if k in first}
         reps.append(_ratios(t))

@@ -20,7 +20,9 @@ modules, class names or metadata — only forward and backward passes):
    and compare the unit at the visualization's own start images with
    starts of 10x / 30x the noise, scaled by its steepness on its natural
    images → `start_gap` (a tunnel built for the start distribution, as a
-   gradient slingshot digs it, leaves the start in a trench);
+   gradient slingshot digs it, leaves the start in a trench); on a fully
+   connected layer the same value is also read against that kind of layer's
+   own threshold → `linear_start_gap`;
 5. re-make every visualization with two more seeds, and follow the unit's
    gradient along lines from the start images to it; each of the two as a
    robust z-score within the layer, combined (Stouffer) → `pinning` (one image that
@@ -77,6 +79,15 @@ UNDEFINED_WHERE_FAILED = ("gradient_agreement", "probe_agreement", "path_jump", 
 # thresholds were known, and the README reports what the move cost them.
 START_GAP_THRESHOLD = 0.95        # clean max 0.729 (trained block3.conv unit 30) x 1.25 -> 0.95 (was 0.6)
 PREACTIVATION_START_GAP_THRESHOLD = 0.95  # clean max 0.723 (trained block3 unit 30) x 1.25 -> 0.95
+# start_gap on fully connected layers (`linear_start_gap`), calibrated on clean fully connected layers only, where a
+# clean unit's start_gap is far smaller than on conv maps (clean fc: at most 0.389, trained at most 0.155; conv maps
+# up to 0.729, block3.conv), so the one threshold for every layer, 0.95, let an fc:0 slingshot through at 0.736.
+# fashion-cnn has one such layer, so its calibration set is widened (`bench_audit.py --only calibrate-linear`): the
+# embedded model, the same recipe trained from seeds 1 and 2, random inits from seeds 1-8, plus the main set's
+# random init (0.201): 11 + 1 layers, 120 units. Set in the session that had measured the fc:0 miss, so fc:0 dev and
+# seed 1 are development data for it; committed before the held-out fc slingshots (fc:0 camera seeds 2, 3 and 4,
+# fc:0 coffee, fc:7 camera), built first, were audited.
+LINEAR_START_GAP_THRESHOLD = 0.5  # clean max 0.389 (random-init seed 4, fc unit 3) x 1.25 -> 0.5
 PROBE_AGREEMENT_THRESHOLD = 0.35  # clean min 0.469 (trained block2 unit 53) / 1.25 -> 0.35 (the principle's 0.5 before)
 PINNING_THRESHOLD = 3.3   # Stouffer's combination of the two z-scores (pinning.py): clean max 2.619 (random-init
 #                           block4 / gap unit 41) x 1.25 -> 3.3; committed before block4:0 camera seed 8, coffee seed 1,
@@ -131,6 +142,12 @@ THRESHOLDS = {
                                       "start_gap read before the layer's final elementwise stage (its ReLU), where "
                                       "the layer has one: a unit that the activation switches off (exactly 0) at "
                                       "the start hides a trench in its pre-activation from start_gap"),
+    # LINEAR_START_GAP_THRESHOLD (above): start_gap's own value, read against the threshold of its kind of layer
+    "linear_start_gap": Signal(LINEAR_START_GAP_THRESHOLD, 0.1, True,
+                               "start_gap on a fully connected layer (models.layers.is_fully_connected), against "
+                               "the threshold calibrated on clean fully connected layers, where a clean unit "
+                               "changes far less between the two start distributions than on a conv map; "
+                               "undefined on every other layer"),
     # PINNING_THRESHOLD: calibrated on clean models only (pinning.py says why the signal is read within the layer)
     "pinning": Signal(PINNING_THRESHOLD, 0.5, True,
                       "how far the unit's visualization stands out of its layer as pinned (two robust z-scores "
@@ -260,7 +277,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     """
     from ..cache import fingerprint, locked
     from ..linearity.top_activating import top_activating_many
-    from ..models.layers import parse_units
+    from ..models.layers import is_fully_connected, parse_units
     from ..sanity.analysis import weights_digest
     from ..scale import run_shards
 
@@ -274,6 +291,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
         raise FvtrustError(f"chunk_units must be a positive integer, got {chunk_units!r}")
     model, natural, data_desc = _resolve_inputs(model, data, settings.natural_limit)
     key, n_units = _layer_units(model, layer)
+    fully_connected = is_fully_connected(model, key)
     units = parse_units(units if units is not None else "all", n_units, key)
     if len(natural) < settings.top_k:
         raise FvtrustError(f"the audit needs at least top_k={settings.top_k} natural images, got {len(natural)}")
@@ -286,7 +304,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     seconds = {"rank": 0.0, "visualize": 0.0, "pinning": 0.0, "mechanism": 0.0, "start": 0.0, "path": 0.0}
     t0 = time.perf_counter()
     cache = _AuditCache(cache_dir, fingerprint(
-        "audit-v7", _code_digest(), weights_digest(model, natural), key, asdict(settings),
+        "audit-v8", _code_digest(), weights_digest(model, natural), key, asdict(settings),
         None if x_given is None else hashlib.sha256(x_given.numpy().tobytes()).hexdigest()))
     plan = [units[i:i + chunk_units] for i in range(0, len(units), chunk_units)]
     bounds = np.cumsum([0] + [len(c) for c in plan])
@@ -341,7 +359,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     n_own = own.shape[1]
     signals = {"gradient_agreement": ga["agreement"], "path_jump": chunk["path_jump"],
                "probe_agreement": pa["agreement"], "start_gap": chunk["sg.gap"],
-               "preactivation_start_gap": chunk["sgp.gap"]}
+               "preactivation_start_gap": chunk["sgp.gap"],
+               "linear_start_gap": chunk["sg.gap"] if fully_connected
+               else torch.full_like(chunk["sg.gap"], float("nan"))}
     # pinning is read within the layer: the z-scores of the two probes among the audited units whose
     # visualization did not fail (a failed unit's images are grey whatever the seed)
     raw_pin = {name: torch.cat([probed[ci][f"pin.{name}"] for ci in range(len(plan))]) for name in PINNING_PROBES}
@@ -383,6 +403,7 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     verdict = "suspicious" if flagged else "clean"
     evid = {"n_units": len(rows), "n_flagged": len(flagged), "flagged_units": [r["unit"] for r in flagged],
             "flagged_by_signal": by_signal, "max_score": max(r["score"] for r in rows),
+            "fully_connected": fully_connected,
             "rule": f"suspicious when any unit scores >= {FLAG_AT} (a signal past its fixed threshold)"}
     seconds["total"] = time.perf_counter() - t0
     seconds = {k: round(v, 3) for k, v in seconds.items()}

@@ -200,7 +200,7 @@ def render_html(result, *, command: str | None = None, max_shown: int = 64) -> s
             worst = (f'<img class="px" src="{_png(result.worst_probes[i])}" alt="worst probe image">'
                      if getattr(result, "worst_probes", None) is not None and "probe_agreement" in u["fired"] else "")
             sv = getattr(result, "start_values", None)
-            if sv is not None and "start_gap" in u["fired"]:
+            if sv is not None and ("start_gap" in u["fired"] or "linear_start_gap" in u["fired"]):
                 worst += (f'<img src="{start_png(sv["standard"][i], sv["wider"][i], sv["natural"][i], sv["visualization"][i], sv["wider_multiples"])}" '
                           'alt="the unit at its visualization\'s start images, wider starts, natural images">')
             if sv is not None and "preactivation_start_gap" in u["fired"]:

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+import fvtrust
 from fvtrust.audit import FLAG_AT, THRESHOLDS, audit
 from fvtrust.audit.probes import probe
 from fvtrust.audit.signals import evidence, gradient_agreement, path_jump
@@ -196,7 +197,7 @@ def test_layer_without_units(natural8):
 def test_thresholds_fixed_and_documented():
     assert FLAG_AT == 0.5
     assert set(THRESHOLDS) == {"gradient_agreement", "path_jump", "probe_agreement", "start_gap",
-                               "preactivation_start_gap", "pinning"}
+                               "preactivation_start_gap", "linear_start_gap", "pinning"}
     assert all(s.meaning and s.width > 0 for s in THRESHOLDS.values())
 
 
@@ -498,6 +499,73 @@ def test_start_tunnel_is_flagged_and_linear_units_are_not(tmp_path):
     flat = _audit_head(WellNet(depth=0.0))  # the same units without the well: linear
     assert all(u["signals"]["start_gap"] < 0.3 for u in flat.units)
     assert not any("start_gap" in u["fired"] for u in flat.units) and flat.verdict == "clean"
+
+
+class WellFeatures(nn.Module):
+    """Features before a fully connected head: the pixels, and minus a well around mid-grey (the start)."""
+
+    def __init__(self, depth: float, radius: float = 0.25):
+        super().__init__()
+        self.depth, self.radius = depth, radius
+
+    def forward(self, x):
+        r2 = ((x - 0.5) ** 2).flatten(1).sum(1, keepdim=True)
+        return torch.cat([x.flatten(1), -self.depth * torch.exp(-r2 / self.radius ** 2)], 1)
+
+
+class WellBeforeLinear(nn.Module):
+    """A shallow start well *below* a fully connected head (as a slingshot fine-tune of the layers under an fc
+    layer leaves it): head unit 0 reads the well feature, units 1 and 2 do not."""
+
+    def __init__(self, depth: float):
+        super().__init__()
+        torch.manual_seed(2)
+        self.features = WellFeatures(depth)
+        self.head = nn.Linear(257, 3)
+        with torch.no_grad():
+            self.head.weight[:, 256] = torch.tensor([1.0, 0.0, 0.0])
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_is_fully_connected_decides_by_module_and_output():
+    from fvtrust.models.layers import is_fully_connected
+
+    m = fvtrust.load_model("fashion-cnn", weights="random")
+    assert is_fully_connected(m, "fc")
+    assert not any(is_fully_connected(m, name) for name in ("block4", "gap", "block3.conv", "flatten"))
+
+    class PerToken(nn.Module):  # a Linear applied per token: N x T x C, not one vector per image
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.proj(x.reshape(len(x), 16, 16))
+
+    assert not is_fully_connected(_fv(PerToken(), (1, 16, 16)), "proj")
+    assert is_fully_connected(_fv(WellBeforeLinear(0.0), (1, 16, 16)), "head")
+    with pytest.raises(FvtrustError, match="unknown layer"):
+        is_fully_connected(m, "nope")
+
+
+def test_linear_start_gap_reads_start_gap_against_its_kind_threshold():
+    assert THRESHOLDS["linear_start_gap"].threshold < THRESHOLDS["start_gap"].threshold
+    res = _audit_head(WellBeforeLinear(depth=0.2))
+    by = {u["unit"]: u for u in res.units}
+    assert res.evidence["fully_connected"]
+    gap0 = by[0]["signals"]["start_gap"]
+    assert THRESHOLDS["linear_start_gap"].threshold < gap0 < THRESHOLDS["start_gap"].threshold  # between the two
+    assert by[0]["signals"]["linear_start_gap"] == gap0
+    assert by[0]["fired"] == ["linear_start_gap"] and res.verdict == "suspicious"
+    for u in (1, 2):  # linear units: a random noise direction against their weights
+        assert by[u]["signals"]["linear_start_gap"] < 0.1 and not by[u]["fired"]
+    flat = _audit_head(WellBeforeLinear(depth=0.0))
+    assert flat.verdict == "clean" and all(u["signals"]["linear_start_gap"] < 0.1 for u in flat.units)
+    other = _audit_head(WellNet())  # its head is not an nn.Linear: the signal is undefined there
+    assert not other.evidence["fully_connected"]
+    assert all(u["signals"]["linear_start_gap"] is None for u in other.units)
 
 
 class FunctionalReLU(nn.Module):
