@@ -12,7 +12,9 @@ Models (built here from the embedded fashion-cnn; attacks use Fashion-MNIST *tra
                        and, held out, fc:3 astronaut, block4:7 coffee (these two did not take), fc:0 camera
                        seed 1, fc:5 camera, block4:0 camera seed 1 (`w 0.9`; block4 under the old gamma rule's
                        defaults did not take), and block4:0 camera seed 2 (`w 0.9`), built after
-                       preactivation_start_gap was committed;
+                       preactivation_start_gap was committed; later ones (block4 seeds 3-8 and other targets,
+                       held out from pinning; fc:0 camera seeds 2-4, fc:0 coffee, fc:7 camera, held out from
+                       linear_start_gap) are listed in SLINGSHOTS with when they were built;
 * clean:               the original model, audited at every top-level layer with units (CLEAN_LAYERS).
 
 Per attack: AUROC of the score, manipulated units (positives) vs untouched units of the manipulated model plus
@@ -316,7 +318,9 @@ def calibrate(data, cache: Path) -> dict:
                        "clean_values_past_threshold": int(sum((v >= s.threshold) if s.higher_is_suspicious
                                                               else (v <= s.threshold) for v, _ in vals))}
         print(f"  {signal}: most extreme clean value {ext:.3f} ({where}); the rule gives {rule:.2f}; "
-              f"committed threshold {s.threshold}", flush=True)
+              f"committed threshold {s.threshold}"
+              + (" (set on the widened set of --only calibrate-linear)" if signal == "linear_start_gap" else ""),
+              flush=True)
     if pin_z:  # pinning's rule asks a unit to stand out on both probes; it needs them to be nearly independent
         rho = float(scipy.stats.spearmanr(np.array(pin_z)).statistic)
         out["pinning_probes_spearman"] = {"rho": rho, "units": len(pin_z)}
@@ -506,6 +510,12 @@ def main():
                     row["pinning"] = {"slung": u0["signals"]["pinning"],
                                       "z": [u0["signals"].get(f"{p}_z") for p in ("seed_agreement", "gradient_coherence")],
                                       "highest_other": [top, others[top]]}
+                lin = {u["unit"]: u["signals"]["linear_start_gap"] for u in r["units"]
+                       if u["signals"].get("linear_start_gap") is not None}
+                if lin:  # the same for linear_start_gap on a fully connected layer
+                    others = {u: v for u, v in lin.items() if u not in man}
+                    top = max(others, key=others.get)
+                    row["linear_start_gap"] = {"slung": [lin[u] for u in sorted(man)], "highest_other": [top, others[top]]}
             out["attacks"][name] = row
             print(f"  {name:20s} {layer:6s} pos {row['n_pos']:3d} neg {row['n_neg']:3d}  AUROC {row['auroc']:.4f} "
                   f"(within model {row['auroc_within_model']:.4f})  TPR {row['tpr']:.3f}  active in the visualization "
@@ -515,6 +525,7 @@ def main():
                   f"{row['s_per_unit_wall']:.2f} s/unit wall, {row['s_per_unit_cpu']:.2f} s/unit CPU"
                   + (f"  detector on the audit's images: {row['detector']}" if row["detector"] else "")
                   + (f"  pinning {row['pinning']}" if row.get("pinning") else "")
+                  + (f"  linear_start_gap {row['linear_start_gap']}" if row.get("linear_start_gap") else "")
                   + (f"  slingshot took? {row['slingshot_took']}" if row["slingshot_took"] else ""), flush=True)
     if "calibrate" in only:
         print("calibration of every threshold on clean models (trained and random-init fashion-cnn, every layer):")
