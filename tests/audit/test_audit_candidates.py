@@ -1,4 +1,5 @@
-"""benchmarks/audit_candidates.py: bad input fails in one line, before any work."""
+"""The audit's development scripts (benchmarks/audit_candidates.py, slingshot_anatomy.py, pinning_variance.py):
+bad input fails in one line before any work, and their probes against references."""
 import sys
 from pathlib import Path
 
@@ -8,17 +9,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import audit_candidates  # noqa: E402
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nowhere/model", "--layer", "fc"], "unknown model spec"),
-    (["fashion-cnn", "--layer", "nope"], "nope"),
-    (["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range for fc: valid units are 0..9"),
-])
-def test_bad_input_is_one_line(monkeypatch, argv, message):
-    monkeypatch.setattr(sys, "argv", ["audit_candidates.py", *argv])
+# every benchmark script of the audit's development: bad input fails in one line, "<script>: ...", before any work
+BAD_INPUT = [
+    ("audit_candidates", ["nowhere/model", "--layer", "fc"], "unknown model spec"),
+    ("audit_candidates", ["fashion-cnn", "--layer", "nope"], "nope"),
+    ("audit_candidates", ["fashion-cnn", "--layer", "fc", "--unit", "10"],
+     "unit 10 out of range for fc: valid units are 0..9"),
+    ("slingshot_anatomy", ["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
+    ("slingshot_anatomy", ["fashion-cnn", "--layer", "block4", "--at", "nowhere"], "nowhere"),
+    ("slingshot_anatomy", ["fashion-cnn", "--layer", "block4", "--target", "no-such-picture"], "no-such-picture"),
+    ("pinning_variance", ["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
+    ("pinning_variance", ["fashion-cnn", "--layer", "nope"], "nope"),
+    ("pinning_variance", ["fashion-cnn", "--layer", "fc", "--lines", "8"], "--lines at least 16"),
+    ("pinning_variance", ["fashion-cnn", "--layer", "fc", "--noise-draws", "2"], "--noise-draws 0 or at least 4"),
+    ("pinning_variance", ["fashion-cnn", "--layer", "fc", "--weight-noise", "0"], "--weight-noise must be positive"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD_INPUT)
+def test_bad_input_is_one_line(monkeypatch, script, argv, message):
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
     with pytest.raises(SystemExit) as e:
-        audit_candidates.main()
+        module.main()
     text = str(e.value)
-    assert text.startswith("audit_candidates: ") and message in text and "\n" not in text
+    assert text.startswith(f"{script}: ") and message in text and "\n" not in text
 
 
 def _tiny_lines():
@@ -98,34 +115,6 @@ def test_planted_curvature_against_a_per_line_reference():
             per_start.append(np.mean(cs))
         want.append(float(np.median(per_start)))
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float32), atol=1e-5)
-
-
-def test_slingshot_anatomy_bad_input_is_one_line(monkeypatch):
-    import slingshot_anatomy
-
-    for argv, message in ((["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
-                          (["fashion-cnn", "--layer", "block4", "--at", "nowhere"], "nowhere"),
-                          (["fashion-cnn", "--layer", "block4", "--target", "no-such-picture"], "no-such-picture")):
-        monkeypatch.setattr(sys, "argv", ["slingshot_anatomy.py", *argv])
-        with pytest.raises(SystemExit) as e:
-            slingshot_anatomy.main()
-        text = str(e.value)
-        assert text.startswith("slingshot_anatomy: ") and message in text and "\n" not in text
-
-
-def test_pinning_variance_bad_input_is_one_line(monkeypatch):
-    import pinning_variance
-
-    for argv, message in ((["fashion-cnn", "--layer", "fc", "--unit", "10"], "unit 10 out of range"),
-                          (["fashion-cnn", "--layer", "nope"], "nope"),
-                          (["fashion-cnn", "--layer", "fc", "--lines", "8"], "--lines at least 16"),
-                          (["fashion-cnn", "--layer", "fc", "--noise-draws", "2"], "--noise-draws 0 or at least 4"),
-                          (["fashion-cnn", "--layer", "fc", "--weight-noise", "0"], "--weight-noise must be positive")):
-        monkeypatch.setattr(sys, "argv", ["pinning_variance.py", *argv])
-        with pytest.raises(SystemExit) as e:
-            pinning_variance.main()
-        text = str(e.value)
-        assert text.startswith("pinning_variance: ") and message in text and "\n" not in text
 
 
 def test_pinning_variance_lines_are_the_audits():
