@@ -236,7 +236,8 @@ def _resolve_inputs(model, data, limit: int):
     return model, images.float(), part.describe()
 
 
-def _layer_units(model, layer: str) -> tuple[str, int]:
+def _layer_units(model, layer: str):
+    """(module path, the layer's `list_layers` entry); one-line errors for a layer without units."""
     from ..models.layers import list_layers
 
     model.get_layer(layer)  # unknown name: error with the nearest names
@@ -248,7 +249,7 @@ def _layer_units(model, layer: str) -> tuple[str, int]:
     if len(info.shape) == 0:
         raise FvtrustError(f"layer {layer!r} of {model.spec} outputs one number per image (shape {info.shape}): "
                            "no unit dimension to audit")
-    return key, info.units
+    return key, info
 
 
 PINNING_PROBES = ("seed_agreement", "gradient_coherence")
@@ -293,9 +294,9 @@ def audit(model, layer: str, *, data=None, units=None, settings: AuditSettings |
     if not isinstance(chunk_units, (int, np.integer)) or chunk_units < 1:
         raise FvtrustError(f"chunk_units must be a positive integer, got {chunk_units!r}")
     model, natural, data_desc = _resolve_inputs(model, data, settings.natural_limit)
-    key, n_units = _layer_units(model, layer)
-    fully_connected = is_fully_connected(model, key)
-    units = parse_units(units if units is not None else "all", n_units, key)
+    key, info = _layer_units(model, layer)
+    fully_connected = is_fully_connected(model, key, info)
+    units = parse_units(units if units is not None else "all", info.units, key)
     if len(natural) < settings.top_k:
         raise FvtrustError(f"the audit needs at least top_k={settings.top_k} natural images, got {len(natural)}")
     x_given = None

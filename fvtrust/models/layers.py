@@ -57,20 +57,22 @@ def layer_units(model, layer: str) -> int:
     raise FvtrustError(f"layer {layer!r} produces no tensor output in {model.spec}")
 
 
-def is_fully_connected(model, layer: str) -> bool:
+def is_fully_connected(model, layer: str, info: LayerInfo | None = None) -> bool:
     """True when `layer` is a fully connected layer: a `torch.nn.Linear` (or subclass) whose output is one vector
     per image (N x C), as a classifier head or an MLP layer of a CNN is.
 
     Why a layer kind is decided at all: signals whose clean spread differs by kind of layer can carry a
     threshold per kind (the audit's `linear_start_gap`). A Linear applied per token (N x T x C, as in a
-    transformer) is not counted: its units are not one number per image. The one place fvtrust decides this."""
+    transformer) is not counted: its units are not one number per image. The one place fvtrust decides this.
+    `info`: the layer's `list_layers` entry, where the caller has it (saves the dummy forward pass)."""
     from .wrappers import as_model
 
     model = as_model(model)
     module = model.get_layer(layer)
     if not isinstance(module, torch.nn.Linear):
         return False
-    info = next((i for i in list_layers(model) if i.name == layer.removeprefix("net.")), None)
+    if info is None:
+        info = next((i for i in list_layers(model) if i.name == layer.removeprefix("net.")), None)
     return info is not None and len(info.shape) == 1
 
 

@@ -545,6 +545,8 @@ def test_is_fully_connected_decides_by_module_and_output():
             return self.proj(x.reshape(len(x), 16, 16))
 
     assert not is_fully_connected(_fv(PerToken(), (1, 16, 16)), "proj")
+    tv = fvtrust.load_model("torchvision:resnet18", weights="random")  # a user's torchvision head
+    assert is_fully_connected(tv, "fc") and not is_fully_connected(tv, "layer4") and not is_fully_connected(tv, "avgpool")
     assert is_fully_connected(_fv(WellBeforeLinear(0.0), (1, 16, 16)), "head")
     with pytest.raises(FvtrustError, match="unknown layer"):
         is_fully_connected(m, "nope")
