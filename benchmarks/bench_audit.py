@@ -241,6 +241,25 @@ def rule_threshold(extreme: float, higher_is_suspicious: bool) -> float:
     return float(np.floor(extreme / CALIBRATION_MARGIN / 0.05 + 1e-9) * 0.05)
 
 
+def clean_start_gaps(model, layer: str, n: int, data, readouts=("output",)) -> dict:
+    """{readout: start_gap per unit (numpy, NaN where undefined)} for the `n` units of `layer`, as the audit reads
+    it (AuditSettings' top_k, start_pairs, seed): the start signals of the calibration sets need no visualization."""
+    from fvtrust.audit.core import AuditSettings, start_signal
+    from fvtrust.audit.probes import probe
+    from fvtrust.linearity.top_activating import top_activating_many
+
+    st = AuditSettings()
+    units = list(range(n))
+    top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel", batch_size=st.batch_size)
+    imgs, u_t = data[top.indices].flatten(0, 1), torch.arange(n).repeat_interleave(st.top_k)
+    out = {}
+    for readout in readouts:
+        pr = probe(model, layer, imgs, u_t, image_grad=True, readout=readout)
+        out[readout] = start_signal(model, layer, units, pr.image_grad.reshape(n, st.top_k, -1), pairs=st.start_pairs,
+                                    seed=st.seed, readout=readout)["gap"].double().numpy()
+    return out
+
+
 def calibrate(data, cache: Path) -> dict:
     """Every signal on the clean calibration set: trained and random-init fashion-cnn, every layer with units.
 
@@ -252,12 +271,9 @@ def calibrate(data, cache: Path) -> dict:
     fvtrust/audit/core.py.
     """
     from fvtrust.audit import THRESHOLDS
-    from fvtrust.audit.core import AuditSettings, start_signal
-    from fvtrust.audit.probes import final_stage, probe
-    from fvtrust.linearity.top_activating import top_activating_many
+    from fvtrust.audit.probes import final_stage
     from fvtrust.models.layers import is_fully_connected, list_layers
 
-    st = AuditSettings()
     values = {name: [] for name in THRESHOLDS}   # (value, where) over the whole calibration set
     pin_z = []  # (seed_agreement_z, gradient_coherence_z) of every clean unit with a pinning value
     out = {"layers": {}}
@@ -265,26 +281,21 @@ def calibrate(data, cache: Path) -> dict:
         model = fvtrust.load_model("fashion-cnn", **({} if weights == "trained" else {"weights": "random"}))
         layers = [i for i in list_layers(model) if len(i.shape) > 0]
         for info in layers:
-            layer, n = info.name, info.units
-            units = list(range(n))
-            top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
-                                      batch_size=st.batch_size)
-            imgs = data[top.indices].flatten(0, 1)
-            u_t = torch.arange(n).repeat_interleave(st.top_k)
+            layer = info.name
+            readouts = ("output",) if final_stage(model, layer) is None else ("output", "pre-activation")
+            gaps = clean_start_gaps(model, layer, info.units, data, readouts)
             row = {}
             for readout, signal in (("output", "start_gap"), ("pre-activation", "preactivation_start_gap")):
-                if readout != "output" and final_stage(model, layer) is None:
+                if readout not in gaps:
                     continue
-                pr = probe(model, layer, imgs, u_t, image_grad=True, readout=readout)
-                v = start_signal(model, layer, units, pr.image_grad.reshape(n, st.top_k, -1), pairs=st.start_pairs,
-                                 seed=st.seed, readout=readout)["gap"].double().numpy()
+                v = gaps[readout]
                 ok = np.isfinite(v)
                 if ok.any():
                     j = int(np.nanargmax(v))
                     row[signal] = {"max": float(v[ok].max()), "unit": j, "median": float(np.median(v[ok])),
                                    "above_threshold": int((v[ok] >= THRESHOLDS[signal].threshold).sum())}
                     values[signal].append((float(v[j]), f"{weights} {layer} unit {j}"))
-                    if signal == "start_gap" and is_fully_connected(model, layer):  # its own kind's threshold too
+                    if signal == "start_gap" and is_fully_connected(model, layer, info):  # its own kind's threshold too
                         row["linear_start_gap"] = {**row[signal], "above_threshold": int(
                             (v[ok] >= THRESHOLDS["linear_start_gap"].threshold).sum())}
                         values["linear_start_gap"].append((float(v[j]), f"{weights} {layer} unit {j}"))
@@ -361,12 +372,8 @@ def calibrate_linear(data, cache: Path) -> dict:
     """start_gap on every fully connected layer of the widened clean set (`clean_variant`, plus the embedded and
     the main set's random-init model as `--only calibrate` reads them): the basis of LINEAR_START_GAP_THRESHOLD."""
     from fvtrust.audit import THRESHOLDS
-    from fvtrust.audit.core import AuditSettings, start_signal
-    from fvtrust.audit.probes import probe
-    from fvtrust.linearity.top_activating import top_activating_many
     from fvtrust.models.layers import is_fully_connected, list_layers
 
-    st = AuditSettings()
     models = [("trained seed 0 (embedded)", lambda: fvtrust.load_model("fashion-cnn"))]
     models += [(f"trained seed {s}", lambda s=s: clean_variant("trained", s, cache)) for s in LINEAR_TRAINED_SEEDS]
     models += [(f"random-init seed {s}", lambda s=s: clean_variant("random", s, cache)) for s in LINEAR_RANDOM_SEEDS]
@@ -374,16 +381,10 @@ def calibrate_linear(data, cache: Path) -> dict:
     for name, make in models:
         model = make()
         for info in list_layers(model):
-            if not is_fully_connected(model, info.name):
+            if not is_fully_connected(model, info.name, info):
                 continue
-            layer, n = info.name, info.units
-            units = list(range(n))
-            top = top_activating_many(model, layer, units, data, m=st.top_k, objective="channel",
-                                      batch_size=st.batch_size)
-            pr = probe(model, layer, data[top.indices].flatten(0, 1), torch.arange(n).repeat_interleave(st.top_k),
-                       image_grad=True)
-            v = start_signal(model, layer, units, pr.image_grad.reshape(n, st.top_k, -1), pairs=st.start_pairs,
-                             seed=st.seed)["gap"].double().numpy()
+            layer = info.name
+            v = clean_start_gaps(model, layer, info.units, data)["output"]
             j = int(np.nanargmax(v))
             out[f"{name}/{layer}"] = {"values": v.tolist(), "max": float(v[j]), "unit": j}
             every.append((float(v[j]), f"{name} {layer} unit {j}"))
